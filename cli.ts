@@ -1,0 +1,252 @@
+/**
+ * The marmot command line.
+ *
+ * ```sh
+ * marmot --config marmot.toml            # replicate
+ * marmot --db-path app.db --cluster-addr 127.0.0.1:4248 \
+ *        --cluster-peers nats://127.0.0.1:4249,dns://app.internal:4248
+ * marmot cleanup --db-path app.db        # remove marmot's triggers and tables
+ * ```
+ *
+ * Exit codes: 0 after a clean stop, 1 on a runtime failure, 2 for bad usage,
+ * configuration or database path (nothing is modified then).
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import denoJson from "./deno.json" with { type: "json" };
+import {
+  applySetting,
+  applyToml,
+  ConfigError,
+  defaultConfig,
+  type MarmotConfig,
+  validateConfig,
+} from "./lib/config.ts";
+import { DatabaseError, removeMarmot } from "./lib/db/replica_db.ts";
+import { Marmot } from "./lib/replicator.ts";
+import { NatsServerError } from "./lib/nats/nats_server.ts";
+
+const USAGE =
+  `marmot ${denoJson.version}: multi-primary SQLite replication over NATS JetStream
+
+Usage:
+  marmot [options]                 replicate the database
+  marmot cleanup [options]         remove marmot's triggers and tables from the database
+
+Options (override the config file):
+  -c, --config FILE          TOML config file
+      --db-path PATH         SQLite database file (db_path)
+      --node-id N            this node's id, a positive integer (node_id)
+      --nats-url URL         external NATS server; repeat or comma-separate ([nats] urls)
+      --cluster-addr H:P     embedded server's route listen address ([nats] cluster_addr)
+      --cluster-peers LIST   routes: nats://host:port or dns://name:port, comma-separated
+      --shards N             shard count ([replication_log] shards)
+      --replicas N           stream replicas ([replication_log] replicas)
+  -v, --verbose              debug logging ([logging] verbose)
+  -h, --help                 this text
+      --version              the version
+`;
+
+/** Thrown for a bad command line. */
+class UsageError extends Error {
+  override name = "UsageError";
+}
+
+const OPTIONS = {
+  config: { type: "string", short: "c" },
+  "db-path": { type: "string" },
+  "node-id": { type: "string" },
+  "nats-url": { type: "string", multiple: true },
+  "cluster-addr": { type: "string" },
+  "cluster-peers": { type: "string", multiple: true },
+  shards: { type: "string" },
+  replicas: { type: "string" },
+  verbose: { type: "boolean", short: "v" },
+  help: { type: "boolean", short: "h" },
+  version: { type: "boolean" },
+} as const;
+
+function integerFlag(name: string, value: string): number {
+  if (!/^-?\d+$/.test(value)) {
+    throw new ConfigError(
+      `Invalid flag: --${name} must be an integer, got ${
+        JSON.stringify(value)
+      }`,
+    );
+  }
+  return Number(value);
+}
+
+/**
+ * Builds the configuration from the command line and the config file it names.
+ *
+ * @returns the command ("run" or "cleanup") and the validated config
+ * @throws {UsageError | ConfigError} for bad usage or configuration
+ */
+export async function parseCommandLine(
+  args: string[],
+): Promise<
+  { command: "run" | "cleanup" | "help" | "version"; config: MarmotConfig }
+> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      options: OPTIONS,
+      allowPositionals: true,
+      strict: true,
+    });
+  } catch (e) {
+    throw new UsageError(e instanceof Error ? e.message : String(e));
+  }
+  const { values, positionals } = parsed;
+  const config = defaultConfig();
+  if (values.help) return { command: "help", config };
+  if (values.version) return { command: "version", config };
+  const [sub, ...rest] = positionals;
+  if (rest.length > 0 || (sub !== undefined && sub !== "cleanup")) {
+    throw new UsageError(
+      `Unknown command: ${JSON.stringify(positionals.join(" "))} (try --help)`,
+    );
+  }
+  if (values.config !== undefined) {
+    let text: string;
+    try {
+      text = await Deno.readTextFile(values.config);
+    } catch (e) {
+      throw new ConfigError(
+        `Cannot read config file "${values.config}": ${
+          e instanceof Error ? e.message : e
+        }`,
+      );
+    }
+    applyToml(config, text, values.config);
+  }
+  const flag = (section: string, key: string, value: unknown, name: string) =>
+    applySetting(config, section, key, value, `flag --${name}`);
+  if (values["db-path"] !== undefined) {
+    flag("", "db_path", values["db-path"], "db-path");
+  }
+  if (values["node-id"] !== undefined) {
+    flag("", "node_id", integerFlag("node-id", values["node-id"]), "node-id");
+  }
+  const list = (v: string[] | undefined) =>
+    v?.flatMap((s) => s.split(",")).map((s) => s.trim()).filter(Boolean);
+  if (values["nats-url"]) {
+    flag("nats", "urls", list(values["nats-url"]), "nats-url");
+  }
+  if (values["cluster-addr"] !== undefined) {
+    flag("nats", "cluster_addr", values["cluster-addr"], "cluster-addr");
+  }
+  if (values["cluster-peers"]) {
+    flag(
+      "nats",
+      "cluster_peers",
+      list(values["cluster-peers"]),
+      "cluster-peers",
+    );
+  }
+  if (values.shards !== undefined) {
+    flag(
+      "replication_log",
+      "shards",
+      integerFlag("shards", values.shards),
+      "shards",
+    );
+  }
+  if (values.replicas !== undefined) {
+    flag(
+      "replication_log",
+      "replicas",
+      integerFlag("replicas", values.replicas),
+      "replicas",
+    );
+  }
+  if (values.verbose) config.logging.verbose = true;
+  validateConfig(config);
+  return { command: sub === "cleanup" ? "cleanup" : "run", config };
+}
+
+/**
+ * Runs the command line and resolves with the process exit code.
+ *
+ * @param args the arguments after the program name
+ */
+export async function main(args: string[]): Promise<number> {
+  let command, config;
+  try {
+    ({ command, config } = await parseCommandLine(args));
+  } catch (e) {
+    if (e instanceof UsageError || e instanceof ConfigError) {
+      console.error(`marmot: ${e.message}`);
+      return 2;
+    }
+    throw e;
+  }
+  if (command === "help") {
+    console.log(USAGE);
+    return 0;
+  }
+  if (command === "version") {
+    console.log(denoJson.version);
+    return 0;
+  }
+  if (command === "cleanup") {
+    try {
+      const dropped = removeMarmot(config.dbPath);
+      console.log(
+        `Removed ${dropped.length} marmot triggers and tables from "${config.dbPath}"`,
+      );
+      return 0;
+    } catch (e) {
+      console.error(`marmot: ${e instanceof Error ? e.message : e}`);
+      return e instanceof DatabaseError ? 2 : 1;
+    }
+  }
+  const abort = new AbortController();
+  let stopping = false;
+  let marmot: Marmot | undefined;
+  const stop = () => {
+    if (stopping) return;
+    stopping = true;
+    abort.abort(new Error("Stopped by signal"));
+    marmot?.close();
+  };
+  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
+  for (const s of signals) Deno.addSignalListener(s, stop);
+  try {
+    marmot = await Marmot.start({ ...config }, abort.signal);
+    if (stopping) marmot.close();
+    await waitClosed(marmot, abort.signal);
+    await marmot.close();
+    return 0;
+  } catch (e) {
+    if (stopping && !marmot) return 0;
+    console.error(`marmot: ${e instanceof Error ? e.message : e}`);
+    return e instanceof ConfigError || e instanceof DatabaseError
+      ? 2
+      : e instanceof NatsServerError
+      ? 1
+      : 1;
+  } finally {
+    for (const s of signals) Deno.removeSignalListener(s, stop);
+  }
+}
+
+function waitClosed(_marmot: Marmot, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    signal.addEventListener("abort", () => resolve(), { once: true });
+  });
+}
+
+if (import.meta.main) {
+  if (Deno.args[0] === "__watch") {
+    // The file watcher child of a `deno compile` binary (lib/file_watcher.ts).
+    const { watchMain } = await import("./lib/watch_main.ts");
+    await watchMain(Deno.args.slice(1));
+    Deno.exit(0);
+  }
+  Deno.exit(await main(Deno.args));
+}

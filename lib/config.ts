@@ -1,0 +1,402 @@
+/**
+ * marmot's configuration: the type, its defaults, and validation of a TOML
+ * file's contents with errors that name the key and the value.
+ *
+ * @module
+ */
+import { parse as parseToml } from "smol-toml";
+import { fnv1a64 } from "./shard.ts";
+
+/** Log output formats. */
+export const LogFormat = { Console: "console", Json: "json" } as const;
+/** A log output format. */
+export type LogFormat = typeof LogFormat[keyof typeof LogFormat];
+
+/** The full, validated configuration. */
+export interface MarmotConfig {
+  /** Path of the SQLite database file to replicate. */
+  dbPath: string;
+  /** This node's id, a positive integer unique in the cluster. @default derived from the host name */
+  nodeId: number;
+  /** Tables to replicate (all user tables when empty). @default [] */
+  include: string[];
+  /** Tables never replicated. @default [] */
+  exclude: string[];
+  /** The replication log (JetStream streams). */
+  replicationLog: {
+    /** How many shards (one stream each). @default 4 */
+    shards: number;
+    /** Stream replicas; `undefined` means min(3, cluster size). */
+    replicas: number | undefined;
+    /** Messages kept per shard stream. @default 1000000 */
+    maxEntries: number;
+    /** Bytes kept per shard stream (-1: unlimited). @default -1 */
+    maxBytes: number;
+    /** Age in seconds after which messages are dropped (0: never). @default 0 */
+    maxAgeSeconds: number;
+    /** zstd-compress batches. @default true */
+    compress: boolean;
+  };
+  /** NATS connection or the embedded server. */
+  nats: {
+    /** External servers; when empty marmot runs an embedded nats-server. @default [] */
+    urls: string[];
+    /** Embedded server's client listen address (port -1: random). @default "127.0.0.1:-1" */
+    bindAddress: string;
+    /** Embedded server's route listen address; unset means standalone. */
+    clusterAddr: string | undefined;
+    /** Routes to other embedded servers: `nats://host:port` or `dns://name:port`. @default [] */
+    clusterPeers: string[];
+    /** Stream name prefix; shard N's stream is `<prefix>-<N>`. @default "marmot-changes" */
+    streamPrefix: string;
+    /** Subject prefix; shard N's subject is `<prefix>.<N>`. @default "marmot-change-log" */
+    subjectPrefix: string;
+    /** The nats-server binary for the embedded mode. @default "nats-server" */
+    serverPath: string;
+    /** Directory of the embedded server's store. @default "<db_path>-nats" */
+    storeDir: string | undefined;
+  };
+  /** Logging. */
+  logging: {
+    /** Debug logging. @default false */
+    verbose: boolean;
+    /** Output format. @default "console" */
+    format: LogFormat;
+  };
+}
+
+/** Thrown for a configuration that cannot be used; the message names the key and value. */
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+/** The node id derived from a host name: stable, positive, below 2^31. */
+export function nodeIdFromHost(hostname: string = Deno.hostname()): number {
+  return Number(fnv1a64(hostname) % 2147483646n) + 1;
+}
+
+/** The defaults for every key except `dbPath`. */
+export function defaultConfig(dbPath = ""): MarmotConfig {
+  return {
+    dbPath,
+    nodeId: nodeIdFromHost(),
+    include: [],
+    exclude: [],
+    replicationLog: {
+      shards: 4,
+      replicas: undefined,
+      maxEntries: 1_000_000,
+      maxBytes: -1,
+      maxAgeSeconds: 0,
+      compress: true,
+    },
+    nats: {
+      urls: [],
+      bindAddress: "127.0.0.1:-1",
+      clusterAddr: undefined,
+      clusterPeers: [],
+      streamPrefix: "marmot-changes",
+      subjectPrefix: "marmot-change-log",
+      serverPath: "nats-server",
+      storeDir: undefined,
+    },
+    logging: { verbose: false, format: LogFormat.Console },
+  };
+}
+
+type Kind = "string" | "int" | "bool" | "strings";
+type Setter = (c: MarmotConfig, v: never) => void;
+interface Key {
+  kind: Kind;
+  set: Setter;
+  check?: (v: never) => string | undefined;
+}
+
+const positive = (v: number) => v >= 1 ? undefined : "must be at least 1";
+const natsSubjectToken = (v: string) =>
+  /^[A-Za-z0-9_-]+$/.test(v)
+    ? undefined
+    : "may only hold letters, digits, '_' and '-'";
+const subjectPrefix = (v: string) =>
+  /^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$/.test(v)
+    ? undefined
+    : "must be dot-separated tokens of letters, digits, '_' and '-'";
+
+/** Every config file key, by section, in snake_case as written in TOML. */
+const KEYS: Record<string, Record<string, Key>> = {
+  "": {
+    db_path: { kind: "string", set: (c, v: string) => c.dbPath = v },
+    node_id: {
+      kind: "int",
+      set: (c, v: number) => c.nodeId = v,
+      check: (v: number) =>
+        v >= 1 && v <= 2 ** 53 - 1 ? undefined : "must be a positive integer",
+    },
+  },
+  tables: {
+    include: { kind: "strings", set: (c, v: string[]) => c.include = v },
+    exclude: { kind: "strings", set: (c, v: string[]) => c.exclude = v },
+  },
+  replication_log: {
+    shards: {
+      kind: "int",
+      set: (c, v: number) => c.replicationLog.shards = v,
+      check: (v: number) =>
+        v >= 1 && v <= 1024 ? undefined : "must be from 1 to 1024",
+    },
+    replicas: {
+      kind: "int",
+      set: (c, v: number) => c.replicationLog.replicas = v,
+      check: (v: number) =>
+        v >= 1 && v <= 5 ? undefined : "must be from 1 to 5",
+    },
+    max_entries: {
+      kind: "int",
+      set: (c, v: number) => c.replicationLog.maxEntries = v,
+      check: positive,
+    },
+    max_bytes: {
+      kind: "int",
+      set: (c, v: number) => c.replicationLog.maxBytes = v,
+      check: (v: number) =>
+        v === -1 || v >= 1 ? undefined : "must be -1 (unlimited) or positive",
+    },
+    max_age_seconds: {
+      kind: "int",
+      set: (c, v: number) => c.replicationLog.maxAgeSeconds = v,
+      check: (v: number) =>
+        v >= 0 ? undefined : "must be 0 (never) or positive",
+    },
+    compress: {
+      kind: "bool",
+      set: (c, v: boolean) => c.replicationLog.compress = v,
+    },
+  },
+  nats: {
+    urls: {
+      kind: "strings",
+      set: (c, v: string[]) => c.nats.urls = v,
+      check: (v: string[]) => v.map(checkNatsUrl).find((e) => e),
+    },
+    bind_address: {
+      kind: "string",
+      set: (c, v: string) => c.nats.bindAddress = v,
+      check: (v: string) => checkHostPort(v, true),
+    },
+    cluster_addr: {
+      kind: "string",
+      set: (c, v: string) => c.nats.clusterAddr = v,
+      check: (v: string) => checkHostPort(v, true),
+    },
+    cluster_peers: {
+      kind: "strings",
+      set: (c, v: string[]) => c.nats.clusterPeers = v,
+      check: (v: string[]) => v.map(checkPeerUrl).find((e) => e),
+    },
+    stream_prefix: {
+      kind: "string",
+      set: (c, v: string) => c.nats.streamPrefix = v,
+      check: natsSubjectToken,
+    },
+    subject_prefix: {
+      kind: "string",
+      set: (c, v: string) => c.nats.subjectPrefix = v,
+      check: subjectPrefix,
+    },
+    server_path: {
+      kind: "string",
+      set: (c, v: string) => c.nats.serverPath = v,
+    },
+    store_dir: { kind: "string", set: (c, v: string) => c.nats.storeDir = v },
+  },
+  logging: {
+    verbose: { kind: "bool", set: (c, v: boolean) => c.logging.verbose = v },
+    format: {
+      kind: "string",
+      set: (c, v: string) => c.logging.format = v as LogFormat,
+      check: (v: string) =>
+        Object.values(LogFormat).includes(v as LogFormat)
+          ? undefined
+          : `must be one of ${
+            Object.values(LogFormat).map((f) => `"${f}"`).join(", ")
+          }`,
+    },
+  },
+};
+
+function checkHostPort(v: string, allowRandom: boolean): string | undefined {
+  const m = /^(\[[0-9a-fA-F:]+\]|[^:\s]*):(-?\d+)$/.exec(v);
+  if (!m) return 'must be "host:port"';
+  const port = Number(m[2]);
+  if ((allowRandom && port === -1) || (port >= 0 && port <= 65535)) {
+    return undefined;
+  }
+  return "port must be from 0 to 65535 (or -1 for random)";
+}
+
+function checkNatsUrl(v: string): string | undefined {
+  try {
+    const url = new URL(v);
+    if (!["nats:", "tls:", "ws:", "wss:"].includes(url.protocol)) {
+      return `"${v}" must use nats://, tls://, ws:// or wss://`;
+    }
+    if (!url.hostname) return `"${v}" has no host`;
+    return undefined;
+  } catch {
+    return `"${v}" is not a URL`;
+  }
+}
+
+/**
+ * Checks a cluster peer URL: `nats://host:port`, `nats-route://host:port` or
+ * `dns://name:port`.
+ *
+ * @returns an error text, or `undefined` when the URL is usable
+ */
+export function checkPeerUrl(v: string): string | undefined {
+  const m = /^(nats|nats-route|dns):\/\/([^\s/:]+|\[[0-9a-fA-F:]+\]):(\d+)$/
+    .exec(v);
+  if (!m) return `"${v}" must be nats://host:port or dns://name:port`;
+  const port = Number(m[3]);
+  if (port < 1 || port > 65535) {
+    return `"${v}" has port ${port} outside 1 to 65535`;
+  }
+  return undefined;
+}
+
+function typeOk(kind: Kind, v: unknown): boolean {
+  switch (kind) {
+    case "string":
+      return typeof v === "string";
+    case "int":
+      return typeof v === "number" && Number.isSafeInteger(v) ||
+        typeof v === "bigint";
+    case "bool":
+      return typeof v === "boolean";
+    case "strings":
+      return Array.isArray(v) && v.every((s) => typeof s === "string");
+  }
+}
+
+const KIND_NAMES: Record<Kind, string> = {
+  string: "a string",
+  int: "an integer",
+  bool: "a boolean",
+  strings: "an array of strings",
+};
+
+function show(v: unknown): string {
+  if (typeof v === "string") return JSON.stringify(v);
+  if (typeof v === "bigint") return v.toString();
+  try {
+    return JSON.stringify(v) ?? String(v);
+  } catch {
+    return String(v);
+  }
+}
+
+/**
+ * Applies one setting to a config, validating its type and range.
+ *
+ * @param section the TOML section ("" for the top level)
+ * @param key the snake_case key
+ * @throws {ConfigError} for an unknown key, a wrong type or a bad value
+ */
+export function applySetting(
+  config: MarmotConfig,
+  section: string,
+  key: string,
+  value: unknown,
+  source = "config",
+): void {
+  const name = section ? `${section}.${key}` : key;
+  const spec = KEYS[section]?.[key];
+  if (!spec) {
+    throw new ConfigError(`Invalid ${source}: unknown key "${name}"`);
+  }
+  if (!typeOk(spec.kind, value)) {
+    throw new ConfigError(
+      `Invalid ${source}: "${name}" must be ${KIND_NAMES[spec.kind]}, got ${
+        show(value)
+      }`,
+    );
+  }
+  const v = typeof value === "bigint" ? Number(value) : value;
+  const problem = spec.check?.(v as never);
+  if (problem) {
+    throw new ConfigError(
+      `Invalid ${source}: "${name}" ${problem}, got ${show(value)}`,
+    );
+  }
+  spec.set(config, v as never);
+}
+
+/**
+ * Applies the contents of a TOML document to a config.
+ *
+ * @param text the TOML text
+ * @param source names the file in errors
+ * @throws {ConfigError} for TOML syntax errors, unknown keys and bad values
+ */
+export function applyToml(
+  config: MarmotConfig,
+  text: string,
+  source: string,
+): void {
+  let doc: Record<string, unknown>;
+  try {
+    doc = parseToml(text) as Record<string, unknown>;
+  } catch (cause) {
+    const detail = cause instanceof Error
+      ? cause.message.split("\n")[0]
+      : String(cause);
+    throw new ConfigError(`Invalid config file "${source}": ${detail}`, {
+      cause,
+    });
+  }
+  for (const [key, value] of Object.entries(doc)) {
+    if (key in KEYS && key !== "" && isTable(value)) {
+      for (const [k, v] of Object.entries(value)) {
+        applySetting(config, key, k, v, `config file "${source}"`);
+      }
+    } else {
+      applySetting(config, "", key, value, `config file "${source}"`);
+    }
+  }
+}
+
+function isTable(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v) &&
+    !(v instanceof Date);
+}
+
+/**
+ * Checks the cross-key rules of a complete config.
+ *
+ * @throws {ConfigError} when a rule is broken
+ */
+export function validateConfig(config: MarmotConfig): void {
+  if (!config.dbPath) {
+    throw new ConfigError(
+      "Invalid config: db_path is required (--db-path or db_path in the config file)",
+    );
+  }
+  const overlap = config.include.filter((t) => config.exclude.includes(t));
+  if (overlap.length > 0) {
+    throw new ConfigError(
+      `Invalid config: tables ${
+        show(overlap)
+      } are both in tables.include and tables.exclude`,
+    );
+  }
+  if (config.nats.urls.length > 0 && config.nats.clusterPeers.length > 0) {
+    throw new ConfigError(
+      "Invalid config: nats.cluster_peers is for the embedded server and cannot be used with nats.urls",
+    );
+  }
+  if (config.nats.clusterPeers.length > 0 && !config.nats.clusterAddr) {
+    throw new ConfigError(
+      "Invalid config: nats.cluster_peers needs nats.cluster_addr (--cluster-addr) to listen for routes",
+    );
+  }
+}

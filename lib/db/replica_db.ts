@@ -1,0 +1,694 @@
+/**
+ * Everything marmot does to the SQLite file, on one connection: capture
+ * triggers and the change log, reading pending changes with their row images,
+ * and applying batches from the streams.
+ *
+ * Tables marmot owns (all prefixed `__marmot__`):
+ *
+ * - `changes(seq, tbl, k)`: the change log the triggers write. `k` is the
+ *   row key as SQLite `quote()` text. A change stays until this node has
+ *   applied its own published copy back from the stream.
+ * - `apply(x)`: holds one row only inside marmot's apply transaction; the
+ *   triggers skip writes while it does, so applied changes are never
+ *   captured again. Other connections never see that row (it is deleted
+ *   before commit).
+ * - `applied(shard, seq)`: the last stream sequence applied per shard.
+ * - `origins(shard, node, epoch, seq)`: the highest change sequence applied
+ *   per origin change log, so a batch published twice has no second effect.
+ * - `parked(...)`: messages and changes that could not be decoded or applied.
+ * - `meta(key, value)`: this change log's epoch.
+ *
+ * @module
+ */
+import { DatabaseSync, type StatementSync } from "node:sqlite";
+import { type Batch, Op, type SqlValue } from "../codec.ts";
+import { parseKey, quoteIdent, quoteText } from "./_sql.ts";
+import { listTables, MARMOT_PREFIX, type TableInfo } from "./schema.ts";
+
+const T = {
+  changes: quoteIdent(`${MARMOT_PREFIX}changes`),
+  apply: quoteIdent(`${MARMOT_PREFIX}apply`),
+  applied: quoteIdent(`${MARMOT_PREFIX}applied`),
+  origins: quoteIdent(`${MARMOT_PREFIX}origins`),
+  parked: quoteIdent(`${MARMOT_PREFIX}parked`),
+  meta: quoteIdent(`${MARMOT_PREFIX}meta`),
+};
+
+const SETUP_SQL = `
+CREATE TABLE IF NOT EXISTS ${T.changes}(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, k TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS ${quoteIdent(`${MARMOT_PREFIX}changes_key`)}
+  ON ${T.changes}(tbl, k);
+CREATE TABLE IF NOT EXISTS ${T.apply}(x);
+CREATE TABLE IF NOT EXISTS ${T.applied}(
+  shard INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS ${T.origins}(
+  shard INTEGER NOT NULL, node INTEGER NOT NULL, epoch INTEGER NOT NULL,
+  seq INTEGER NOT NULL, PRIMARY KEY(shard, node, epoch));
+CREATE TABLE IF NOT EXISTS ${T.parked}(
+  id INTEGER PRIMARY KEY, at TEXT NOT NULL DEFAULT (datetime('now')),
+  stream TEXT NOT NULL, stream_seq INTEGER NOT NULL, tbl TEXT, k TEXT,
+  reason TEXT NOT NULL, data BLOB);
+CREATE TABLE IF NOT EXISTS ${T.meta}(key TEXT PRIMARY KEY, value);
+DELETE FROM ${T.apply};
+`;
+
+type ArrayRows = { setReturnArrays(enabled: boolean): void };
+
+/** Thrown when the database cannot be prepared for replication. */
+export class DatabaseError extends Error {
+  override name = "DatabaseError";
+}
+
+/** A captured change, ready to publish: the row's current image or its absence. */
+export interface PendingChange {
+  /** The table. */
+  table: TableInfo;
+  /** The row key text. */
+  key: string;
+  /** The newest change log sequence this change covers. */
+  seq: number;
+  /** Column names of `values` (with the rowid name first for rowid tables). */
+  columns: string[];
+  /** The current row, or `undefined` when it no longer exists. */
+  values: SqlValue[] | undefined;
+}
+
+/** A message taken from a shard stream, to apply. */
+export interface IncomingMessage {
+  /** The shard. */
+  shard: number;
+  /** The stream name (for reports). */
+  stream: string;
+  /** The stream sequence. */
+  seq: number;
+  /** The decoded batch, or the error that decoding raised. */
+  batch: Batch | Error;
+  /** The raw bytes, kept when the message is parked. */
+  data: Uint8Array;
+}
+
+/** A change or message that could not be applied. */
+export interface Parked {
+  /** The stream name. */
+  stream: string;
+  /** The stream sequence. */
+  seq: number;
+  /** The table, when one change failed. */
+  table?: string;
+  /** The row key, when one change failed. */
+  key?: string;
+  /** Why. */
+  reason: string;
+}
+
+/** What one apply call did. */
+export interface ApplyResult {
+  /** Rows written or deleted. */
+  applied: number;
+  /** Changes skipped (own, duplicate, or superseded by a pending local write). */
+  skipped: number;
+  /** What was set aside. */
+  parked: Parked[];
+}
+
+/** Options for {@linkcode ReplicaDb.open}. */
+export interface ReplicaDbOptions {
+  /** Only these tables. @default [] (all) */
+  include?: string[];
+  /** Never these tables. @default [] */
+  exclude?: string[];
+  /** Busy timeout in milliseconds. @default 10000 */
+  busyTimeout?: number;
+  /** Receives log lines. */
+  log?: (level: "info" | "warn" | "debug", message: string) => void;
+}
+
+/** One SQLite connection with marmot's capture and apply machinery. */
+export class ReplicaDb implements Disposable {
+  readonly db: DatabaseSync;
+  readonly path: string;
+  /** This change log's epoch: a new change log starts a new epoch. */
+  readonly epoch: number;
+  #tables = new Map<string, TableInfo>();
+  #stmts = new Map<string, StatementSync>();
+  #schemaVersion = -1;
+  #options: ReplicaDbOptions;
+  #origins = new Map<string, number>();
+
+  private constructor(
+    path: string,
+    db: DatabaseSync,
+    options: ReplicaDbOptions,
+  ) {
+    this.path = path;
+    this.db = db;
+    this.#options = options;
+    db.exec(SETUP_SQL);
+    const row = db.prepare(`SELECT value FROM ${T.meta} WHERE key = 'epoch'`)
+      .get() as { value: number } | undefined;
+    if (row) {
+      this.epoch = Number(row.value);
+    } else {
+      this.epoch = Math.floor(Math.random() * 2 ** 48) + 1;
+      db.prepare(`INSERT INTO ${T.meta}(key, value) VALUES ('epoch', ?)`)
+        .run(this.epoch);
+    }
+    for (
+      const r of db.prepare(`SELECT shard, node, epoch, seq FROM ${T.origins}`)
+        .all() as { shard: number; node: number; epoch: number; seq: number }[]
+    ) {
+      this.#origins.set(`${r.shard}:${r.node}:${r.epoch}`, Number(r.seq));
+    }
+    this.refreshSchema(true);
+  }
+
+  /**
+   * Opens a database for replication: WAL mode, marmot's tables, and capture
+   * triggers on every replicated table.
+   *
+   * @throws {DatabaseError} when the file is missing, not SQLite, or cannot
+   *   be put in WAL mode
+   */
+  static open(path: string, options: ReplicaDbOptions = {}): ReplicaDb {
+    try {
+      const stat = Deno.statSync(path);
+      if (!stat.isFile) {
+        throw new DatabaseError(
+          `Cannot open database: "${path}" is not a file`,
+        );
+      }
+    } catch (e) {
+      if (e instanceof Deno.errors.NotFound) {
+        throw new DatabaseError(
+          `Cannot open database: file "${path}" does not exist`,
+        );
+      }
+      throw e;
+    }
+    let db: DatabaseSync | undefined;
+    try {
+      db = new DatabaseSync(path);
+      db.exec(`PRAGMA busy_timeout = ${options.busyTimeout ?? 10000}`);
+      const mode = db.prepare("PRAGMA journal_mode = WAL").get() as
+        | { journal_mode: string }
+        | undefined;
+      if (mode?.journal_mode !== "wal") {
+        throw new DatabaseError(
+          `Cannot open database: file "${path}" could not be put in WAL mode (journal_mode is "${mode?.journal_mode}")`,
+        );
+      }
+      db.exec("PRAGMA synchronous = NORMAL");
+      return new ReplicaDb(path, db, options);
+    } catch (e) {
+      db?.close();
+      if (e instanceof DatabaseError) throw e;
+      throw new DatabaseError(
+        `Cannot open database: file "${path}": ${
+          e instanceof Error ? e.message : e
+        }`,
+        { cause: e },
+      );
+    }
+  }
+
+  /** The replicated tables by name. */
+  get tables(): ReadonlyMap<string, TableInfo> {
+    return this.#tables;
+  }
+
+  /**
+   * Re-reads the schema when it changed (a table was created, dropped or
+   * altered) and installs capture triggers on the current tables.
+   *
+   * @returns whether the schema had changed
+   */
+  refreshSchema(force = false): boolean {
+    const version = this.#pragmaNumber("schema_version");
+    if (!force && version === this.#schemaVersion) return false;
+    this.#transaction("IMMEDIATE", () => {
+      const tables = listTables(this.db, {
+        include: this.#options.include ?? [],
+        exclude: this.#options.exclude ?? [],
+        onSkip: (t, why) =>
+          this.#options.log?.("info", `Not replicating table "${t}": ${why}`),
+      });
+      const old = this.db.prepare(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE ? ESCAPE '\\'",
+      ).all(`${MARMOT_PREFIX.replaceAll("_", "\\_")}%`) as { name: string }[];
+      for (const { name } of old) {
+        this.db.exec(`DROP TRIGGER ${quoteIdent(name)}`);
+      }
+      for (const t of tables) this.db.exec(captureTriggersSql(t));
+      this.#tables = new Map(tables.map((t) => [t.name, t]));
+    });
+    this.#stmts.clear();
+    this.#schemaVersion = this.#pragmaNumber("schema_version");
+    return true;
+  }
+
+  /** `PRAGMA data_version`: changes when another connection commits. */
+  dataVersion(): number {
+    return this.#pragmaNumber("data_version");
+  }
+
+  /** The last applied stream sequence of a shard (0 when none). */
+  appliedSeq(shard: number): number {
+    const row = this.#stmt(
+      "applied.get",
+      () => `SELECT seq FROM ${T.applied} WHERE shard = ?`,
+    ).get(shard) as { seq: number } | undefined;
+    return row ? Number(row.seq) : 0;
+  }
+
+  /** How many captured changes wait in the change log. */
+  pendingCount(): number {
+    const row = this.db.prepare(`SELECT count(*) AS n FROM ${T.changes}`)
+      .get() as { n: number };
+    return Number(row.n);
+  }
+
+  /** The parked messages and changes, oldest first. */
+  parked(): Parked[] {
+    return (this.db.prepare(
+      `SELECT stream, stream_seq, tbl, k, reason FROM ${T.parked} ORDER BY id`,
+    ).all() as {
+      stream: string;
+      stream_seq: number;
+      tbl: string | null;
+      k: string | null;
+      reason: string;
+    }[])
+      .map((r) => ({
+        stream: r.stream,
+        seq: Number(r.stream_seq),
+        ...(r.tbl !== null ? { table: r.tbl } : {}),
+        ...(r.k !== null ? { key: r.k } : {}),
+        reason: r.reason,
+      }));
+  }
+
+  /**
+   * Reads captured changes after `afterSeq`, in commit order, coalesced per
+   * row (a row changed many times is sent once, with its newest state), each
+   * with the row's current image read in the same read transaction.
+   *
+   * @returns the changes, and the highest change log sequence read
+   */
+  readPending(
+    afterSeq: number,
+    limit: number,
+  ): { changes: PendingChange[]; lastSeq: number } {
+    return this.#transaction("DEFERRED", () => {
+      const rows = this.#stmt(
+        "changes.after",
+        () =>
+          `SELECT seq, tbl, k FROM ${T.changes} WHERE seq > ? ORDER BY seq LIMIT ?`,
+      ).all(afterSeq, limit) as { seq: number; tbl: string; k: string }[];
+      if (rows.length === 0) return { changes: [], lastSeq: afterSeq };
+      const newest = new Map<string, { seq: number; tbl: string; k: string }>();
+      for (const r of rows) {
+        const id = `${r.tbl}\u0000${r.k}`;
+        newest.delete(id); // re-insert so the map keeps last-change order
+        newest.set(id, r);
+      }
+      const changes: PendingChange[] = [];
+      for (const r of newest.values()) {
+        const table = this.#tables.get(r.tbl);
+        if (!table) continue; // table dropped or no longer replicated
+        const columns = table.rowid
+          ? [table.rowid, ...table.columns]
+          : table.columns;
+        const select = this.#stmt(
+          `image\u0000${table.name}`,
+          () => imageSql(table, columns),
+          true,
+        );
+        const row = select.get(...parseKey(r.k)) as SqlValue[] | undefined;
+        const values = row ? fixNulText(row) : undefined;
+        changes.push({ table, key: r.k, seq: Number(r.seq), columns, values });
+      }
+      return { changes, lastSeq: Number(rows[rows.length - 1]!.seq) };
+    });
+  }
+
+  /**
+   * Applies messages from the streams in one transaction, and records each
+   * shard's stream sequence and each origin's change sequence with them.
+   *
+   * Rules per change, in stream order:
+   * - an origin change sequence already applied is skipped (published twice);
+   * - this node's own change removes the change log entries it carries
+   *   (their local effect is already in place);
+   * - another node's change to a row with a local change still in the change
+   *   log is skipped: that local change is later in stream order and wins;
+   * - otherwise the row is upserted by primary key, or deleted.
+   *
+   * A message that failed to decode, or a change that fails to apply, is
+   * parked and reported; the rest goes on.
+   */
+  applyMessages(messages: IncomingMessage[], selfNode: number): ApplyResult {
+    const result: ApplyResult = { applied: 0, skipped: 0, parked: [] };
+    const originUpdates = new Map<
+      string,
+      { shard: number; node: number; epoch: number; seq: number }
+    >();
+    const shardSeqs = new Map<number, number>();
+    const park = (p: Parked, data?: Uint8Array) => {
+      result.parked.push(p);
+      this.#stmt(
+        "parked.insert",
+        () =>
+          `INSERT INTO ${T.parked}(stream, stream_seq, tbl, k, reason, data) VALUES (?, ?, ?, ?, ?, ?)`,
+      ).run(
+        p.stream,
+        p.seq,
+        p.table ?? null,
+        p.key ?? null,
+        p.reason,
+        data ?? null,
+      );
+    };
+    this.#transaction("IMMEDIATE", () => {
+      this.#stmt("apply.on", () => `INSERT INTO ${T.apply}(x) VALUES (1)`)
+        .run();
+      try {
+        for (const m of messages) {
+          shardSeqs.set(m.shard, m.seq);
+          if (m.batch instanceof Error) {
+            park(
+              { stream: m.stream, seq: m.seq, reason: m.batch.message },
+              m.data,
+            );
+            continue;
+          }
+          const b = m.batch;
+          if (b.shard !== m.shard) {
+            park({
+              stream: m.stream,
+              seq: m.seq,
+              reason:
+                `Cannot apply batch: it is for shard ${b.shard}, found on shard ${m.shard}`,
+            }, m.data);
+            continue;
+          }
+          const originId = `${m.shard}:${b.origin}:${b.epoch}`;
+          let originSeq = originUpdates.get(originId)?.seq ??
+            this.#origins.get(originId) ?? 0;
+          const own = b.origin === selfNode && b.epoch === this.epoch;
+          for (const c of b.changes) {
+            if (c.seq <= originSeq) {
+              result.skipped++;
+              continue;
+            }
+            originSeq = c.seq;
+            const ref = b.tables[c.table]!;
+            if (own) {
+              this.#stmt(
+                "changes.ack",
+                () =>
+                  `DELETE FROM ${T.changes} WHERE tbl = ? AND k = ? AND seq <= ?`,
+              ).run(ref.name, c.key, c.seq);
+              result.skipped++;
+              continue;
+            }
+            const pending = this.#stmt(
+              "changes.pending",
+              () =>
+                `SELECT 1 FROM ${T.changes} WHERE tbl = ? AND k = ? LIMIT 1`,
+            ).get(ref.name, c.key);
+            if (pending) {
+              result.skipped++;
+              continue;
+            }
+            try {
+              if (c.op === Op.Upsert) {
+                this.#upsert(ref.name, ref.columns, c.values!);
+              } else this.#delete(ref.name, c.key);
+              result.applied++;
+            } catch (e) {
+              park({
+                stream: m.stream,
+                seq: m.seq,
+                table: ref.name,
+                key: c.key,
+                reason: e instanceof Error ? e.message : String(e),
+              });
+            }
+          }
+          originUpdates.set(originId, {
+            shard: m.shard,
+            node: b.origin,
+            epoch: b.epoch,
+            seq: originSeq,
+          });
+        }
+        const setOrigin = this.#stmt(
+          "origins.set",
+          () =>
+            `INSERT INTO ${T.origins}(shard, node, epoch, seq) VALUES (?, ?, ?, ?)
+                 ON CONFLICT(shard, node, epoch) DO UPDATE SET seq = excluded.seq`,
+        );
+        for (const o of originUpdates.values()) {
+          setOrigin.run(o.shard, o.node, o.epoch, o.seq);
+        }
+        const setApplied = this.#stmt(
+          "applied.set",
+          () =>
+            `INSERT INTO ${T.applied}(shard, seq) VALUES (?, ?)
+                 ON CONFLICT(shard) DO UPDATE SET seq = excluded.seq`,
+        );
+        for (const [shard, seq] of shardSeqs) setApplied.run(shard, seq);
+      } finally {
+        this.#stmt("apply.off", () => `DELETE FROM ${T.apply}`).run();
+      }
+    });
+    for (const [id, o] of originUpdates) this.#origins.set(id, o.seq);
+    return result;
+  }
+
+  #upsert(table: string, columns: string[], values: SqlValue[]): void {
+    const info = this.#tables.get(table);
+    if (!info) {
+      throw new DatabaseError(
+        `Cannot apply change: table "${table}" is not replicated on this node`,
+      );
+    }
+    const id = `upsert\u0000${table}\u0000${columns.join("\u0000")}`;
+    if (info.rowid) {
+      const [rowid, ...rest] = values;
+      const dataCols = columns.slice(1);
+      const update = this.#stmt(
+        `${id}\u0000u`,
+        () =>
+          dataCols.length === 0
+            ? `SELECT 0 WHERE 0 = ?`
+            : `UPDATE ${quoteIdent(table)} SET ${
+              dataCols.map((c) => `${quoteIdent(c)} = ?`).join(", ")
+            } WHERE ${info.rowid} = ?`,
+      );
+      const changed = dataCols.length === 0
+        ? 0
+        : Number(update.run(...rest, rowid!).changes);
+      if (changed === 0) {
+        this.#stmt(
+          `${id}\u0000i`,
+          () =>
+            `INSERT OR IGNORE INTO ${quoteIdent(table)}(${info.rowid}${
+              dataCols.map((c) => `, ${quoteIdent(c)}`).join("")
+            }) VALUES (${values.map(() => "?").join(", ")})`,
+        ).run(...values);
+      }
+      return;
+    }
+    const missing = info.pk.filter((k) => !columns.includes(k));
+    if (missing.length > 0) {
+      throw new DatabaseError(
+        `Cannot apply change: table "${table}" change lacks primary key columns ${
+          JSON.stringify(missing)
+        }`,
+      );
+    }
+    this.#stmt(id, () => {
+      const others = columns.filter((c) => !info.pk.includes(c));
+      const action = others.length === 0
+        ? "DO NOTHING"
+        : `DO UPDATE SET ${
+          others.map((c) => `${quoteIdent(c)} = excluded.${quoteIdent(c)}`)
+            .join(", ")
+        }`;
+      return `INSERT INTO ${quoteIdent(table)}(${
+        columns.map(quoteIdent).join(", ")
+      }) VALUES (${columns.map(() => "?").join(", ")}) ON CONFLICT(${
+        info.pk.map(quoteIdent).join(", ")
+      }) ${action}`;
+    }).run(...values);
+  }
+
+  #delete(table: string, key: string): void {
+    const info = this.#tables.get(table);
+    if (!info) {
+      throw new DatabaseError(
+        `Cannot apply change: table "${table}" is not replicated on this node`,
+      );
+    }
+    this.#stmt(`delete\u0000${table}`, () => {
+      const where = info.rowid
+        ? `${info.rowid} = ?`
+        : info.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
+      return `DELETE FROM ${quoteIdent(table)} WHERE ${where}`;
+    }).run(...parseKey(key));
+  }
+
+  #stmt(id: string, sql: () => string, arrays = false): StatementSync {
+    let s = this.#stmts.get(id);
+    if (!s) {
+      s = this.db.prepare(sql());
+      s.setReadBigInts(true);
+      // Deno implements setReturnArrays; the bundled Node types predate it.
+      if (arrays) (s as StatementSync & ArrayRows).setReturnArrays(true);
+      this.#stmts.set(id, s);
+    }
+    return s;
+  }
+
+  #pragmaNumber(name: "schema_version" | "data_version"): number {
+    const row = this.db.prepare(`PRAGMA ${name}`).get() as Record<
+      string,
+      number
+    >;
+    return Number(row[name]);
+  }
+
+  #transaction<R>(mode: "DEFERRED" | "IMMEDIATE", fn: () => R): R {
+    this.db.exec(`BEGIN ${mode}`);
+    try {
+      const r = fn();
+      this.db.exec("COMMIT");
+      return r;
+    } catch (e) {
+      if (this.db.isTransaction) this.db.exec("ROLLBACK");
+      throw e;
+    }
+  }
+
+  /** Closes the connection. */
+  close(): void {
+    if (this.db.isOpen) this.db.close();
+  }
+
+  /** Closes the connection. */
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/**
+ * The SELECT of a row image. node:sqlite cuts TEXT at the first NUL, so a
+ * TEXT value holding NUL is read as a BLOB and named in a last column (the
+ * comma-separated column indexes) to be decoded back to text.
+ */
+function imageSql(table: TableInfo, columns: string[]): string {
+  const where = table.rowid
+    ? `${table.rowid} = ?`
+    : table.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
+  const hasNul = (c: string) =>
+    `(typeof(${c}) = 'text' AND instr(${c}, char(0)) > 0)`;
+  const cols = columns.map((name) => {
+    const c = quoteIdent(name);
+    return `CASE WHEN ${hasNul(c)} THEN CAST(${c} AS BLOB) ELSE ${c} END`;
+  });
+  const mask = columns.map((name, i) =>
+    `CASE WHEN ${hasNul(quoteIdent(name))} THEN '${i},' ELSE '' END`
+  )
+    .join(" || ");
+  return `SELECT ${cols.join(", ")}, ${mask} FROM ${
+    quoteIdent(table.name)
+  } WHERE ${where}`;
+}
+
+const utf8 = new TextDecoder();
+
+/** Turns the BLOB-read TEXT values named by the last column back into strings. */
+function fixNulText(row: SqlValue[]): SqlValue[] {
+  const mask = row.pop() as string;
+  if (mask) {
+    for (const i of mask.split(",").filter(Boolean)) {
+      row[Number(i)] = utf8.decode(row[Number(i)] as Uint8Array);
+    }
+  }
+  return row;
+}
+
+/** The key text expression of a row in a trigger (`NEW` or `OLD`). */
+export function keyExpr(table: TableInfo, row: "NEW" | "OLD"): string {
+  if (table.rowid) return `quote(${row}.${table.rowid})`;
+  return table.pk.map((c) => `quote(${row}.${quoteIdent(c)})`).join(
+    " || ',' || ",
+  );
+}
+
+/** The SQL that creates the three capture triggers of a table. */
+export function captureTriggersSql(table: TableInfo): string {
+  const name = quoteText(table.name);
+  const on = quoteIdent(table.name);
+  const when = `WHEN NOT EXISTS (SELECT 1 FROM ${T.apply})`;
+  const trig = (kind: string) =>
+    quoteIdent(`${MARMOT_PREFIX}${kind}__${table.name}`);
+  const log = (row: "NEW" | "OLD") =>
+    `INSERT INTO ${T.changes}(tbl, k) VALUES (${name}, ${
+      keyExpr(table, row)
+    });`;
+  return `
+CREATE TRIGGER ${trig("ins")} AFTER INSERT ON ${on} ${when}
+BEGIN ${log("NEW")} END;
+CREATE TRIGGER ${trig("upd")} AFTER UPDATE ON ${on} ${when}
+BEGIN
+  INSERT INTO ${T.changes}(tbl, k) SELECT ${name}, ${keyExpr(table, "OLD")}
+    WHERE ${keyExpr(table, "OLD")} IS NOT ${keyExpr(table, "NEW")};
+  ${log("NEW")}
+END;
+CREATE TRIGGER ${trig("del")} AFTER DELETE ON ${on} ${when}
+BEGIN ${log("OLD")} END;
+`;
+}
+
+/**
+ * Removes every trigger and table marmot created in a database file.
+ *
+ * @returns the names of what was dropped
+ */
+export function removeMarmot(path: string): string[] {
+  try {
+    Deno.statSync(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) {
+      throw new DatabaseError(
+        `Cannot clean up database: file "${path}" does not exist`,
+      );
+    }
+    throw e;
+  }
+  const db = new DatabaseSync(path);
+  try {
+    db.exec("PRAGMA busy_timeout = 10000");
+    db.exec("BEGIN IMMEDIATE");
+    const rows = db.prepare(
+      "SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'table') AND name LIKE ? ESCAPE '\\' ORDER BY type DESC",
+    ).all(`${MARMOT_PREFIX.replaceAll("_", "\\_")}%`) as {
+      type: string;
+      name: string;
+    }[];
+    for (const r of rows) {
+      db.exec(
+        `DROP ${r.type === "trigger" ? "TRIGGER" : "TABLE"} IF EXISTS ${
+          quoteIdent(r.name)
+        }`,
+      );
+    }
+    db.exec("COMMIT");
+    return rows.map((r) => r.name);
+  } finally {
+    db.close();
+  }
+}

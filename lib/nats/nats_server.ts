@@ -1,0 +1,628 @@
+/**
+ * Launch and supervise `nats-server` child processes, for marmot's embedded
+ * mode and for integration tests.
+ *
+ * @module
+ */
+
+import { jetstreamManager } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
+
+/** Options for {@linkcode NatsServer.start}. */
+export interface NatsServerOptions {
+  /** Server name; must be unique within a cluster. */
+  name: string;
+  /** Directory for JetStream storage and the generated config/ports files; created if missing. */
+  storeDir: string;
+  /** Client listen host. @default {"127.0.0.1"} */
+  host?: string;
+  /** Client port; 0 or -1 means a random free port. @default {-1} */
+  port?: number;
+  /**
+   * Cluster (route) listen address "host:port"; port may be -1/0 for random.
+   * Omit for a standalone server. nats-server refuses to run clustered
+   * JetStream without at least one route, so set {@linkcode routes} too.
+   */
+  clusterAddr?: string;
+  /**
+   * Route URLs to other servers, e.g. "nats-route://127.0.0.1:6222"
+   * ("nats://host:port" is also accepted and rewritten to "nats-route://").
+   */
+  routes?: string[];
+  /** Cluster name. @default {"marmot"} */
+  clusterName?: string;
+  /** max_payload in bytes. @default {8388608} */
+  maxPayload?: number;
+  /** Path of the nats-server binary. @default {"nats-server"} (looked up on PATH) */
+  binary?: string;
+  /** Extra lines appended verbatim to the generated config (used later for auth/TLS). */
+  extraConfig?: string;
+  /**
+   * Called with each line the server writes to stderr/stdout (for debug
+   * logging). Errors thrown by the callback are ignored.
+   */
+  onLog?: (line: string) => void;
+}
+
+/**
+ * Error thrown when nats-server is missing or fails to start. When the binary
+ * is missing, the message says how to install it.
+ */
+export class NatsServerError extends Error {
+  /** Always "NatsServerError". */
+  override name = "NatsServerError";
+}
+
+const INSTALL_HINT =
+  "Install nats-server (Debian: apt-get install nats-server; or https://github.com/nats-io/nats-server/releases)";
+const READY_TIMEOUT_MS = 15_000;
+const STOP_TIMEOUT_MS = 5_000;
+const POLL_INTERVAL_MS = 50;
+const TAIL_LINES = 50;
+const CONFIG_FILE = "nats-server.conf";
+
+/** One spawned nats-server process. */
+interface Run {
+  child: Deno.ChildProcess;
+  status: Promise<Deno.CommandStatus>;
+  /** Resolves once stdout and stderr are fully read. */
+  output: Promise<void>;
+  /** Last lines of output, for error messages. */
+  tail: string[];
+  done: boolean;
+  clientPort: number;
+  clusterPort: number | undefined;
+  portsFile: string;
+}
+
+/**
+ * A running `nats-server` child process.
+ *
+ * @example Start a standalone server
+ * ```ts ignore
+ * import { NatsServer } from "./nats_server.ts";
+ *
+ * await using server = await NatsServer.start({
+ *   name: "n1",
+ *   storeDir: await Deno.makeTempDir(),
+ * });
+ * console.log(server.clientUrl); // nats://127.0.0.1:PORT
+ * ```
+ */
+export class NatsServer implements AsyncDisposable {
+  /** The options the server was started with. */
+  readonly options: NatsServerOptions;
+  #storeDir: string;
+  #run: Run;
+
+  private constructor(options: NatsServerOptions, storeDir: string, run: Run) {
+    this.options = options;
+    this.#storeDir = storeDir;
+    this.#run = run;
+  }
+
+  /**
+   * Spawn a nats-server and wait until it accepts client connections.
+   *
+   * @param options How to configure the server.
+   * @param signal Aborts waiting for readiness; the child is then killed.
+   * @returns The running server.
+   * @throws {NatsServerError} If the binary is missing, the server exits
+   * early or it is not ready within 15 seconds.
+   */
+  static async start(
+    options: NatsServerOptions,
+    signal?: AbortSignal,
+  ): Promise<NatsServer> {
+    validateOptions(options);
+    signal?.throwIfAborted();
+    await Deno.mkdir(options.storeDir, { recursive: true });
+    const storeDir = await Deno.realPath(options.storeDir);
+    const cluster = options.clusterAddr === undefined
+      ? undefined
+      : splitHostPort(options.clusterAddr);
+    const run = await launch(
+      options,
+      storeDir,
+      randomToMinusOne(options.port ?? -1),
+      cluster === undefined ? undefined : randomToMinusOne(cluster.port),
+      signal,
+    );
+    return new NatsServer(options, storeDir, run);
+  }
+
+  /** Client URL with the actual port, e.g. "nats://127.0.0.1:4222". */
+  get clientUrl(): string {
+    const host = connectHost(this.options.host ?? "127.0.0.1");
+    return `nats://${host}:${this.#run.clientPort}`;
+  }
+
+  /** Route URL with the actual port, or `undefined` if not clustered. */
+  get clusterUrl(): string | undefined {
+    if (this.options.clusterAddr === undefined) return undefined;
+    const { host } = splitHostPort(this.options.clusterAddr);
+    return `nats-route://${connectHost(host)}:${this.#run.clusterPort}`;
+  }
+
+  /** Process id of the current child process. */
+  get pid(): number {
+    return this.#run.child.pid;
+  }
+
+  /** Resolves when the current child exits, with its exit status. */
+  get exited(): Promise<Deno.CommandStatus> {
+    return this.#run.status;
+  }
+
+  /**
+   * Send a signal to the child; does nothing if it already exited.
+   *
+   * @param signal The signal to send. @default {"SIGKILL"}
+   */
+  kill(signal: Deno.Signal = "SIGKILL"): void {
+    if (this.#run.done) return;
+    try {
+      this.#run.child.kill(signal);
+    } catch (error) {
+      // The child may have exited between the check and the kill.
+      if (!(error instanceof TypeError)) throw error;
+    }
+  }
+
+  /**
+   * Start the server again on the same ports and store directory and wait
+   * until it is ready. A still running server is stopped first.
+   *
+   * @param signal Aborts waiting for readiness; the child is then killed.
+   * @throws {NatsServerError} If the server fails to start.
+   */
+  async restart(signal?: AbortSignal): Promise<void> {
+    await this.stop();
+    const previous = this.#run;
+    this.#run = await launch(
+      this.options,
+      this.#storeDir,
+      previous.clientPort,
+      previous.clusterPort,
+      signal,
+    );
+  }
+
+  /**
+   * Stop the server with SIGTERM (SIGKILL after 5 seconds) and wait for it
+   * to exit. Does not remove the store directory; does nothing if the
+   * server already exited. nats-server 2.9 exits with code 1 after a clean
+   * SIGTERM shutdown, so {@linkcode NatsServer.prototype.exited} then
+   * reports `success: false`.
+   */
+  async stop(): Promise<void> {
+    const run = this.#run;
+    if (!run.done) {
+      this.kill("SIGTERM");
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const timedOut = await Promise.race([
+        run.status.then(() => false),
+        new Promise<boolean>((resolve) => {
+          timer = setTimeout(() => resolve(true), STOP_TIMEOUT_MS);
+        }),
+      ]);
+      clearTimeout(timer);
+      if (timedOut) this.kill("SIGKILL");
+    }
+    await run.status;
+    await run.output;
+    if (run.portsFile !== "") await removeIfExists(run.portsFile);
+  }
+
+  /** Stop the server; see {@linkcode NatsServer.prototype.stop}. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.stop();
+  }
+}
+
+/** Options for {@linkcode startCluster}. */
+export interface StartClusterOptions {
+  /** max_payload in bytes. @default {8388608} */
+  maxPayload?: number;
+  /** Called with the server name and each line it logs. */
+  onLog?: (name: string, line: string) => void;
+  /** Aborts starting; servers already started are stopped. */
+  signal?: AbortSignal;
+}
+
+/**
+ * Start an N-server JetStream cluster on loopback with random ports, each
+ * server storing into its own directory under `baseDir`. Resolves once
+ * JetStream answers account info requests through the first server.
+ *
+ * @example Start a 3-node cluster
+ * ```ts ignore
+ * import { startCluster } from "./nats_server.ts";
+ *
+ * const servers = await startCluster(await Deno.makeTempDir());
+ * try {
+ *   console.log(servers.map((s) => s.clientUrl));
+ * } finally {
+ *   await Promise.all(servers.map((s) => s.stop()));
+ * }
+ * ```
+ *
+ * @param baseDir Directory under which the store directories are created.
+ * @param size Number of servers; 1 starts a standalone server. @default {3}
+ * @param options Payload limit, log callback and abort signal.
+ * @returns The servers, in name order ("n0", "n1", ...).
+ * @throws {NatsServerError} If a server fails to start or JetStream is not
+ * ready within 20 seconds.
+ */
+export async function startCluster(
+  baseDir: string,
+  size = 3,
+  options: StartClusterOptions = {},
+): Promise<NatsServer[]> {
+  if (!Number.isInteger(size) || size < 1) {
+    throw new RangeError(
+      `Cannot start cluster: size must be a positive integer, got ${size}`,
+    );
+  }
+  const { maxPayload, onLog, signal } = options;
+  const routeAddrs = pickFreePorts(size).map((port) => `127.0.0.1:${port}`);
+  const results = await Promise.allSettled(routeAddrs.map((addr, i) => {
+    const name = `n${i}`;
+    const serverOptions: NatsServerOptions = {
+      name,
+      storeDir: `${baseDir}/${name}`,
+    };
+    if (size > 1) {
+      serverOptions.clusterAddr = addr;
+      serverOptions.routes = routeAddrs
+        .filter((other) => other !== addr)
+        .map((other) => `nats-route://${other}`);
+    }
+    if (maxPayload !== undefined) serverOptions.maxPayload = maxPayload;
+    if (onLog !== undefined) {
+      serverOptions.onLog = (line) => onLog(name, line);
+    }
+    return NatsServer.start(serverOptions, signal);
+  }));
+  const servers = results.flatMap((r) =>
+    r.status === "fulfilled" ? [r.value] : []
+  );
+  try {
+    const failure = results.find((r) => r.status === "rejected");
+    if (failure !== undefined) throw failure.reason;
+    await waitForJetStream(servers[0]!.clientUrl, 20_000, signal);
+    return servers;
+  } catch (error) {
+    await Promise.all(servers.map((s) => s.stop()));
+    throw error;
+  }
+}
+
+async function waitForJetStream(
+  url: string,
+  timeoutMs: number,
+  signal: AbortSignal | undefined,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  const nc = await connect({ servers: url });
+  try {
+    while (true) {
+      signal?.throwIfAborted();
+      try {
+        // Requests account info. Before a meta leader is elected the request
+        // goes unanswered, so keep the timeout short and retry.
+        await jetstreamManager(nc, { timeout: 500 });
+        return;
+      } catch (error) {
+        if (Date.now() >= deadline) {
+          throw new NatsServerError(
+            `Cannot start cluster: JetStream on "${url}" not ready after ${timeoutMs} ms`,
+            { cause: error },
+          );
+        }
+      }
+      await delay(250);
+    }
+  } finally {
+    await nc.close();
+  }
+}
+
+async function launch(
+  options: NatsServerOptions,
+  storeDir: string,
+  clientPort: number,
+  clusterPort: number | undefined,
+  signal: AbortSignal | undefined,
+): Promise<Run> {
+  const binary = options.binary ?? "nats-server";
+  const configPath = `${storeDir}/${CONFIG_FILE}`;
+  await Deno.writeTextFile(
+    configPath,
+    renderConfig(options, storeDir, clientPort, clusterPort),
+  );
+
+  let child: Deno.ChildProcess;
+  try {
+    child = new Deno.Command(binary, {
+      args: ["-c", configPath, "-ports_file_dir", storeDir],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) {
+      throw new NatsServerError(
+        `Cannot start nats-server: binary "${binary}" not found. ${INSTALL_HINT}`,
+        { cause: error },
+      );
+    }
+    throw new NatsServerError(
+      `Cannot start nats-server: failed to spawn "${binary}"`,
+      { cause: error },
+    );
+  }
+
+  const tail: string[] = [];
+  const onLine = (line: string) => {
+    tail.push(line);
+    if (tail.length > TAIL_LINES) tail.shift();
+    try {
+      options.onLog?.(line);
+    } catch {
+      // A failing log callback must not break output draining.
+    }
+  };
+  const run: Run = {
+    child,
+    status: child.status,
+    output: Promise.all([
+      readLines(child.stdout, onLine),
+      readLines(child.stderr, onLine),
+    ]).then(() => {}, () => {}),
+    tail,
+    done: false,
+    clientPort,
+    clusterPort,
+    portsFile: "",
+  };
+  run.status.then(() => {
+    run.done = true;
+  });
+
+  const fail = async (reason: string): Promise<never> => {
+    if (!run.done) child.kill("SIGKILL");
+    await run.status;
+    await run.output;
+    if (run.portsFile !== "") await removeIfExists(run.portsFile);
+    throw new NatsServerError(
+      `Cannot start nats-server "${options.name}": ${reason}` +
+        (tail.length > 0 ? `; last output:\n${tail.join("\n")}` : ""),
+    );
+  };
+
+  const deadline = Date.now() + READY_TIMEOUT_MS;
+  const host = connectHost(options.host ?? "127.0.0.1");
+  while (true) {
+    if (run.done) {
+      const status = await run.status;
+      const how = status.signal === null
+        ? `code ${status.code}`
+        : `signal ${status.signal}`;
+      return await fail(`process exited with ${how} before becoming ready`);
+    }
+    if (signal?.aborted) {
+      if (!run.done) child.kill("SIGKILL");
+      await run.status;
+      await run.output;
+      throw signal.reason;
+    }
+    if (Date.now() >= deadline) {
+      return await fail(`not ready after ${READY_TIMEOUT_MS} ms`);
+    }
+    const found = await readPortsFile(storeDir, child.pid);
+    if (found !== undefined) {
+      run.portsFile = found.path;
+      if (
+        found.clientPort !== undefined &&
+        (clusterPort === undefined || found.clusterPort !== undefined) &&
+        await canConnect(host, found.clientPort)
+      ) {
+        run.clientPort = found.clientPort;
+        run.clusterPort = found.clusterPort;
+        return run;
+      }
+    }
+    await delay(POLL_INTERVAL_MS);
+  }
+}
+
+function renderConfig(
+  options: NatsServerOptions,
+  storeDir: string,
+  clientPort: number,
+  clusterPort: number | undefined,
+): string {
+  const q = (value: string) => JSON.stringify(value);
+  const lines = [
+    "# Generated by marmot; rewritten on every start.",
+    `server_name: ${q(options.name)}`,
+    `host: ${q(options.host ?? "127.0.0.1")}`,
+    `port: ${clientPort}`,
+    `max_payload: ${options.maxPayload ?? 8388608}`,
+    "jetstream {",
+    `  store_dir: ${q(storeDir)}`,
+    "}",
+  ];
+  if (options.clusterAddr !== undefined && clusterPort !== undefined) {
+    const { host } = splitHostPort(options.clusterAddr);
+    lines.push(
+      "cluster {",
+      `  name: ${q(options.clusterName ?? "marmot")}`,
+      `  listen: ${q(`${host}:${clusterPort}`)}`,
+      "  routes: [",
+      ...(options.routes ?? []).map((route) => `    ${q(toRouteUrl(route))}`),
+      "  ]",
+      "}",
+    );
+  }
+  if (options.extraConfig !== undefined) lines.push(options.extraConfig);
+  return lines.join("\n") + "\n";
+}
+
+function validateOptions(options: NatsServerOptions): void {
+  if (options.name === "") {
+    throw new TypeError("Cannot start nats-server: name must not be empty");
+  }
+  if (options.port !== undefined) {
+    checkPort(options.port, `port ${options.port}`);
+  }
+  if (options.clusterAddr !== undefined) splitHostPort(options.clusterAddr);
+  const maxPayload = options.maxPayload;
+  if (
+    maxPayload !== undefined && (!Number.isInteger(maxPayload) ||
+      maxPayload < 1)
+  ) {
+    throw new RangeError(
+      `Cannot start nats-server: maxPayload must be a positive integer, got ${maxPayload}`,
+    );
+  }
+}
+
+function checkPort(port: number, what: string): void {
+  if (!Number.isInteger(port) || port < -1 || port > 65535) {
+    throw new RangeError(
+      `Cannot start nats-server: ${what} is not a port number or -1`,
+    );
+  }
+}
+
+function splitHostPort(addr: string): { host: string; port: number } {
+  const colon = addr.lastIndexOf(":");
+  const host = addr.slice(0, colon);
+  const port = Number(addr.slice(colon + 1));
+  if (colon <= 0 || addr.slice(colon + 1) === "") {
+    throw new TypeError(
+      `Cannot start nats-server: clusterAddr "${addr}" is not "host:port"`,
+    );
+  }
+  checkPort(port, `clusterAddr "${addr}"`);
+  return { host, port };
+}
+
+function randomToMinusOne(port: number): number {
+  return port === 0 ? -1 : port;
+}
+
+function toRouteUrl(route: string): string {
+  return route.startsWith("nats://")
+    ? `nats-route://${route.slice("nats://".length)}`
+    : route;
+}
+
+/** Map a listen host to one a local client can connect to. */
+function connectHost(host: string): string {
+  const bare = host.startsWith("[") ? host.slice(1, -1) : host;
+  if (bare === "" || bare === "0.0.0.0") return "127.0.0.1";
+  if (bare === "::") return "[::1]";
+  return bare.includes(":") ? `[${bare}]` : bare;
+}
+
+async function readPortsFile(
+  dir: string,
+  pid: number,
+): Promise<
+  | { path: string; clientPort?: number; clusterPort?: number }
+  | undefined
+> {
+  // nats-server names the file "<basename of argv[0]>_<pid>.ports".
+  const suffix = `_${pid}.ports`;
+  let path: string | undefined;
+  for await (const entry of Deno.readDir(dir)) {
+    if (entry.isFile && entry.name.endsWith(suffix)) {
+      path = `${dir}/${entry.name}`;
+      break;
+    }
+  }
+  if (path === undefined) return undefined;
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(await Deno.readTextFile(path));
+  } catch {
+    // The file may be half written; try again on the next poll.
+    return { path };
+  }
+  const result: { path: string; clientPort?: number; clusterPort?: number } = {
+    path,
+  };
+  const clientPort = firstPort(parsed, "nats");
+  if (clientPort !== undefined) result.clientPort = clientPort;
+  const clusterPort = firstPort(parsed, "cluster");
+  if (clusterPort !== undefined) result.clusterPort = clusterPort;
+  return result;
+}
+
+function firstPort(ports: unknown, key: string): number | undefined {
+  if (typeof ports !== "object" || ports === null) return undefined;
+  const urls: unknown = (ports as Record<string, unknown>)[key];
+  if (!Array.isArray(urls) || typeof urls[0] !== "string") return undefined;
+  try {
+    const port = Number(new URL(urls[0]).port);
+    return port > 0 ? port : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+async function canConnect(hostname: string, port: number): Promise<boolean> {
+  try {
+    const conn = await Deno.connect({
+      hostname: hostname.replace(/^\[(.*)\]$/, "$1"),
+      port,
+    });
+    conn.close();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function readLines(
+  stream: ReadableStream<Uint8Array>,
+  onLine: (line: string) => void,
+): Promise<void> {
+  let pending = "";
+  for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+    pending += chunk;
+    const lines = pending.split("\n");
+    pending = lines.pop() ?? "";
+    for (const line of lines) onLine(line.replace(/\r$/, ""));
+  }
+  if (pending !== "") onLine(pending);
+}
+
+/** Free TCP ports on loopback, found by binding port 0 (tests and the demo use them for route ports). */
+export function pickFreePorts(count: number): number[] {
+  // Hold all listeners open together so the ports are distinct.
+  const listeners: Deno.TcpListener[] = [];
+  try {
+    for (let i = 0; i < count; i++) {
+      listeners.push(Deno.listen({ hostname: "127.0.0.1", port: 0 }));
+    }
+    return listeners.map((listener) => listener.addr.port);
+  } finally {
+    for (const listener of listeners) listener.close();
+  }
+}
+
+async function removeIfExists(path: string): Promise<void> {
+  try {
+    await Deno.remove(path);
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+  }
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

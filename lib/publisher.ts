@@ -1,0 +1,256 @@
+/**
+ * The publishing half of the data flow: pending changes from the change log
+ * are routed to their shards, packed into size-bounded batches and published
+ * to JetStream.
+ *
+ * Per shard, batches are published one at a time, each retried with the same
+ * `Nats-Msg-Id` until acknowledged, so one origin's changes to a shard land
+ * in the stream in change log order. Shards publish in parallel. The change
+ * log keeps every change until this node applies its own published copy back
+ * from the stream (see `ReplicaDb.applyMessages`), so a crash at any point
+ * re-publishes, and never loses, what was not yet applied back.
+ *
+ * @module
+ */
+import type { JetStreamClient } from "@nats-io/jetstream";
+import {
+  type Batch,
+  type Change,
+  encodeBatch,
+  Op,
+  type TableRef,
+} from "./codec.ts";
+import type { PendingChange, ReplicaDb } from "./db/replica_db.ts";
+import type { Logger } from "./log.ts";
+import { delay } from "./nats/streams.ts";
+import { shardFor } from "./shard.ts";
+
+/** Options for {@linkcode Publisher}. */
+export interface PublisherOptions {
+  /** This node's id. */
+  nodeId: number;
+  /** Shard count. */
+  shards: number;
+  /** The subject of a shard. */
+  subject: (shard: number) => string;
+  /** Largest message in bytes (the server's max_payload). */
+  maxPayload: number;
+  /** Target uncompressed batch size in bytes. @default 262144 */
+  batchBytes?: number;
+  /** Changes read from the log per pass. @default 20000 */
+  readLimit?: number;
+  /** zstd-compress batches. @default true */
+  compress?: boolean;
+  /** Logger. */
+  log: Logger;
+}
+
+/** Counters of a publisher. */
+export interface PublisherStats {
+  /** Messages acknowledged by JetStream. */
+  messages: number;
+  /** Row changes in those messages. */
+  changes: number;
+  /** Payload bytes published. */
+  bytes: number;
+  /** Publish attempts that failed and were retried. */
+  retries: number;
+}
+
+/** Publishes captured changes; call {@linkcode Publisher.wake} when the database may have changed. */
+export class Publisher {
+  readonly stats: PublisherStats = {
+    messages: 0,
+    changes: 0,
+    bytes: 0,
+    retries: 0,
+  };
+  #db: ReplicaDb;
+  #js: JetStreamClient;
+  #options: PublisherOptions;
+  #cursor = 0;
+  #running: Promise<void> | undefined;
+  #again = false;
+  #abort = new AbortController();
+  #error: unknown;
+
+  constructor(db: ReplicaDb, js: JetStreamClient, options: PublisherOptions) {
+    this.#db = db;
+    this.#js = js;
+    this.#options = options;
+  }
+
+  /** Starts a pass over the change log (or schedules one after the current). */
+  wake(): void {
+    if (this.#abort.signal.aborted) return;
+    if (this.#running) {
+      this.#again = true;
+      return;
+    }
+    this.#running = this.#loop().finally(() => this.#running = undefined);
+  }
+
+  /** Resolves when everything captured so far is published. */
+  async flush(): Promise<void> {
+    this.wake();
+    while (this.#running) await this.#running;
+    if (this.#error) throw this.#error;
+  }
+
+  /** Stops publishing; changes not yet published stay in the change log. */
+  async close(): Promise<void> {
+    this.#abort.abort(new Error("Publisher closed"));
+    while (this.#running) await this.#running.catch(() => {});
+  }
+
+  async #loop(): Promise<void> {
+    do {
+      this.#again = false;
+      try {
+        while (await this.#pass()) { /* more to read */ }
+        this.#error = undefined;
+      } catch (e) {
+        if (this.#abort.signal.aborted) return;
+        this.#error = e;
+        this.#options.log.error("Cannot publish changes", { error: e });
+        await delay(1000, this.#abort.signal).catch(() => {});
+        this.#again = true;
+      }
+    } while (this.#again && !this.#abort.signal.aborted);
+  }
+
+  /** Publishes one read of the change log; returns whether it read anything. */
+  async #pass(): Promise<boolean> {
+    const limit = this.#options.readLimit ?? 20000;
+    const { changes, lastSeq } = this.#db.readPending(this.#cursor, limit);
+    if (lastSeq === this.#cursor) return false;
+    this.#options.log.debug("Read pending changes", {
+      after: this.#cursor,
+      lastSeq,
+      rows: changes.length,
+    });
+    const byShard = new Map<number, PendingChange[]>();
+    for (const c of changes) {
+      const shard = shardFor(c.table.name, c.key, this.#options.shards);
+      let list = byShard.get(shard);
+      if (!list) byShard.set(shard, list = []);
+      list.push(c);
+    }
+    await Promise.all(
+      [...byShard].map(([shard, list]) => this.#publishShard(shard, list)),
+    );
+    this.#cursor = lastSeq;
+    return true;
+  }
+
+  async #publishShard(shard: number, changes: PendingChange[]): Promise<void> {
+    const target = this.#options.batchBytes ?? 262144;
+    let start = 0;
+    while (start < changes.length) {
+      let end = start;
+      let size = 0;
+      while (end < changes.length && (end === start || size < target)) {
+        size += estimateSize(changes[end]!);
+        end++;
+      }
+      await this.#publishBatch(shard, changes.slice(start, end));
+      start = end;
+    }
+  }
+
+  async #publishBatch(shard: number, changes: PendingChange[]): Promise<void> {
+    const bytes = encodeBatch(
+      toBatch(this.#options.nodeId, this.#db.epoch, shard, changes),
+      {
+        compressAbove: this.#options.compress === false ? false : 256,
+      },
+    );
+    if (bytes.length > this.#options.maxPayload) {
+      if (changes.length > 1) {
+        const half = Math.ceil(changes.length / 2);
+        await this.#publishBatch(shard, changes.slice(0, half));
+        await this.#publishBatch(shard, changes.slice(half));
+        return;
+      }
+      throw new RangeError(
+        `Cannot publish change: row ${changes[0]!.key} of table "${
+          changes[0]!.table.name
+        }" is ${bytes.length} bytes, over the server's max_payload of ${this.#options.maxPayload}`,
+      );
+    }
+    const first = changes[0]!.seq;
+    const last = changes[changes.length - 1]!.seq;
+    const msgID =
+      `${this.#options.nodeId}.${this.#db.epoch}.${shard}.${first}.${last}`;
+    const subject = this.#options.subject(shard);
+    for (let attempt = 1;; attempt++) {
+      this.#abort.signal.throwIfAborted();
+      try {
+        await this.#js.publish(subject, bytes, { msgID, timeout: 5000 });
+        break;
+      } catch (e) {
+        if (this.#abort.signal.aborted) throw e;
+        this.stats.retries++;
+        this.#options.log.log(
+          attempt % 10 === 1 ? "warn" : "debug",
+          "Publish failed, retrying",
+          {
+            subject,
+            msgID,
+            attempt,
+            error: e,
+          },
+        );
+        await delay(
+          Math.min(2000, 50 * 2 ** Math.min(attempt, 6)),
+          this.#abort.signal,
+        );
+      }
+    }
+    this.#options.log.debug("Published batch", {
+      subject,
+      msgID,
+      changes: changes.length,
+      bytes: bytes.length,
+    });
+    this.stats.messages++;
+    this.stats.changes += changes.length;
+    this.stats.bytes += bytes.length;
+  }
+}
+
+function estimateSize(c: PendingChange): number {
+  let n = 16 + c.key.length;
+  for (const v of c.values ?? []) {
+    if (typeof v === "string") n += 2 + v.length;
+    else if (v instanceof Uint8Array) n += 2 + v.length;
+    else n += 9;
+  }
+  return n;
+}
+
+function toBatch(
+  origin: number,
+  epoch: number,
+  shard: number,
+  pending: PendingChange[],
+): Batch {
+  const tables: TableRef[] = [];
+  const index = new Map<string, number>();
+  const changes: Change[] = [];
+  for (const p of pending) {
+    const id = `${p.table.name}\u0000${p.columns.join("\u0000")}`;
+    let t = index.get(id);
+    if (t === undefined) {
+      t = tables.length;
+      index.set(id, t);
+      tables.push({ name: p.table.name, schemaVersion: 0, columns: p.columns });
+    }
+    changes.push(
+      p.values
+        ? { table: t, seq: p.seq, key: p.key, op: Op.Upsert, values: p.values }
+        : { table: t, seq: p.seq, key: p.key, op: Op.Delete },
+    );
+  }
+  return { origin, epoch, shard, tables, changes };
+}

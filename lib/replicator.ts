@@ -1,0 +1,441 @@
+/**
+ * Wiring and lifecycle: the database, NATS (external or the embedded
+ * nats-server), the shard streams, the publisher and the subscriber.
+ *
+ * @module
+ */
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import {
+  checkPeerUrl,
+  ConfigError,
+  defaultConfig,
+  type MarmotConfig,
+  validateConfig,
+} from "./config.ts";
+import { ReplicaDb } from "./db/replica_db.ts";
+import { type FileWatcher, watchDatabase } from "./file_watcher.ts";
+import { createLogger, type Logger } from "./log.ts";
+import { NatsServer } from "./nats/nats_server.ts";
+import {
+  delay,
+  ensureStreams,
+  streamName,
+  subjectName,
+} from "./nats/streams.ts";
+import { Publisher, type PublisherStats } from "./publisher.ts";
+import { Subscriber, type SubscriberStats } from "./subscriber.ts";
+
+/** Everything {@linkcode Marmot.start} accepts: a config with every part optional but the database path. */
+export type MarmotOptions =
+  & Partial<Omit<MarmotConfig, "replicationLog" | "nats" | "logging">>
+  & {
+    dbPath: string;
+    replicationLog?: Partial<MarmotConfig["replicationLog"]>;
+    nats?: Partial<MarmotConfig["nats"]>;
+    logging?: Partial<MarmotConfig["logging"]>;
+    /** A logger to use instead of one built from `logging`. */
+    logger?: Logger;
+    /** Milliseconds between safety scans of the change log and schema. @default 1000 */
+    scanInterval?: number;
+  };
+
+/** Counters of a running node. */
+export interface MarmotStats {
+  /** What was published. */
+  published: PublisherStats;
+  /** What was applied. */
+  applied: SubscriberStats;
+  /** Changes captured and not yet applied back from the stream. */
+  pending: number;
+}
+
+/** Merges options over the defaults and validates the result. */
+export function resolveConfig(options: MarmotOptions): MarmotConfig {
+  const d = defaultConfig(options.dbPath);
+  const config: MarmotConfig = {
+    ...d,
+    ...stripUndefined({
+      dbPath: options.dbPath,
+      nodeId: options.nodeId,
+      include: options.include,
+      exclude: options.exclude,
+    }),
+    replicationLog: {
+      ...d.replicationLog,
+      ...stripUndefined(options.replicationLog ?? {}),
+    },
+    nats: { ...d.nats, ...stripUndefined(options.nats ?? {}) },
+    logging: { ...d.logging, ...stripUndefined(options.logging ?? {}) },
+  };
+  validateConfig(config);
+  return config;
+}
+
+function stripUndefined<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(
+    Object.entries(o).filter(([, v]) => v !== undefined),
+  ) as Partial<T>;
+}
+
+/**
+ * Resolves cluster peers to route URLs: `nats://host:port` stays as it is,
+ * `dns://name:port` becomes one route per A and AAAA record of `name`.
+ *
+ * @throws {ConfigError} for a malformed peer, or a name that resolves to nothing
+ */
+export async function resolvePeers(peers: string[]): Promise<string[]> {
+  const routes: string[] = [];
+  for (const peer of peers) {
+    const problem = checkPeerUrl(peer);
+    if (problem) throw new ConfigError(`Invalid cluster peer: ${problem}`);
+    const m = /^(\w[\w-]*):\/\/(.+):(\d+)$/.exec(peer)!;
+    const [, scheme, host, port] = m;
+    if (scheme !== "dns") {
+      routes.push(`nats-route://${host}:${port}`);
+      continue;
+    }
+    const found: string[] = [];
+    for (const type of ["A", "AAAA"] as const) {
+      try {
+        for (const ip of await Deno.resolveDns(host!, type)) {
+          found.push(
+            type === "AAAA"
+              ? `nats-route://[${ip}]:${port}`
+              : `nats-route://${ip}:${port}`,
+          );
+        }
+      } catch { /* no records of this type */ }
+    }
+    if (
+      found.length === 0 && (host === "localhost" || /^[\d.]+$/.test(host!))
+    ) {
+      found.push(`nats-route://${host}:${port}`);
+    }
+    if (found.length === 0) {
+      throw new ConfigError(
+        `Invalid cluster peer: "${peer}" resolves to no A or AAAA record`,
+      );
+    }
+    routes.push(...found);
+  }
+  return [...new Set(routes)];
+}
+
+/**
+ * A running replication node.
+ *
+ * @example
+ * ```ts ignore
+ * import { Marmot } from "@x/marmot";
+ * await using marmot = await Marmot.start({ dbPath: "./app.db" });
+ * // the application writes app.db; marmot replicates it
+ * ```
+ */
+export class Marmot implements AsyncDisposable {
+  /** The validated configuration in use. */
+  readonly config: MarmotConfig;
+  /** The database connection marmot uses. */
+  readonly db: ReplicaDb;
+  #log: Logger;
+  #nc: NatsConnection;
+  #server: NatsServer | undefined;
+  #publisher: Publisher;
+  #subscriber: Subscriber;
+  #closing = false;
+  #closed: Promise<void> | undefined;
+  #watcher: FileWatcher | undefined;
+  #timer: ReturnType<typeof setInterval> | undefined;
+  #tasks: Promise<unknown>[] = [];
+
+  private constructor(
+    config: MarmotConfig,
+    log: Logger,
+    db: ReplicaDb,
+    nc: NatsConnection,
+    server: NatsServer | undefined,
+    publisher: Publisher,
+    subscriber: Subscriber,
+  ) {
+    this.config = config;
+    this.#log = log;
+    this.db = db;
+    this.#nc = nc;
+    this.#server = server;
+    this.#publisher = publisher;
+    this.#subscriber = subscriber;
+  }
+
+  /**
+   * Starts replicating a database: installs capture, connects to NATS (or
+   * starts the embedded nats-server), creates the shard streams, catches up
+   * and begins publishing local changes.
+   *
+   * @throws {ConfigError} for an invalid configuration
+   * @throws {DatabaseError} when the database cannot be opened or put in WAL mode
+   */
+  static async start(
+    options: MarmotOptions,
+    signal?: AbortSignal,
+  ): Promise<Marmot> {
+    const config = resolveConfig(options);
+    const log = options.logger ?? createLogger({
+      verbose: config.logging.verbose,
+      format: config.logging.format,
+      fields: { node: config.nodeId },
+    });
+    const db = ReplicaDb.open(config.dbPath, {
+      include: config.include,
+      exclude: config.exclude,
+      log: (level, message) => log.log(level, message),
+    });
+    let server: NatsServer | undefined;
+    let nc: NatsConnection | undefined;
+    try {
+      let urls = config.nats.urls;
+      let clusterSize = 1;
+      if (urls.length === 0) {
+        const routes = await resolvePeers(config.nats.clusterPeers);
+        clusterSize = 1 + routes.length;
+        server = await startEmbedded(config, routes, log, signal);
+        urls = [server.clientUrl];
+      }
+      nc = await connectWithRetry(urls, log, signal);
+      if (config.nats.urls.length > 0) {
+        clusterSize = Math.max(1, new Set(nc.info?.connect_urls ?? []).size);
+      }
+      const replicas = config.replicationLog.replicas ??
+        Math.min(3, clusterSize);
+      const jsm = await jetstreamManager(nc, {
+        timeout: 5000,
+        checkAPI: false,
+      });
+      await ensureStreams(
+        jsm,
+        {
+          shards: config.replicationLog.shards,
+          streamPrefix: config.nats.streamPrefix,
+          subjectPrefix: config.nats.subjectPrefix,
+          replicas,
+          maxEntries: config.replicationLog.maxEntries,
+          maxBytes: config.replicationLog.maxBytes,
+          maxAgeSeconds: config.replicationLog.maxAgeSeconds,
+        },
+        log,
+        signal,
+      );
+      const js = jetstream(nc, { timeout: 5000 });
+      const publisher = new Publisher(db, js, {
+        nodeId: config.nodeId,
+        shards: config.replicationLog.shards,
+        subject: (s) => subjectName(config.nats.subjectPrefix, s),
+        maxPayload: nc.info?.max_payload ?? 1024 * 1024,
+        compress: config.replicationLog.compress,
+        log,
+      });
+      const subscriber = new Subscriber(db, js, {
+        nodeId: config.nodeId,
+        shards: config.replicationLog.shards,
+        stream: (s) => streamName(config.nats.streamPrefix, s),
+        log,
+      });
+      for (let attempt = 1;; attempt++) {
+        try {
+          await subscriber.start();
+          break;
+        } catch (e) {
+          await subscriber.close();
+          log.log(
+            attempt % 10 === 1 ? "warn" : "debug",
+            "Cannot start the shard consumers yet, retrying",
+            {
+              attempt,
+              error: e,
+            },
+          );
+          await delay(Math.min(2000, 100 * attempt), signal);
+        }
+      }
+      const marmot = new Marmot(
+        config,
+        log,
+        db,
+        nc,
+        server,
+        publisher,
+        subscriber,
+      );
+      marmot.#run(options.scanInterval ?? 1000);
+      log.info("Replicating", {
+        db: config.dbPath,
+        tables: db.tables.size,
+        shards: config.replicationLog.shards,
+        replicas,
+        nats: server ? `embedded ${server.clientUrl}` : urls.join(","),
+      });
+      return marmot;
+    } catch (e) {
+      await nc?.close().catch(() => {});
+      await server?.stop().catch(() => {});
+      db.close();
+      throw e;
+    }
+  }
+
+  #run(scanInterval: number): void {
+    this.#publisher.wake();
+    // Wake on any write to the database or its WAL (confirmed with
+    // data_version, which changes only for other connections' commits); the
+    // interval scan is the safety net and keeps the schema current.
+    let lastVersion = -1;
+    this.#watcher = watchDatabase(this.config.dbPath, () => {
+      if (this.#closing) return;
+      const version = this.db.dataVersion();
+      if (version === lastVersion) return;
+      lastVersion = version;
+      this.#publisher.wake();
+    }, this.#log);
+    this.#timer = setInterval(() => {
+      try {
+        if (this.db.refreshSchema()) {
+          this.#log.info("Schema changed: capture triggers reinstalled");
+        }
+      } catch (e) {
+        this.#log.warn("Cannot refresh the schema", { error: e });
+      }
+      this.#publisher.wake();
+    }, scanInterval);
+    if (this.#server) this.#tasks.push(this.#supervise(this.#server));
+  }
+
+  async #supervise(server: NatsServer): Promise<void> {
+    while (!this.#closing) {
+      const status = await server.exited;
+      if (this.#closing) return;
+      this.#log.error("Embedded nats-server exited; restarting it", {
+        code: status.code,
+        signal: status.signal,
+      });
+      for (let attempt = 1; !this.#closing; attempt++) {
+        try {
+          await server.restart();
+          this.#log.info("Embedded nats-server restarted", {
+            url: server.clientUrl,
+          });
+          break;
+        } catch (e) {
+          this.#log.error("Cannot restart embedded nats-server", {
+            attempt,
+            error: e,
+          });
+          await delay(Math.min(5000, 250 * attempt));
+        }
+      }
+    }
+  }
+
+  /** Counters of this node. */
+  stats(): MarmotStats {
+    return {
+      published: { ...this.#publisher.stats },
+      applied: { ...this.#subscriber.stats },
+      pending: this.db.pendingCount(),
+    };
+  }
+
+  /** Resolves when every change captured so far is published. */
+  flush(): Promise<void> {
+    return this.#publisher.flush();
+  }
+
+  /**
+   * Stops: publishes what is pending (for up to `timeout` ms), stops
+   * consuming, closes NATS, stops the embedded server and closes the
+   * database. What could not be published stays in the change log.
+   */
+  close(timeout = 10000): Promise<void> {
+    this.#closed ??= this.#close(timeout);
+    return this.#closed;
+  }
+
+  async #close(timeout: number): Promise<void> {
+    clearInterval(this.#timer);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const flushed = await Promise.race([
+      this.#publisher.flush().then(() => true, () => false),
+      new Promise<boolean>((r) => timer = setTimeout(() => r(false), timeout)),
+    ]);
+    clearTimeout(timer);
+    if (!flushed) {
+      this.#log.warn(
+        "Closing with changes not yet published; they are published on the next start",
+      );
+    }
+    this.#closing = true;
+    await this.#publisher.close();
+    await this.#subscriber.close();
+    await this.#watcher?.close();
+    await this.#nc.close().catch(() => {});
+    await this.#server?.stop().catch(() => {});
+    await Promise.allSettled(this.#tasks);
+    this.db.close();
+    this.#log.info("Stopped");
+  }
+
+  /** Same as {@linkcode Marmot.close}. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}
+
+async function startEmbedded(
+  config: MarmotConfig,
+  routes: string[],
+  log: Logger,
+  signal?: AbortSignal,
+): Promise<NatsServer> {
+  const m = /^(.*):(-?\d+)$/.exec(config.nats.bindAddress)!;
+  const storeDir = config.nats.storeDir ?? `${config.dbPath}-nats`;
+  return await NatsServer.start({
+    name: `marmot-${config.nodeId}`,
+    storeDir,
+    host: m[1]!.replace(/^\[|\]$/g, "") || "0.0.0.0",
+    port: Number(m[2]),
+    ...(routes.length > 0
+      ? { clusterAddr: config.nats.clusterAddr!, routes }
+      : {}),
+    maxPayload: 64 * 1024 * 1024,
+    binary: config.nats.serverPath,
+    onLog: (line) => log.debug(line, { source: "nats-server" }),
+  }, signal);
+}
+
+async function connectWithRetry(
+  urls: string[],
+  log: Logger,
+  signal?: AbortSignal,
+): Promise<NatsConnection> {
+  for (let attempt = 1;; attempt++) {
+    signal?.throwIfAborted();
+    try {
+      return await connect({
+        servers: urls,
+        name: "marmot",
+        maxReconnectAttempts: -1,
+        reconnectTimeWait: 250,
+        timeout: 5000,
+      });
+    } catch (e) {
+      log.log(
+        attempt % 10 === 1 ? "warn" : "debug",
+        "Cannot connect to NATS yet, retrying",
+        {
+          servers: urls.join(","),
+          attempt,
+          error: e,
+        },
+      );
+      await delay(Math.min(2000, 100 * attempt), signal);
+    }
+  }
+}

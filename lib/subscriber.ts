@@ -1,0 +1,214 @@
+/**
+ * The applying half of the data flow: every node reads every shard stream
+ * from its last applied sequence and applies what it reads in order, many
+ * messages per SQLite transaction, together with the new sequence.
+ *
+ * Each shard has an ordered consumer feeding a bounded queue (so memory does
+ * not grow with the backlog); one apply loop drains the queue.
+ *
+ * @module
+ */
+import {
+  DeliverPolicy,
+  type JetStreamClient,
+  type JsMsg,
+} from "@nats-io/jetstream";
+import { decodeBatch } from "./codec.ts";
+import type { IncomingMessage, ReplicaDb } from "./db/replica_db.ts";
+import type { Logger } from "./log.ts";
+
+/** Options for {@linkcode Subscriber}. */
+export interface SubscriberOptions {
+  /** This node's id. */
+  nodeId: number;
+  /** Shard count. */
+  shards: number;
+  /** The stream name of a shard. */
+  stream: (shard: number) => string;
+  /** Messages queued before the consumers wait. @default 2000 */
+  queueLimit?: number;
+  /** Messages applied per transaction at most. @default 1000 */
+  applyLimit?: number;
+  /** Called after each apply transaction (tests and the CLI use it for progress). */
+  onApplied?: (result: { messages: number; applied: number }) => void;
+  /** Logger. */
+  log: Logger;
+}
+
+/** Counters of a subscriber. */
+export interface SubscriberStats {
+  /** Stream messages applied. */
+  messages: number;
+  /** Rows written or deleted. */
+  applied: number;
+  /** Changes skipped (own, duplicates, superseded). */
+  skipped: number;
+  /** Messages or changes parked. */
+  parked: number;
+}
+
+interface Queued {
+  shard: number;
+  msg: JsMsg;
+}
+
+/** Consumes every shard stream and applies it to the database. */
+export class Subscriber {
+  readonly stats: SubscriberStats = {
+    messages: 0,
+    applied: 0,
+    skipped: 0,
+    parked: 0,
+  };
+  #db: ReplicaDb;
+  #js: JetStreamClient;
+  #options: SubscriberOptions;
+  #queue: Queued[] = [];
+  #wakeApplier: (() => void) | undefined;
+  #wakeConsumers: (() => void)[] = [];
+  #abort = new AbortController();
+  #tasks: Promise<void>[] = [];
+  #closers: (() => Promise<void>)[] = [];
+  #expected = new Map<number, number>();
+
+  constructor(db: ReplicaDb, js: JetStreamClient, options: SubscriberOptions) {
+    this.#db = db;
+    this.#js = js;
+    this.#options = options;
+  }
+
+  /** Starts consuming every shard from its applied sequence. */
+  async start(): Promise<void> {
+    this.#abort = new AbortController();
+    this.#closers = [];
+    this.#tasks = [];
+    for (let shard = 0; shard < this.#options.shards; shard++) {
+      const applied = this.#db.appliedSeq(shard);
+      this.#expected.set(shard, applied + 1);
+      const consumer = await this.#js.consumers.get(
+        this.#options.stream(shard),
+        applied > 0
+          ? {
+            deliver_policy: DeliverPolicy.StartSequence,
+            opt_start_seq: applied + 1,
+          }
+          : { deliver_policy: DeliverPolicy.All },
+      );
+      const messages = await consumer.consume({ max_messages: 500 });
+      this.#closers.push(async () => {
+        await messages.close();
+      });
+      this.#tasks.push(this.#pump(shard, messages));
+    }
+    this.#tasks.push(this.#applyLoop());
+  }
+
+  async #pump(shard: number, messages: AsyncIterable<JsMsg>): Promise<void> {
+    const limit = this.#options.queueLimit ?? 2000;
+    try {
+      for await (const msg of messages) {
+        this.#queue.push({ shard, msg });
+        this.#wakeApplier?.();
+        while (this.#queue.length >= limit && !this.#abort.signal.aborted) {
+          await new Promise<void>((resolve) =>
+            this.#wakeConsumers.push(resolve)
+          );
+        }
+        if (this.#abort.signal.aborted) break;
+      }
+    } catch (e) {
+      if (!this.#abort.signal.aborted) {
+        this.#options.log.error("Shard consumer stopped", { shard, error: e });
+      }
+    }
+  }
+
+  async #applyLoop(): Promise<void> {
+    const max = this.#options.applyLimit ?? 1000;
+    while (!this.#abort.signal.aborted) {
+      if (this.#queue.length === 0) {
+        await new Promise<void>((resolve) => this.#wakeApplier = resolve);
+        this.#wakeApplier = undefined;
+        continue;
+      }
+      const taken = this.#queue.splice(0, max);
+      for (const wake of this.#wakeConsumers.splice(0)) wake();
+      try {
+        this.#apply(taken);
+      } catch (e) {
+        // The transaction rolled back: nothing of these messages is applied.
+        // Put them back and retry (a busy database, a full disk).
+        this.#queue.unshift(...taken);
+        this.#options.log.error("Cannot apply changes, retrying", { error: e });
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    }
+  }
+
+  #apply(taken: Queued[]): void {
+    const incoming: IncomingMessage[] = [];
+    for (const { shard, msg } of taken) {
+      const expected = this.#expected.get(shard) ?? 1;
+      if (msg.seq < expected) continue; // redelivered after a consumer reset
+      if (msg.seq > expected) {
+        this.#options.log.error(
+          "Shard stream has no messages this node still needs: they were removed by the stream limits",
+          {
+            shard,
+            stream: this.#options.stream(shard),
+            expected,
+            first: msg.seq,
+          },
+        );
+      }
+      this.#expected.set(shard, msg.seq + 1);
+      let batch;
+      try {
+        batch = decodeBatch(msg.data);
+      } catch (e) {
+        batch = e instanceof Error ? e : new Error(String(e));
+      }
+      incoming.push({
+        shard,
+        stream: this.#options.stream(shard),
+        seq: msg.seq,
+        batch,
+        data: msg.data,
+      });
+    }
+    if (incoming.length === 0) return;
+    try {
+      const result = this.#db.applyMessages(incoming, this.#options.nodeId);
+      this.stats.messages += incoming.length;
+      this.stats.applied += result.applied;
+      this.stats.skipped += result.skipped;
+      this.stats.parked += result.parked.length;
+      for (const p of result.parked) {
+        this.#options.log.error("Parked a change that cannot be applied", {
+          ...p,
+        });
+      }
+      this.#options.onApplied?.({
+        messages: incoming.length,
+        applied: result.applied,
+      });
+    } catch (e) {
+      for (const m of incoming) {
+        this.#expected.set(
+          m.shard,
+          Math.min(this.#expected.get(m.shard)!, m.seq),
+        );
+      }
+      throw e;
+    }
+  }
+
+  /** Stops consuming; what was not applied is read again on the next start. */
+  async close(): Promise<void> {
+    this.#abort.abort();
+    this.#wakeApplier?.();
+    for (const wake of this.#wakeConsumers.splice(0)) wake();
+    await Promise.allSettled(this.#closers.map((c) => c()));
+    await Promise.allSettled(this.#tasks);
+  }
+}

@@ -1,0 +1,50 @@
+/**
+ * marmot: multi-primary SQLite replication over NATS JetStream.
+ *
+ * marmot runs beside an application that writes a SQLite file (PocketBase, a
+ * Deno service, anything using WAL mode), captures every row change the
+ * application commits with triggers, and replicates it through JetStream to
+ * every other node. Any node can write; all nodes converge.
+ *
+ * Run it as a sidecar:
+ *
+ * ```sh
+ * deno run -A jsr:@x/marmot --db-path app.db
+ * ```
+ *
+ * or embed it in a Deno service:
+ *
+ * ```ts ignore
+ * import { Marmot } from "@x/marmot";
+ *
+ * await using marmot = await Marmot.start({
+ *   dbPath: "./app.db",
+ *   nodeId: 1,
+ *   nats: { urls: ["nats://127.0.0.1:4222"] },
+ * });
+ * ```
+ *
+ * @module
+ */
+export {
+  Marmot,
+  type MarmotOptions,
+  type MarmotStats,
+  resolveConfig,
+} from "./lib/replicator.ts";
+export {
+  ConfigError,
+  defaultConfig,
+  type LogFormat,
+  type MarmotConfig,
+} from "./lib/config.ts";
+export { DatabaseError, removeMarmot } from "./lib/db/replica_db.ts";
+export { NatsServerError } from "./lib/nats/nats_server.ts";
+export { CodecError } from "./lib/codec.ts";
+export { shardFor } from "./lib/shard.ts";
+export { main } from "./cli.ts";
+
+if (import.meta.main) {
+  const { main } = await import("./cli.ts");
+  Deno.exit(await main(Deno.args));
+}

@@ -1,0 +1,222 @@
+// Helpers shared by the integration tests: real sqlite3 processes for the
+// application's writes, real marmot processes (cli.ts), and table dumps to
+// compare nodes.
+import { fileURLToPath } from "node:url";
+import { pickFreePorts } from "../lib/nats/nats_server.ts";
+
+export const CLI = fileURLToPath(new URL("../cli.ts", import.meta.url));
+const decoder = new TextDecoder();
+const encoder = new TextEncoder();
+
+/** Options for tests that start processes and servers. */
+export const PROCESS_TEST = { sanitizeResources: false, sanitizeOps: false };
+
+/**
+ * Runs SQL with the sqlite3 command (a separate process, as the application
+ * would be). Statements outside an explicit transaction commit one by one.
+ */
+export async function sqlite(path: string, sql: string): Promise<string> {
+  const child = new Deno.Command("sqlite3", {
+    args: ["-batch", "-bail", "-cmd", ".timeout 30000", path],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const writer = child.stdin.getWriter();
+  await writer.write(encoder.encode(sql));
+  await writer.close();
+  const out = await child.output();
+  if (!out.success) {
+    throw new Error(`sqlite3 ${path} failed: ${decoder.decode(out.stderr)}`);
+  }
+  return decoder.decode(out.stdout);
+}
+
+/**
+ * Every user table's rows as text, ordered, with `typeof` and `quote` of each
+ * value: equal dumps mean equal content with equal SQLite types.
+ */
+export async function dump(path: string): Promise<string> {
+  const tables = (await sqlite(
+    path,
+    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '\\_\\_marmot\\_\\_%' ESCAPE '\\' ORDER BY name;",
+  )).split("\n").filter(Boolean);
+  let sql = "";
+  for (const t of tables) {
+    const q = `"${t.replaceAll('"', '""')}"`;
+    const cols = (await sqlite(
+      path,
+      `SELECT name FROM pragma_table_info('${t.replaceAll("'", "''")}');`,
+    ))
+      .split("\n").filter(Boolean).map((c) => `"${c.replaceAll('"', '""')}"`);
+    const exprs = cols.map((c) => `typeof(${c}) || ':' || quote(${c})`).join(
+      " || ' | ' || ",
+    );
+    sql += `SELECT ${
+      "'" + t.replaceAll("'", "''") + "'"
+    } || ': ' || ${exprs} FROM ${q} ORDER BY 1;\n`;
+  }
+  const rows = sql ? await sqlite(path, sql) : "";
+  return rows.split("\n").filter(Boolean).sort().join("\n");
+}
+
+/** Polls `fn` until it returns true, failing with `what` after `timeout` ms. */
+export async function waitFor(
+  what: string,
+  fn: () => boolean | Promise<boolean>,
+  timeout = 30000,
+): Promise<void> {
+  const deadline = Date.now() + timeout;
+  while (true) {
+    if (await fn()) return;
+    if (Date.now() > deadline) {
+      throw new Error(`Timed out after ${timeout} ms waiting for ${what}`);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** Waits until every database has the same dump, and returns it. */
+export async function waitConverged(
+  paths: string[],
+  timeout = 60000,
+): Promise<string> {
+  let dumps: string[] = [];
+  try {
+    await waitFor(`${paths.length} databases to converge`, async () => {
+      dumps = await Promise.all(paths.map(dump));
+      return dumps.every((d) => d === dumps[0]);
+    }, timeout);
+  } catch (e) {
+    for (const [i, d] of dumps.entries()) {
+      const lines = d.split("\n");
+      console.error(
+        `--- ${paths[i]}: ${lines.length} rows; first differing lines:`,
+      );
+      const other = new Set(dumps[(i + 1) % dumps.length]!.split("\n"));
+      console.error(lines.filter((l) => !other.has(l)).slice(0, 10).join("\n"));
+    }
+    throw e;
+  }
+  return dumps[0]!;
+}
+
+/** A marmot process started from cli.ts. */
+export class MarmotProcess {
+  #child: Deno.ChildProcess;
+  #log: string[] = [];
+  readonly args: string[];
+  readonly status: Promise<Deno.CommandStatus>;
+
+  constructor(args: string[]) {
+    this.args = args;
+    const strace = Deno.env.get("MARMOT_STRACE");
+    const wrap = strace && args.includes("1")
+      ? [
+        "-f",
+        "-e",
+        "trace=openat,close,unlink,fcntl,dup,dup2,dup3",
+        "-o",
+        strace,
+        Deno.execPath(),
+      ]
+      : [];
+    this.#child = new Deno.Command(wrap.length ? "strace" : Deno.execPath(), {
+      args: [...wrap, "run", "-A", CLI, ...args],
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const collect = async (stream: ReadableStream<Uint8Array>) => {
+      for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+        this.#log.push(chunk);
+        if (Deno.env.get("MARMOT_TEST_LOG")) console.error(chunk.trimEnd());
+      }
+    };
+    const streams = Promise.all([
+      collect(this.#child.stdout),
+      collect(this.#child.stderr),
+    ]);
+    this.status = this.#child.status.then(async (s) => {
+      await streams;
+      return s;
+    });
+  }
+
+  /** Everything the process printed so far. */
+  get log(): string {
+    return this.#log.join("");
+  }
+
+  /** Waits until the log contains `text`. */
+  async waitForLog(text: string, timeout = 30000): Promise<void> {
+    await waitFor(
+      `"${text}" in marmot's log`,
+      () => this.log.includes(text),
+      timeout,
+    );
+  }
+
+  /** Sends a signal (SIGKILL by default) without waiting. */
+  kill(signal: Deno.Signal = "SIGKILL"): void {
+    try {
+      this.#child.kill(signal);
+    } catch { /* already exited */ }
+  }
+
+  /** SIGTERM, then waits for the exit status. */
+  async stop(): Promise<Deno.CommandStatus> {
+    this.kill("SIGTERM");
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const status = await Promise.race([
+      this.status,
+      new Promise<undefined>((r) =>
+        timer = setTimeout(() => r(undefined), 20000)
+      ),
+    ]);
+    clearTimeout(timer);
+    if (!status) {
+      this.kill("SIGKILL");
+      throw new Error(
+        `marmot did not stop within 20 s after SIGTERM; log:\n${this.log}`,
+      );
+    }
+    return status;
+  }
+}
+
+/** Arguments for node `i` (0-based) of an embedded-mode cluster of route ports `ports`. */
+export function embeddedArgs(
+  dbPath: string,
+  nodeId: number,
+  ports: number[],
+  i: number,
+): string[] {
+  return [
+    "--db-path",
+    dbPath,
+    "--node-id",
+    String(nodeId),
+    "--cluster-addr",
+    `127.0.0.1:${ports[i]}`,
+    "--cluster-peers",
+    ports.filter((_, j) => j !== i).map((p) => `nats://127.0.0.1:${p}`).join(
+      ",",
+    ),
+  ];
+}
+
+export { pickFreePorts };
+
+/** A temporary directory removed by the returned disposer. */
+export async function tempDir(
+  prefix: string,
+): Promise<{ path: string } & AsyncDisposable> {
+  const path = await Deno.makeTempDir({ prefix });
+  return {
+    path,
+    async [Symbol.asyncDispose]() {
+      if (Deno.env.get("MARMOT_KEEP")) return console.error(`kept ${path}`);
+      await Deno.remove(path, { recursive: true }).catch(() => {});
+    },
+  };
+}
