@@ -347,7 +347,9 @@ export function decodeBatch(bytes: Uint8Array): Batch {
   let body = bytes.subarray(4);
   if (bytes[3]! & FLAG_ZSTD) {
     try {
-      body = zstdDecompressSync(body);
+      const out = zstdDecompressSync(body);
+      // A plain Uint8Array view, so that Reader.bytes() copies (Buffer#slice would not).
+      body = new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
     } catch (cause) {
       throw new CodecError("Cannot decode batch: zstd body is corrupt", {
         cause,

@@ -355,8 +355,15 @@ export function applyToml(
     });
   }
   for (const [key, value] of Object.entries(doc)) {
-    if (key in KEYS && key !== "" && isTable(value)) {
-      for (const [k, v] of Object.entries(value)) {
+    if (key in KEYS && key !== "" && !isTable(value)) {
+      throw new ConfigError(
+        `Invalid config file "${source}": "${key}" must be a table ([${key}]), got ${
+          show(value)
+        }`,
+      );
+    }
+    if (key in KEYS && key !== "") {
+      for (const [k, v] of Object.entries(value as Record<string, unknown>)) {
         applySetting(config, key, k, v, `config file "${source}"`);
       }
     } else {

@@ -57,7 +57,7 @@ export function watchDatabase(
           args,
           stdin: "null",
           stdout: "piped",
-          stderr: "inherit",
+          stderr: "null",
         }).spawn();
         for await (const _ of child.stdout) onChange();
         const status = await child.status;

@@ -94,7 +94,13 @@ export class Subscriber {
           }
           : { deliver_policy: DeliverPolicy.All },
       );
-      const messages = await consumer.consume({ max_messages: 500 });
+      // Short heartbeats: a consumer lost with its server is noticed (and
+      // recreated by the ordered consumer) within seconds, not a minute.
+      const messages = await consumer.consume({
+        max_messages: 500,
+        expires: 10_000,
+        idle_heartbeat: 2_000,
+      });
       this.#closers.push(async () => {
         await messages.close();
       });

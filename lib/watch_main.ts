@@ -19,11 +19,21 @@ export async function watchMain(args: string[]): Promise<void> {
     Deno.exit(2);
   }
   const wanted = new Set(names.map((n) => `${dir}/${n}`));
+  // Exit when the parent dies (a SIGKILLed marmot) instead of lingering.
+  const parent = Deno.ppid;
+  setInterval(() => {
+    if (Deno.ppid !== parent) Deno.exit(0);
+  }, 500);
   const out = Deno.stdout.writable.getWriter();
   const line = new TextEncoder().encode("\n");
   for await (const event of Deno.watchFs(dir, { recursive: false })) {
     if (event.kind === "access") continue;
-    if (event.paths.some((p) => wanted.has(p))) await out.write(line);
+    if (!event.paths.some((p) => wanted.has(p))) continue;
+    try {
+      await out.write(line);
+    } catch {
+      Deno.exit(0); // the parent is gone
+    }
   }
 }
 

@@ -110,19 +110,8 @@ export class MarmotProcess {
 
   constructor(args: string[]) {
     this.args = args;
-    const strace = Deno.env.get("MARMOT_STRACE");
-    const wrap = strace && args.includes("1")
-      ? [
-        "-f",
-        "-e",
-        "trace=openat,close,unlink,fcntl,dup,dup2,dup3",
-        "-o",
-        strace,
-        Deno.execPath(),
-      ]
-      : [];
-    this.#child = new Deno.Command(wrap.length ? "strace" : Deno.execPath(), {
-      args: [...wrap, "run", "-A", CLI, ...args],
+    this.#child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", CLI, ...args],
       stdout: "piped",
       stderr: "piped",
     }).spawn();

@@ -31,6 +31,7 @@ export function quoteText(text: string): string {
 export function parseKey(text: string): SqlValue[] {
   const out: SqlValue[] = [];
   let i = 0;
+  let textBytes = false;
   const fail = (why: string) => {
     throw new SyntaxError(
       `Cannot parse row key ${JSON.stringify(text)}: ${why} at ${i}`,
@@ -54,6 +55,11 @@ export function parseKey(text: string): SqlValue[] {
         }
       }
       out.push(s);
+    } else if (c === "T" && text[i + 1] === "X" && text[i + 2] === "'") {
+      // TEXT holding NUL, written by the triggers as its UTF-8 bytes.
+      textBytes = true;
+      i++;
+      continue;
     } else if ((c === "X" || c === "x") && text[i + 1] === "'") {
       const j = text.indexOf("'", i + 2);
       if (j < 0) fail("unterminated blob");
@@ -65,7 +71,8 @@ export function parseKey(text: string): SqlValue[] {
       for (let k = 0; k < bytes.length; k++) {
         bytes[k] = parseInt(hex.slice(2 * k, 2 * k + 2), 16);
       }
-      out.push(bytes);
+      out.push(textBytes ? new TextDecoder().decode(bytes) : bytes);
+      textBytes = false;
       i = j + 1;
     } else {
       let j = text.indexOf(",", i);

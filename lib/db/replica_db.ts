@@ -509,6 +509,42 @@ export class ReplicaDb implements Disposable {
         }`,
       );
     }
+    if (info.pk.some((k) => values[columns.indexOf(k)] === null)) {
+      // NULLs never conflict, so ON CONFLICT would insert a second row: match by IS.
+      const others = columns.filter((c) => !info.pk.includes(c));
+      const keyValues = info.pk.map((k) => values[columns.indexOf(k)]!);
+      const changed = others.length === 0 ? 0 : Number(
+        this.#stmt(
+          `${id}\u0000null-key-update`,
+          () =>
+            `UPDATE ${quoteIdent(table)} SET ${
+              others.map((c) => `${quoteIdent(c)} = ?`).join(", ")
+            } WHERE ${
+              info.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ")
+            }`,
+        ).run(...others.map((c) => values[columns.indexOf(c)]!), ...keyValues)
+          .changes,
+      );
+      const exists = changed > 0 ||
+        this.#stmt(
+            `${id}\u0000null-key-exists`,
+            () =>
+              `SELECT 1 FROM ${quoteIdent(table)} WHERE ${
+                info.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ")
+              }`,
+          )
+            .get(...keyValues) !== undefined;
+      if (!exists) {
+        this.#stmt(
+          `${id}\u0000null-key-insert`,
+          () =>
+            `INSERT INTO ${quoteIdent(table)}(${
+              columns.map(quoteIdent).join(", ")
+            }) VALUES (${columns.map(() => "?").join(", ")})`,
+        ).run(...values);
+      }
+      return;
+    }
     this.#stmt(id, () => {
       const others = columns.filter((c) => !info.pk.includes(c));
       const action = others.length === 0
@@ -623,9 +659,13 @@ function fixNulText(row: SqlValue[]): SqlValue[] {
 /** The key text expression of a row in a trigger (`NEW` or `OLD`). */
 export function keyExpr(table: TableInfo, row: "NEW" | "OLD"): string {
   if (table.rowid) return `quote(${row}.${table.rowid})`;
-  return table.pk.map((c) => `quote(${row}.${quoteIdent(c)})`).join(
-    " || ',' || ",
-  );
+  if (table.integerKey) return `quote(${row}.${quoteIdent(table.pk[0]!)})`;
+  // quote() stops at a NUL in TEXT: such a key part is written as T X'<utf-8>'.
+  return table.pk.map((c) => {
+    const v = `${row}.${quoteIdent(c)}`;
+    return `CASE WHEN typeof(${v}) = 'text' AND instr(CAST(${v} AS BLOB), x'00') > 0 ` +
+      `THEN 'T' || quote(CAST(${v} AS BLOB)) ELSE quote(${v}) END`;
+  }).join(" || ',' || ");
 }
 
 /** The SQL that creates the three capture triggers of a table. */

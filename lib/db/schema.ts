@@ -22,6 +22,8 @@ export interface TableInfo {
    * shadowed by a column (`rowid`, `_rowid_` or `oid`).
    */
   rowid: string | undefined;
+  /** The key is one INTEGER PRIMARY KEY column (an alias of the rowid): always an integer. */
+  integerKey: boolean;
 }
 
 /** Options for {@linkcode listTables}. */
@@ -37,10 +39,12 @@ export interface ListTablesOptions {
 interface TableListRow {
   name: string;
   type: string;
+  wr: number | bigint;
 }
 
 interface ColumnRow {
   name: string;
+  type: string;
   pk: number | bigint;
   hidden: number | bigint;
 }
@@ -58,21 +62,20 @@ export function listTables(
   const include = options.include ?? [];
   const exclude = options.exclude ?? [];
   const rows = db.prepare(
-    "SELECT name, type FROM pragma_table_list WHERE schema = 'main' ORDER BY name",
+    "SELECT name, type, wr FROM pragma_table_list WHERE schema = 'main' ORDER BY name",
   ).all() as unknown as TableListRow[];
-  const virtual = rows.filter((r) => r.type === "virtual").map((r) => r.name);
   const tables: TableInfo[] = [];
   const columnsStmt = db.prepare(
-    "SELECT name, pk, hidden FROM pragma_table_xinfo(?) ORDER BY cid",
+    "SELECT name, type, pk, hidden FROM pragma_table_xinfo(?) ORDER BY cid",
   );
-  for (const { name, type } of rows) {
+  for (const { name, type, wr } of rows) {
     if (name.startsWith("sqlite_") || name.startsWith(MARMOT_PREFIX)) continue;
     if (type === "view") continue;
     if (type === "virtual") {
       options.onSkip?.(name, "virtual table");
       continue;
     }
-    if (type === "shadow" || virtual.some((v) => name.startsWith(`${v}_`))) {
+    if (type === "shadow") {
       options.onSkip?.(name, "shadow table of a virtual table");
       continue;
     }
@@ -99,7 +102,16 @@ export function listTables(
         continue;
       }
     }
-    tables.push({ name, columns: data.map((c) => c.name), pk, rowid });
+    const pkCols = cols.filter((c) => Number(c.pk) > 0);
+    const integerKey = pkCols.length === 1 && Number(wr) === 0 &&
+      pkCols[0]!.type.toUpperCase() === "INTEGER";
+    tables.push({
+      name,
+      columns: data.map((c) => c.name),
+      pk,
+      rowid,
+      integerKey,
+    });
   }
   return tables;
 }

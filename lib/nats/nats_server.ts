@@ -337,6 +337,7 @@ async function launch(
 ): Promise<Run> {
   const binary = options.binary ?? "nats-server";
   const configPath = `${storeDir}/${CONFIG_FILE}`;
+  await killStale(storeDir, configPath);
   await Deno.writeTextFile(
     configPath,
     renderConfig(options, storeDir, clientPort, clusterPort),
@@ -526,6 +527,38 @@ function connectHost(host: string): string {
   if (bare === "" || bare === "0.0.0.0") return "127.0.0.1";
   if (bare === "::") return "[::1]";
   return bare.includes(":") ? `[${bare}]` : bare;
+}
+
+/**
+ * Stops a nats-server left running on this store directory by a process that
+ * died without stopping it (a SIGKILLed marmot): its ports file names its
+ * pid, and its command line names this config file.
+ */
+async function killStale(storeDir: string, configPath: string): Promise<void> {
+  for await (const entry of Deno.readDir(storeDir)) {
+    const m = /_(\d+)\.ports$/.exec(entry.name);
+    if (!entry.isFile || !m) continue;
+    const pid = Number(m[1]);
+    let cmdline = "";
+    try {
+      cmdline = (await Deno.readTextFile(`/proc/${pid}/cmdline`)).replaceAll(
+        "\0",
+        " ",
+      );
+    } catch { /* gone, or no /proc */ }
+    if (cmdline.includes(configPath)) {
+      try {
+        Deno.kill(pid, "SIGTERM");
+        for (let i = 0; i < 50; i++) {
+          await delay(100);
+          Deno.kill(pid, "SIGCONT"); // throws once the process is gone
+        }
+        Deno.kill(pid, "SIGKILL");
+        await delay(100);
+      } catch { /* exited */ }
+    }
+    await removeIfExists(`${storeDir}/${entry.name}`);
+  }
 }
 
 async function readPortsFile(

@@ -85,7 +85,7 @@ export async function ensureStreams(
           continue;
         }
         attempt++;
-        const level = attempt % 10 === 1 ? "warn" : "debug";
+        const level = attempt % 10 === 0 ? "warn" : "debug";
         log.log(level, "Waiting for JetStream to create the shard stream", {
           stream: config.name,
           attempt,

@@ -1,0 +1,991 @@
+// Small integration tests of capture and apply (lib/db/) on real SQLite
+// files: the application's writes come from separate sqlite3 processes, with
+// hostile table and column names, and batches go through the real codec.
+import assert from "node:assert/strict";
+import { DatabaseSync } from "node:sqlite";
+import {
+  type Batch,
+  type Change,
+  decodeBatch,
+  encodeBatch,
+  Op,
+  type SqlValue,
+  type TableRef,
+} from "../lib/codec.ts";
+import { parseKey } from "../lib/db/_sql.ts";
+import {
+  type IncomingMessage,
+  type PendingChange,
+  removeMarmot,
+  ReplicaDb,
+} from "../lib/db/replica_db.ts";
+import { listTables } from "../lib/db/schema.ts";
+
+const PROCESS_TEST = { sanitizeResources: false, sanitizeOps: false };
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** Runs SQL in a separate sqlite3 process; `json` returns the rows. */
+async function sqlite(path: string, sql: string): Promise<string> {
+  const child = new Deno.Command("sqlite3", {
+    args: ["-batch", "-bail", "-cmd", ".timeout 10000", path],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const writer = child.stdin.getWriter();
+  await writer.write(encoder.encode(sql));
+  await writer.close();
+  const out = await child.output();
+  if (!out.success) {
+    throw new Error(`sqlite3 ${path} failed: ${decoder.decode(out.stderr)}`);
+  }
+  return decoder.decode(out.stdout);
+}
+
+async function query<T = Record<string, unknown>>(
+  path: string,
+  sql: string,
+): Promise<T[]> {
+  const out = await sqlite(path, `.mode json\n${sql}`);
+  return out.trim() ? JSON.parse(out) : [];
+}
+
+/** Runs the application's writes the way an untrusting application would. */
+function appWrite(path: string, sql: string): Promise<string> {
+  return sqlite(path, `PRAGMA trusted_schema=OFF;\n${sql}`);
+}
+
+const ident = (name: string) => `"${name.replaceAll('"', '""')}"`;
+const text = (s: string) => `'${s.replaceAll("'", "''")}'`;
+
+/**
+ * A table's rows with `typeof`, `quote` and `hex` of every column (generated
+ * ones included), sorted: equal dumps mean equal content and SQLite types.
+ */
+async function dumpTable(path: string, table: string): Promise<string[]> {
+  const cols = (await query<{ name: string }>(
+    path,
+    `SELECT name FROM pragma_table_xinfo(${text(table)}) ORDER BY cid;`,
+  )).map((c) => ident(c.name));
+  const exprs = cols.map((c) =>
+    `typeof(${c}) || ':' || quote(${c}) || ':' || hex(${c})`
+  ).join(" || ' | ' || ");
+  const rows = await query<{ r: string }>(
+    path,
+    `SELECT ${exprs} AS r FROM ${ident(table)};`,
+  );
+  return rows.map((r) => r.r).sort();
+}
+
+async function dump(
+  path: string,
+  tables: Iterable<string>,
+): Promise<Record<string, string[]>> {
+  const out: Record<string, string[]> = {};
+  for (const t of [...tables].sort()) out[t] = await dumpTable(path, t);
+  return out;
+}
+
+async function withTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "marmot_capture_test_" });
+  try {
+    await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+const ODD = `odd "q" 'n'; -- t 🙂`;
+
+const SCHEMA = `
+CREATE TABLE ${
+  ident(ODD)
+}("select" TEXT, "order" INTEGER, "sp ace;--", "ünï 🙂" REAL,
+  PRIMARY KEY("order", "select"));
+CREATE TABLE "order"(id INTEGER PRIMARY KEY, "group" TEXT, v);
+CREATE TABLE wr(k TEXT PRIMARY KEY, "v'al") WITHOUT ROWID;
+CREATE TABLE nopk(a, b);
+CREATE TABLE shadowed(rowid, _rowid_, v);
+CREATE TABLE allshadow(rowid, _rowid_, oid);
+CREATE TABLE gen(id INTEGER PRIMARY KEY, a, b AS (a * 2), c AS (a + 1) STORED);
+CREATE VIEW "v 🙂" AS SELECT * FROM "order";
+CREATE VIRTUAL TABLE docs USING fts5(body);
+`;
+
+const REPLICATED = [ODD, "order", "wr", "nopk", "shadowed", "gen"];
+
+/** The application's writes: insert, update, delete and a key change on every table. */
+const WORKLOAD = `
+INSERT INTO ${ident(ODD)}("select", "order", "sp ace;--", "ünï 🙂") VALUES
+  ('it''s, ok', 1, x'00ff', 1.5), ('b', 2, 'two', NULL), ('gone', 3, 'x', 0);
+UPDATE ${ident(ODD)} SET "sp ace;--" = 'TWO' WHERE "select" = 'b';
+UPDATE ${ident(ODD)} SET "order" = 20 WHERE "select" = 'b';
+DELETE FROM ${ident(ODD)} WHERE "select" = 'gone';
+
+INSERT INTO "order"(id, "group", v) VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3);
+INSERT INTO "order"(id, "group", v) VALUES
+  (4, 'fid', -9223372036854775808), (5, 'fid', 9223372036854775807),
+  (6, 'fid', 1.0), (7, 'fid', 'a' || char(0) || 'b'), (8, 'fid', x'00ff'),
+  (9, 'fid', NULL), (10, 'fid', 'ünï 🙂 𝄞 中文'), (11, 'fid', -0.0),
+  (12, 'fid', 5e-324), (13, 'fid', x''), (14, 'fid', ''),
+  (15, 'fid', randomblob(5000)), (16, 'fid', 'it''s "q"; DROP TABLE wr; --');
+UPDATE "order" SET v = 'one' WHERE id = 1;
+DELETE FROM "order" WHERE id = 2;
+UPDATE "order" SET id = 30 WHERE id = 3;
+
+INSERT INTO wr VALUES ('k1', 1), ('k2', 2), ('k,3', 3);
+UPDATE wr SET "v'al" = 10 WHERE k = 'k1';
+UPDATE wr SET k = 'k2new' WHERE k = 'k2';
+DELETE FROM wr WHERE k = 'k,3';
+
+INSERT INTO nopk(a, b) VALUES ('x', 1), ('y', 2), ('z', 3);
+UPDATE nopk SET b = 20 WHERE a = 'y';
+DELETE FROM nopk WHERE a = 'z';
+UPDATE nopk SET rowid = 10 WHERE a = 'x';
+
+INSERT INTO shadowed(rowid, _rowid_, v) VALUES ('r', 'u', 1), ('r2', 'u2', 2);
+UPDATE shadowed SET v = 5 WHERE v = 1;
+DELETE FROM shadowed WHERE v = 2;
+
+INSERT INTO allshadow VALUES (1, 2, 3);
+INSERT INTO gen(id, a) VALUES (1, 2), (2, 3);
+UPDATE gen SET a = 4 WHERE id = 2;
+INSERT INTO docs(body) VALUES ('hello world');
+`;
+
+/** What readPending() must return after WORKLOAD: table, key, columns, row image. */
+const EXPECTED: [string, string, SqlValue[] | undefined][] = [
+  [ODD, "1,'it''s, ok'", ["it's, ok", 1n, new Uint8Array([0, 255]), 1.5]],
+  [ODD, "2,'b'", undefined],
+  [ODD, "20,'b'", ["b", 20n, "TWO", null]],
+  [ODD, "3,'gone'", undefined],
+  ["order", "1", [1n, "a", "one"]],
+  ["order", "2", undefined],
+  ["order", "3", undefined],
+  ["order", "30", [30n, "c", 3n]],
+  ["order", "4", [4n, "fid", -(2n ** 63n)]],
+  ["order", "5", [5n, "fid", 2n ** 63n - 1n]],
+  ["order", "6", [6n, "fid", 1.0]],
+  ["order", "7", [7n, "fid", "a\u0000b"]],
+  ["order", "8", [8n, "fid", new Uint8Array([0, 255])]],
+  ["order", "9", [9n, "fid", null]],
+  ["order", "10", [10n, "fid", "ünï 🙂 𝄞 中文"]],
+  ["order", "12", [12n, "fid", 5e-324]],
+  ["order", "13", [13n, "fid", new Uint8Array()]],
+  ["order", "14", [14n, "fid", ""]],
+  ["order", "16", [16n, "fid", `it's "q"; DROP TABLE wr; --`]],
+  ["wr", "'k1'", ["k1", 10n]],
+  ["wr", "'k2'", undefined],
+  ["wr", "'k2new'", ["k2new", 2n]],
+  ["wr", "'k,3'", undefined],
+  ["nopk", "1", undefined],
+  ["nopk", "2", [2n, "y", 20n]],
+  ["nopk", "3", undefined],
+  ["nopk", "10", [10n, "x", 1n]],
+  ["shadowed", "1", [1n, "r", "u", 5n]],
+  ["shadowed", "2", undefined],
+  ["gen", "1", [1n, 2n]],
+  ["gen", "2", [2n, 4n]],
+];
+
+/** Creates a database with SCHEMA and opens it for replication. */
+async function openNew(
+  path: string,
+  log?: (level: string, message: string) => void,
+): Promise<ReplicaDb> {
+  await sqlite(path, SCHEMA);
+  return ReplicaDb.open(path, log ? { log } : {});
+}
+
+/** Builds a batch from pending changes, the way the publisher does. */
+function toBatch(
+  pending: PendingChange[],
+  origin: number,
+  epoch: number,
+  shard = 0,
+): Batch {
+  const tables: TableRef[] = [];
+  const index = new Map<string, number>();
+  const changes: Change[] = [];
+  for (const p of pending) {
+    const id = `${p.table.name}\u0000${p.columns.join("\u0000")}`;
+    let t = index.get(id);
+    if (t === undefined) {
+      index.set(id, t = tables.length);
+      tables.push({ name: p.table.name, schemaVersion: 0, columns: p.columns });
+    }
+    changes.push(
+      p.values
+        ? { table: t, seq: p.seq, key: p.key, op: Op.Upsert, values: p.values }
+        : { table: t, seq: p.seq, key: p.key, op: Op.Delete },
+    );
+  }
+  return { origin, epoch, shard, tables, changes };
+}
+
+/** A stream message carrying `batch`, through the real encoder and decoder. */
+function message(batch: Batch, seq: number, shard = 0): IncomingMessage {
+  const data = encodeBatch(batch);
+  return {
+    shard,
+    stream: `marmot-changes-${shard}`,
+    seq,
+    batch: decodeBatch(data),
+    data,
+  };
+}
+
+async function marmotObjects(path: string): Promise<string[]> {
+  return (await query<{ name: string }>(
+    path,
+    "SELECT name FROM sqlite_master WHERE name LIKE '%marmot%' ORDER BY name;",
+  )).map((r) => r.name);
+}
+
+Deno.test(
+  "ReplicaDb.open() replicates user tables and skips views, FTS5 tables, their shadow tables and marmot's own",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/a.db`;
+      const lines: string[] = [];
+      using db = await openNew(path, (_level, m) => lines.push(m));
+      assert.deepEqual([...db.tables.keys()].sort(), [...REPLICATED].sort());
+      const info = (name: string) => {
+        const t = db.tables.get(name);
+        assert.ok(t, name);
+        return { columns: t.columns, pk: t.pk, rowid: t.rowid };
+      };
+      assert.deepEqual(info(ODD), {
+        columns: ["select", "order", "sp ace;--", "ünï 🙂"],
+        pk: ["order", "select"],
+        rowid: undefined,
+      });
+      assert.deepEqual(info("order"), {
+        columns: ["id", "group", "v"],
+        pk: ["id"],
+        rowid: undefined,
+      });
+      assert.deepEqual(info("wr"), {
+        columns: ["k", "v'al"],
+        pk: ["k"],
+        rowid: undefined,
+      });
+      assert.deepEqual(info("nopk"), {
+        columns: ["a", "b"],
+        pk: [],
+        rowid: "rowid",
+      });
+      assert.deepEqual(info("shadowed"), {
+        columns: ["rowid", "_rowid_", "v"],
+        pk: [],
+        rowid: "oid",
+      });
+      assert.deepEqual(info("gen"), {
+        columns: ["id", "a"],
+        pk: ["id"],
+        rowid: undefined,
+      });
+      const log = lines.join("\n");
+      assert.match(log, /Not replicating table "docs": virtual table/);
+      for (const shadow of ["docs_config", "docs_content", "docs_data"]) {
+        assert.match(log, new RegExp(`"${shadow}": shadow table`));
+      }
+      assert.match(log, /"allshadow": no primary key/);
+      assert.doesNotMatch(log, /v 🙂/, "a view is skipped silently");
+      // Triggers exist on the replicated tables only.
+      const triggers = await query<{ tbl_name: string }>(
+        path,
+        "SELECT DISTINCT tbl_name FROM sqlite_master WHERE type = 'trigger' ORDER BY 1;",
+      );
+      assert.deepEqual(
+        triggers.map((t) => t.tbl_name).sort(),
+        [...REPLICATED].sort(),
+      );
+    }),
+);
+
+Deno.test("listTables() reports each skipped table through onSkip and honours include and exclude", () => {
+  const db = new DatabaseSync(":memory:");
+  try {
+    db.exec(SCHEMA);
+    const skipped: [string, string][] = [];
+    const tables = listTables(db, {
+      onSkip: (t, why) => skipped.push([t, why]),
+    });
+    assert.deepEqual(tables.map((t) => t.name).sort(), [...REPLICATED].sort());
+    const names = skipped.map(([t]) => t);
+    assert.ok(names.includes("docs"));
+    assert.ok(names.includes("allshadow"));
+    assert.ok(names.filter((n) => n.startsWith("docs_")).length >= 4);
+    assert.ok(!names.some((n) => n.startsWith("sqlite_") || n === "v 🙂"));
+
+    const only = listTables(db, { include: ["wr", ODD], exclude: [] });
+    assert.deepEqual(only.map((t) => t.name).sort(), [ODD, "wr"].sort());
+    const reasons: string[] = [];
+    const without = listTables(db, {
+      exclude: ["order"],
+      onSkip: (t, why) => reasons.push(`${t}: ${why}`),
+    });
+    assert.ok(!without.some((t) => t.name === "order"));
+    assert.ok(reasons.includes("order: excluded by config"));
+  } finally {
+    db.close();
+  }
+});
+
+Deno.test(
+  "readPending() returns the key and current image of every row the application changed",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/a.db`;
+      using db = await openNew(path);
+      assert.equal(db.pendingCount(), 0);
+      await appWrite(path, WORKLOAD);
+      assert.ok(db.pendingCount() >= EXPECTED.length);
+      const { changes, lastSeq } = db.readPending(0, 1000);
+      assert.equal(lastSeq, db.pendingCount(), "read up to the last change");
+      const got = new Map(
+        changes.map((c) => [`${c.table.name}\u0000${c.key}`, c]),
+      );
+      assert.equal(got.size, changes.length, "one change per row");
+      for (const [table, key, values] of EXPECTED) {
+        const c = got.get(`${table}\u0000${key}`);
+        assert.ok(c, `no change for ${table} ${key}`);
+        assert.deepStrictEqual(
+          c.values?.map((v) => v instanceof Uint8Array ? new Uint8Array(v) : v),
+          values,
+          `${table} ${key}`,
+        );
+      }
+      // Values that only survive exactly: the REAL -0.0 and the 5000-byte blob.
+      const minusZero = got.get("order\u000011")?.values?.[2];
+      const image = await query<{ t: string; q: string }>(
+        path,
+        `SELECT typeof(v) AS t, quote(v) AS q FROM "order" WHERE id = 11;`,
+      );
+      assert.equal(image[0]?.t, "real");
+      assert.equal(typeof minusZero, "number");
+      const blob = got.get("order\u000015")?.values?.[2];
+      assert.ok(blob instanceof Uint8Array && blob.length === 5000);
+      // Nothing else was captured: not the FTS5 table, its shadow tables, or
+      // the table with no usable rowid.
+      const extra = changes.filter((c) =>
+        !EXPECTED.some(([t, k]) => t === c.table.name && k === c.key) &&
+        !(c.table.name === "order" && ["11", "15"].includes(c.key))
+      );
+      assert.deepEqual(extra.map((c) => `${c.table.name} ${c.key}`), []);
+      // Changes come in commit order of each row's last change.
+      const seqs = changes.map((c) => c.seq);
+      assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
+      // Rowid tables carry their rowid name first.
+      assert.deepEqual(got.get("nopk\u00002")?.columns, ["rowid", "a", "b"]);
+      assert.deepEqual(got.get("shadowed\u00001")?.columns, [
+        "oid",
+        "rowid",
+        "_rowid_",
+        "v",
+      ]);
+      // Reading does not consume; a later read starts after lastSeq.
+      assert.equal(db.readPending(0, 1000).changes.length, changes.length);
+      assert.deepEqual(db.readPending(lastSeq, 1000).changes, []);
+    }),
+);
+
+Deno.test(
+  "readPending() returns the old key without values and the new key with values for a primary key change",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/a.db`;
+      using db = await openNew(path);
+      await appWrite(
+        path,
+        `INSERT INTO "order"(id, "group", v) VALUES (1, 'g', 'x');
+         INSERT INTO ${ident(ODD)}("select", "order") VALUES ('s', 1);`,
+      );
+      const first = db.readPending(0, 1000);
+      await appWrite(
+        path,
+        `UPDATE "order" SET id = 2 WHERE id = 1;
+         UPDATE ${ident(ODD)} SET "select" = 's''2' WHERE "select" = 's';`,
+      );
+      const { changes } = db.readPending(first.lastSeq, 1000);
+      const simple = changes.map((c) => ({
+        table: c.table.name,
+        key: c.key,
+        values: c.values,
+      }));
+      assert.deepStrictEqual(simple, [
+        { table: "order", key: "1", values: undefined },
+        { table: "order", key: "2", values: [2n, "g", "x"] },
+        { table: ODD, key: "1,'s'", values: undefined },
+        { table: ODD, key: "1,'s''2'", values: ["s'2", 1n, null, null] },
+      ]);
+    }),
+);
+
+Deno.test(
+  "readPending() coalesces many changes to one row into its newest state and honours the limit",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/a.db`;
+      using db = await openNew(path);
+      await appWrite(
+        path,
+        `INSERT INTO wr VALUES ('a', 1);
+         UPDATE wr SET "v'al" = 2;
+         UPDATE wr SET "v'al" = 3;
+         INSERT INTO wr VALUES ('b', 1);`,
+      );
+      assert.equal(db.pendingCount(), 4);
+      const all = db.readPending(0, 1000);
+      assert.deepStrictEqual(
+        all.changes.map((c) => [c.key, c.seq, c.values]),
+        [["'a'", 3, ["a", 3n]], ["'b'", 4, ["b", 1n]]],
+      );
+      const part = db.readPending(0, 2);
+      assert.equal(part.lastSeq, 2);
+      assert.deepStrictEqual(part.changes.map((c) => [c.key, c.seq]), [[
+        "'a'",
+        2,
+      ]]);
+    }),
+);
+
+/** Two databases with SCHEMA; the first has run WORKLOAD. */
+async function withPair(
+  fn: (a: ReplicaDb, b: ReplicaDb, pathA: string, pathB: string) => unknown,
+): Promise<void> {
+  await withTempDir(async (dir) => {
+    const pathA = `${dir}/a.db`;
+    const pathB = `${dir}/b.db`;
+    using a = await openNew(pathA);
+    using b = await openNew(pathB);
+    await appWrite(pathA, WORKLOAD);
+    await fn(a, b, pathA, pathB);
+  });
+}
+
+Deno.test(
+  "applyMessages() reproduces every row with the same SQLite types and bytes on another database",
+  PROCESS_TEST,
+  () =>
+    withPair(async (a, b, pathA, pathB) => {
+      const { changes } = a.readPending(0, 1000);
+      const msg = message(toBatch(changes, 1, a.epoch), 1);
+      const result = b.applyMessages([msg], 2);
+      assert.deepEqual(result, {
+        applied: changes.length,
+        skipped: 0,
+        parked: [],
+      });
+      assert.deepStrictEqual(
+        await dump(pathB, REPLICATED),
+        await dump(pathA, REPLICATED),
+      );
+      assert.equal(b.appliedSeq(0), 1);
+      assert.equal(b.appliedSeq(1), 0);
+    }),
+);
+
+Deno.test(
+  "applyMessages() does not capture what it applies (no echo)",
+  PROCESS_TEST,
+  () =>
+    withPair(async (a, b, _pathA, pathB) => {
+      const { changes } = a.readPending(0, 1000);
+      b.applyMessages([message(toBatch(changes, 1, a.epoch), 1)], 2);
+      assert.equal(b.pendingCount(), 0);
+      const rows = await query<{ n: number }>(
+        pathB,
+        "SELECT count(*) AS n FROM __marmot__changes;",
+      );
+      assert.equal(rows[0]?.n, 0);
+      assert.deepEqual(
+        await query(pathB, "SELECT * FROM __marmot__apply;"),
+        [],
+        "the apply marker is gone after commit",
+      );
+      // The application's own writes are still captured afterwards.
+      await appWrite(pathB, `INSERT INTO wr VALUES ('after', 1);`);
+      assert.equal(b.pendingCount(), 1);
+    }),
+);
+
+Deno.test(
+  "applyMessages() gives a batch delivered twice no second effect",
+  PROCESS_TEST,
+  () =>
+    withPair(async (a, b, _pathA, pathB) => {
+      const { changes } = a.readPending(0, 1000);
+      const batch = toBatch(changes, 1, a.epoch);
+      const first = b.applyMessages([message(batch, 1)], 2);
+      const before = await dump(pathB, REPLICATED);
+      // Published again (a crash before the ack): a new stream sequence.
+      const again = b.applyMessages([message(batch, 2)], 2);
+      assert.deepEqual(again, {
+        applied: 0,
+        skipped: first.applied,
+        parked: [],
+      });
+      // Redelivered with the same stream sequence.
+      const third = b.applyMessages([message(batch, 2)], 2);
+      assert.equal(third.applied, 0);
+      assert.equal(third.skipped, first.applied);
+      assert.deepStrictEqual(await dump(pathB, REPLICATED), before);
+      assert.equal(b.appliedSeq(0), 2);
+    }),
+);
+
+Deno.test(
+  "applyMessages() remembers applied origin sequences across reopening",
+  PROCESS_TEST,
+  () =>
+    withPair((a, b, _pathA, pathB) => {
+      const batch = toBatch(a.readPending(0, 1000).changes, 1, a.epoch);
+      b.applyMessages([message(batch, 1)], 2);
+      b.close();
+      using reopened = ReplicaDb.open(pathB);
+      assert.equal(reopened.epoch, b.epoch);
+      const again = reopened.applyMessages([message(batch, 2)], 2);
+      assert.equal(again.applied, 0);
+      assert.equal(again.skipped, batch.changes.length);
+    }),
+);
+
+Deno.test(
+  "applyMessages() skips another origin's change to a row with a pending local change",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/b.db`;
+      using b = await openNew(path);
+      await appWrite(path, `INSERT INTO "order"(id, v) VALUES (1, 'local');`);
+      assert.equal(b.pendingCount(), 1);
+      const batch: Batch = {
+        origin: 3,
+        epoch: 9,
+        shard: 0,
+        tables: [{
+          name: "order",
+          schemaVersion: 0,
+          columns: ["id", "group", "v"],
+        }],
+        changes: [
+          {
+            table: 0,
+            seq: 1,
+            key: "1",
+            op: Op.Upsert,
+            values: [1n, "r", "remote"],
+          },
+          {
+            table: 0,
+            seq: 2,
+            key: "100",
+            op: Op.Upsert,
+            values: [100n, "r", "new"],
+          },
+          { table: 0, seq: 3, key: "1", op: Op.Delete },
+        ],
+      };
+      const result = b.applyMessages([message(batch, 1)], 2);
+      assert.deepEqual(result, { applied: 1, skipped: 2, parked: [] });
+      assert.deepEqual(
+        await query(path, `SELECT id, v FROM "order" ORDER BY id;`),
+        [{ id: 1, v: "local" }, { id: 100, v: "new" }],
+      );
+      assert.equal(b.pendingCount(), 1, "the local change is still pending");
+    }),
+);
+
+Deno.test(
+  "applyMessages() removes this node's own changes from the change log when they come back",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/a.db`;
+      using a = await openNew(path);
+      await appWrite(path, WORKLOAD);
+      const { changes } = a.readPending(0, 1000);
+      const before = await dump(path, REPLICATED);
+      const result = a.applyMessages(
+        [message(toBatch(changes, 1, a.epoch), 1)],
+        1,
+      );
+      assert.deepEqual(result, {
+        applied: 0,
+        skipped: changes.length,
+        parked: [],
+      });
+      assert.equal(a.pendingCount(), 0);
+      assert.deepStrictEqual(await dump(path, REPLICATED), before);
+    }),
+);
+
+Deno.test(
+  "applyMessages() parks a change for a missing table or column and applies the rest of the message",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/b.db`;
+      using b = await openNew(path);
+      const batch: Batch = {
+        origin: 3,
+        epoch: 9,
+        shard: 2,
+        tables: [
+          { name: "no such table", schemaVersion: 0, columns: ["id"] },
+          {
+            name: "order",
+            schemaVersion: 0,
+            columns: ["id", "group", "v", "zzz_missing"],
+          },
+          { name: "order", schemaVersion: 0, columns: ["id", "group", "v"] },
+        ],
+        changes: [
+          { table: 2, seq: 1, key: "1", op: Op.Upsert, values: [1n, "g", 1n] },
+          { table: 0, seq: 2, key: "7", op: Op.Upsert, values: [7n] },
+          {
+            table: 1,
+            seq: 3,
+            key: "8",
+            op: Op.Upsert,
+            values: [8n, "g", 2n, "z"],
+          },
+          { table: 0, seq: 4, key: "9", op: Op.Delete },
+          { table: 2, seq: 5, key: "2", op: Op.Upsert, values: [2n, "g", 3n] },
+        ],
+      };
+      const result = b.applyMessages([message(batch, 41, 2)], 2);
+      assert.equal(result.applied, 2);
+      assert.equal(result.parked.length, 3);
+      const [missingTable, missingColumn, missingDelete] = result.parked;
+      assert.deepEqual(
+        { ...missingTable, reason: undefined },
+        {
+          stream: "marmot-changes-2",
+          seq: 41,
+          table: "no such table",
+          key: "7",
+          reason: undefined,
+        },
+      );
+      assert.match(missingTable!.reason, /no such table/);
+      assert.equal(missingColumn?.stream, "marmot-changes-2");
+      assert.equal(missingColumn?.seq, 41);
+      assert.equal(missingColumn?.table, "order");
+      assert.equal(missingColumn?.key, "8");
+      assert.match(missingColumn!.reason, /zzz_missing/);
+      assert.equal(missingDelete?.table, "no such table");
+      assert.match(missingDelete!.reason, /no such table/);
+      assert.deepEqual(
+        await query(path, `SELECT id, v FROM "order" ORDER BY id;`),
+        [{ id: 1, v: 1 }, { id: 2, v: 3 }],
+      );
+      assert.deepEqual(b.parked(), result.parked, "parked is persisted");
+      assert.equal(b.appliedSeq(2), 41);
+      assert.equal(b.pendingCount(), 0);
+    }),
+);
+
+Deno.test(
+  "applyMessages() parks a message that could not be decoded and applies the next one",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/b.db`;
+      using b = await openNew(path);
+      const garbage = new Uint8Array([1, 2, 3]);
+      const bad: IncomingMessage = {
+        shard: 1,
+        stream: "marmot-changes-1",
+        seq: 5,
+        batch: new Error("Cannot decode batch: not a marmot envelope"),
+        data: garbage,
+      };
+      const good = message(
+        {
+          origin: 3,
+          epoch: 1,
+          shard: 1,
+          tables: [{ name: "wr", schemaVersion: 0, columns: ["k", "v'al"] }],
+          changes: [{
+            table: 0,
+            seq: 1,
+            key: "'x'",
+            op: Op.Upsert,
+            values: ["x", 1n],
+          }],
+        },
+        6,
+        1,
+      );
+      const result = b.applyMessages([bad, good], 2);
+      assert.deepEqual(result, {
+        applied: 1,
+        skipped: 0,
+        parked: [{
+          stream: "marmot-changes-1",
+          seq: 5,
+          reason: "Cannot decode batch: not a marmot envelope",
+        }],
+      });
+      assert.deepEqual(b.parked(), result.parked);
+      const stored = await query<{ d: string }>(
+        path,
+        "SELECT hex(data) AS d FROM __marmot__parked;",
+      );
+      assert.deepEqual(stored, [{ d: "010203" }], "the raw bytes are kept");
+      assert.equal(b.appliedSeq(1), 6);
+    }),
+);
+
+Deno.test(
+  "applyMessages() parks a batch found on the wrong shard",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/b.db`;
+      using b = await openNew(path);
+      const msg = message(
+        {
+          origin: 3,
+          epoch: 1,
+          shard: 0,
+          tables: [{ name: "wr", schemaVersion: 0, columns: ["k", "v'al"] }],
+          changes: [{
+            table: 0,
+            seq: 1,
+            key: "'x'",
+            op: Op.Upsert,
+            values: ["x", 1n],
+          }],
+        },
+        3,
+        0,
+      );
+      const result = b.applyMessages([{ ...msg, shard: 1 }], 2);
+      assert.equal(result.applied, 0);
+      assert.equal(result.parked.length, 1);
+      assert.match(result.parked[0]!.reason, /shard 0, found on shard 1/);
+      assert.deepEqual(await query(path, "SELECT * FROM wr;"), []);
+    }),
+);
+
+Deno.test({
+  name:
+    "listTables() replicates a user table whose name starts with a virtual table's name and '_'",
+  // BUG: lib/db/schema.ts listTables() treats every table named
+  // "<virtual table>_..." as a shadow table, although pragma_table_list
+  // already marks the real shadow tables as "shadow". Input:
+  // CREATE VIRTUAL TABLE docs USING fts5(body);
+  // CREATE TABLE docs_archive(id INTEGER PRIMARY KEY, body TEXT);
+  // observed: docs_archive is skipped ("shadow table of a virtual table") and
+  // its rows are never replicated.
+  fn: () => {
+    const db = new DatabaseSync(":memory:");
+    try {
+      db.exec(`CREATE VIRTUAL TABLE docs USING fts5(body);
+        CREATE TABLE docs_archive(id INTEGER PRIMARY KEY, body TEXT);`);
+      const names = listTables(db).map((t) => t.name);
+      assert.deepEqual(names, ["docs_archive"]);
+    } finally {
+      db.close();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "readPending() captures a row whose TEXT primary key holds a NUL character",
+  // BUG: the capture triggers key rows with SQLite quote(), which stops at the
+  // first NUL of a TEXT value (quote('a' || char(0) || 'b') is 'a'). Input:
+  // INSERT INTO wr VALUES ('a' || char(0) || 'b', 1); observed: readPending()
+  // returns key "'a'" with values undefined, so the insert is published as a
+  // DELETE of the unrelated row 'a' and the new row never replicates.
+  ...PROCESS_TEST,
+  fn: () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/a.db`;
+      using db = await openNew(path);
+      await appWrite(path, `INSERT INTO wr VALUES ('a' || char(0) || 'b', 1);`);
+      const { changes } = db.readPending(0, 1000);
+      assert.equal(changes.length, 1);
+      assert.deepStrictEqual(changes[0]?.values, ["a\u0000b", 1n]);
+    }),
+});
+
+Deno.test({
+  name:
+    "applyMessages() updates, not duplicates, a row whose composite primary key holds NULL",
+  // BUG: SQLite lets a rowid table's composite PRIMARY KEY hold NULL, and
+  // NULLs never conflict, so the apply upsert (INSERT ... ON CONFLICT(pk) DO
+  // UPDATE) inserts a second row instead of updating. Input: on the origin
+  // INSERT INTO np VALUES (NULL, 1, 'x'); UPDATE np SET v = 'y'; each state
+  // published as its own batch; observed on the replica: two rows
+  // (NULL, 1, 'x') and (NULL, 1, 'y') where the origin has one.
+  ...PROCESS_TEST,
+  fn: () =>
+    withTempDir(async (dir) => {
+      const schema =
+        "CREATE TABLE np(a TEXT, b INTEGER, v, PRIMARY KEY(a, b));";
+      const pathA = `${dir}/a.db`;
+      const pathB = `${dir}/b.db`;
+      await sqlite(pathA, schema);
+      await sqlite(pathB, schema);
+      using a = ReplicaDb.open(pathA);
+      using b = ReplicaDb.open(pathB);
+      await appWrite(pathA, "INSERT INTO np VALUES (NULL, 1, 'x');");
+      const first = a.readPending(0, 1000);
+      b.applyMessages([message(toBatch(first.changes, 1, a.epoch), 1)], 2);
+      await appWrite(pathA, "UPDATE np SET v = 'y';");
+      const second = a.readPending(first.lastSeq, 1000);
+      b.applyMessages([message(toBatch(second.changes, 1, a.epoch), 2)], 2);
+      assert.deepStrictEqual(
+        await dump(pathB, ["np"]),
+        await dump(pathA, ["np"]),
+      );
+    }),
+});
+
+Deno.test("parseKey() parses what SQLite quote() produces", async (t) => {
+  const db = new DatabaseSync(":memory:");
+  const quote = (expr: string) =>
+    (db.prepare(`SELECT quote(${expr}) AS q`).get() as { q: string }).q;
+  const cases: [string, SqlValue[]][] = [
+    ["0", [0n]],
+    ["-1", [-1n]],
+    ["42", [42n]],
+    ["9223372036854775807", [2n ** 63n - 1n]],
+    ["-9223372036854775808", [-(2n ** 63n)]],
+    ["9007199254740993", [2n ** 53n + 1n]],
+    ["1.0", [1]],
+    ["1.5", [1.5]],
+    ["-2.25", [-2.25]],
+    ["0.1", [0.1]],
+    ["1e300", [1e300]],
+    ["1.5e-7", [1.5e-7]],
+    ["5e-324", [5e-324]],
+    ["1.7976931348623157e308", [1.7976931348623157e308]],
+    ["-2.2250738585072014e-308", [-2.2250738585072014e-308]],
+    ["9e999", [Infinity]],
+    ["-9e999", [-Infinity]],
+    ["''", [""]],
+    ["'plain'", ["plain"]],
+    [`'text with '' quotes, and , commas'`, [
+      "text with ' quotes, and , commas",
+    ]],
+    [`'ünï 🙂 𝄞 中文'`, ["ünï 🙂 𝄞 中文"]],
+    [`'NULL'`, ["NULL"]],
+    [`'1'`, ["1"]],
+    [`'X''00'''`, ["X'00'"]],
+    ["x'00FF'", [new Uint8Array([0, 255])]],
+    ["x''", [new Uint8Array()]],
+    ["NULL", [null]],
+  ];
+  for (const [expr, expected] of cases) {
+    await t.step(expr, () => {
+      const q = quote(expr);
+      const got = parseKey(q).map((v) =>
+        v instanceof Uint8Array ? new Uint8Array(v) : v
+      );
+      assert.deepStrictEqual(got, expected, `quote(${expr}) = ${q}`);
+    });
+  }
+  await t.step("composite keys", () => {
+    const q = quote(
+      "'a,b'",
+    ) + "," + quote("-9223372036854775808") + "," + quote("x'00'") +
+      "," + quote("NULL") + "," + quote("2.5") + "," + quote("'it''s'");
+    assert.deepStrictEqual(
+      parseKey(q).map((v) => v instanceof Uint8Array ? [...v] : v),
+      ["a,b", -(2n ** 63n), [0], null, 2.5, "it's"],
+    );
+    assert.deepStrictEqual(parseKey("1,2"), [1n, 2n]);
+    assert.deepStrictEqual(parseKey("'a','b'"), ["a", "b"]);
+    assert.deepStrictEqual(parseKey("NULL,NULL"), [null, null]);
+  });
+  await t.step("the REAL formats of older SQLite versions", () => {
+    // SQLite 3.40's quote() writes these for Infinity and the extremes.
+    assert.deepStrictEqual(parseKey("Inf,-Inf"), [Infinity, -Infinity]);
+    assert.deepStrictEqual(parseKey("4.94065645841247e-324"), [5e-324]);
+    assert.deepStrictEqual(parseKey("1.79769313486231562234e+308"), [
+      1.7976931348623157e308,
+    ]);
+  });
+  db.close();
+});
+
+Deno.test("parseKey() throws SyntaxError for malformed key text", async (t) => {
+  const cases = [
+    "",
+    "'abc",
+    "'a''",
+    "'a'b",
+    "X'0'",
+    "X'ZZ'",
+    "X'00",
+    "1,",
+    ",1",
+    "1,,2",
+    "abc",
+    "1 2",
+    "NaN",
+    "0x10",
+    "null",
+    "1;DROP TABLE t",
+    "'a' ,'b'",
+  ];
+  for (const input of cases) {
+    await t.step(JSON.stringify(input), () => {
+      assert.throws(() => parseKey(input), (e) => {
+        assert.ok(e instanceof SyntaxError, `${e}`);
+        assert.match(e.message, /^Cannot parse row key /);
+        assert.ok(e.message.includes(JSON.stringify(input)));
+        return true;
+      });
+    });
+  }
+});
+
+Deno.test(
+  "removeMarmot() drops every marmot trigger and table and keeps the user's data",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/a.db`;
+      const db = await openNew(path);
+      await appWrite(path, WORKLOAD);
+      db.applyMessages([{
+        shard: 0,
+        stream: "s",
+        seq: 1,
+        batch: new Error("x"),
+        data: new Uint8Array(),
+      }], 1);
+      db.close();
+      const before = await dump(path, REPLICATED);
+      assert.ok((await marmotObjects(path)).length > 0);
+
+      const dropped = removeMarmot(path);
+      assert.ok(dropped.includes("__marmot__changes"));
+      assert.ok(dropped.some((n) => n.startsWith("__marmot__ins__")));
+      assert.deepEqual(await marmotObjects(path), []);
+      assert.deepEqual(
+        await query(
+          path,
+          "SELECT name FROM sqlite_sequence WHERE name LIKE '__marmot__%';",
+        ),
+        [],
+      );
+      assert.deepStrictEqual(await dump(path, REPLICATED), before);
+      // The application keeps writing without marmot's triggers.
+      await appWrite(path, `INSERT INTO "order"(id, v) VALUES (1000, 'ok');`);
+      assert.deepEqual(removeMarmot(path), [], "a second run finds nothing");
+    }),
+);

@@ -1,0 +1,225 @@
+// Crashes and restarts during a stream of writes: real marmot processes
+// killed with SIGKILL, a real nats-server of a 3-server cluster restarted,
+// and the embedded nats-server child killed under a running marmot. After
+// each, every write must be present exactly once on every node.
+import assert from "node:assert/strict";
+import { startCluster } from "../lib/nats/nats_server.ts";
+import {
+  embeddedArgs,
+  MarmotProcess,
+  pickFreePorts,
+  PROCESS_TEST,
+  sqlite,
+  tempDir,
+  waitConverged,
+} from "./_helpers.ts";
+
+const SCHEMA = `
+CREATE TABLE events(id INTEGER PRIMARY KEY, node INTEGER, payload TEXT);
+CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER);
+CREATE TABLE journal(node INTEGER, seq INTEGER, note TEXT);
+INSERT INTO counters VALUES ('hot', 0);
+`;
+
+/** Writes `count` rows on node `node` in `rounds` sqlite3 processes, calling `between` after each. */
+async function writeRounds(
+  db: string,
+  node: number,
+  count: number,
+  rounds: number,
+  between: (round: number) => Promise<void> = async () => {},
+): Promise<void> {
+  const per = count / rounds;
+  for (let r = 0; r < rounds; r++) {
+    let sql = "";
+    for (let k = r * per; k < (r + 1) * per; k++) {
+      sql += `INSERT INTO events VALUES (${
+        node * 1_000_000 + k
+      }, ${node}, 'event ${k}');\n`;
+      // journal has no primary key: rows are keyed by rowid, which nodes
+      // assign independently, so only node 1 writes it (a replayed insert
+      // would show up as an extra row).
+      if (node === 1) {
+        sql += `INSERT INTO journal VALUES (${node}, ${k}, 'j');\n`;
+      }
+      if (k % 10 === 0) {
+        sql += `UPDATE counters SET value = value + 1 WHERE name = 'hot';\n`;
+      }
+    }
+    await sqlite(db, sql);
+    await between(r);
+  }
+}
+
+async function checkAll(
+  dbs: string[],
+  perNode: Map<number, number>,
+): Promise<void> {
+  const content = await waitConverged(dbs, 90000);
+  for (const [node, count] of perNode) {
+    const events = content.split("\n").filter((l) =>
+      l.startsWith(`events: integer:`) &&
+      l.includes(`| integer:${node} | text:'event`)
+    ).length;
+    assert.equal(events, count, `events of node ${node}`);
+    if (node === 1) {
+      const journal = content.split("\n").filter((l) =>
+        l.startsWith(`journal: integer:1 |`)
+      ).length;
+      assert.equal(
+        journal,
+        count,
+        "journal rows of node 1 (a replayed insert would add rows)",
+      );
+    }
+  }
+  for (const db of dbs) {
+    assert.equal(
+      (await sqlite(db, "SELECT count(*) FROM __marmot__parked;")).trim(),
+      "0",
+    );
+  }
+}
+
+Deno.test({
+  name:
+    "a marmot killed with SIGKILL while publishing, and one killed while applying, lose and duplicate nothing",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_fault_kill_");
+    const servers = await startCluster(`${dir.path}/nats`, 3);
+    const dbs = [1, 2, 3].map((i) => `${dir.path}/node${i}.db`);
+    await Promise.all(
+      dbs.map((db) =>
+        sqlite(db, SCHEMA.replace(/INSERT INTO counters.*\n/, ""))
+      ),
+    );
+    await sqlite(dbs[0]!, "INSERT INTO counters VALUES ('hot', 0);");
+    await Promise.all(
+      dbs.slice(1).map((db) =>
+        sqlite(db, "INSERT INTO counters VALUES ('hot', 0);")
+      ),
+    );
+    const args = (
+      i: number,
+    ) => [
+      "--db-path",
+      dbs[i]!,
+      "--node-id",
+      String(i + 1),
+      "--nats-url",
+      servers.map((s) => s.clientUrl).join(","),
+    ];
+    const marmots = [0, 1, 2].map((i) => new MarmotProcess(args(i)));
+    try {
+      await Promise.all(marmots.map((m) => m.waitForLog("Replicating")));
+      let kills = 0;
+      await Promise.all([
+        // Node 1 writes while its marmot is killed twice and restarted.
+        writeRounds(dbs[0]!, 1, 2000, 8, async (r) => {
+          if (r === 2 || r === 5) {
+            marmots[0]!.kill("SIGKILL");
+            await marmots[0]!.status;
+            kills++;
+            marmots[0] = new MarmotProcess(args(0));
+            await marmots[0].waitForLog("Replicating");
+          }
+        }),
+        // Node 2 writes too, and its marmot is killed while it applies node 1's stream.
+        writeRounds(dbs[1]!, 2, 1000, 4, async (r) => {
+          if (r === 1) {
+            marmots[1]!.kill("SIGKILL");
+            await marmots[1]!.status;
+            kills++;
+            await new Promise((res) => setTimeout(res, 500));
+            marmots[1] = new MarmotProcess(args(1));
+            await marmots[1].waitForLog("Replicating");
+          }
+        }),
+        writeRounds(dbs[2]!, 3, 1000, 4),
+      ]);
+      assert.equal(kills, 3);
+      await checkAll(dbs, new Map([[1, 2000], [2, 1000], [3, 1000]]));
+    } finally {
+      for (const m of marmots) m.kill();
+      await Promise.all(servers.map((s) => s.stop()));
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "a nats-server of three restarted while every node keeps writing loses nothing",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_fault_nats_");
+    const servers = await startCluster(`${dir.path}/nats`, 3);
+    const dbs = [1, 2, 3].map((i) => `${dir.path}/node${i}.db`);
+    await Promise.all(dbs.map((db) => sqlite(db, SCHEMA)));
+    // Each marmot knows only its own server first; the client learns the others.
+    const marmots = dbs.map((db, i) =>
+      new MarmotProcess([
+        "--db-path",
+        db,
+        "--node-id",
+        String(i + 1),
+        "--nats-url",
+        servers[i]!.clientUrl,
+        "--replicas",
+        "3",
+      ])
+    );
+    try {
+      await Promise.all(marmots.map((m) => m.waitForLog("Replicating")));
+      await Promise.all([
+        writeRounds(dbs[0]!, 1, 1500, 6, async (r) => {
+          if (r === 1) servers[0]!.kill("SIGKILL");
+          if (r === 3) await servers[0]!.restart();
+        }),
+        writeRounds(dbs[1]!, 2, 1500, 6),
+        writeRounds(dbs[2]!, 3, 1500, 6),
+      ]);
+      await checkAll(dbs, new Map([[1, 1500], [2, 1500], [3, 1500]]));
+    } finally {
+      for (const m of marmots) m.kill();
+      await Promise.all(servers.map((s) => s.stop()));
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "marmot restarts its embedded nats-server when it dies, and replication continues",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_fault_embedded_");
+    const dbs = [1, 2, 3].map((i) => `${dir.path}/node${i}.db`);
+    await Promise.all(dbs.map((db) => sqlite(db, SCHEMA)));
+    const ports = pickFreePorts(3);
+    const marmots = dbs.map((db, i) =>
+      new MarmotProcess(embeddedArgs(db, i + 1, ports, i))
+    );
+    try {
+      await Promise.all(marmots.map((m) => m.waitForLog("Replicating", 60000)));
+      await Promise.all([
+        writeRounds(dbs[0]!, 1, 1000, 5, async (r) => {
+          if (r !== 1) return;
+          // The embedded server of node 1 stores beside its database.
+          const out = await new Deno.Command("pgrep", {
+            args: ["-f", `${dbs[0]}-nats`],
+          }).output();
+          const pid = Number(
+            new TextDecoder().decode(out.stdout).trim().split("\n")[0],
+          );
+          assert.ok(pid > 0, "embedded nats-server pid");
+          Deno.kill(pid, "SIGKILL");
+          await marmots[0]!.waitForLog("Embedded nats-server restarted");
+        }),
+        writeRounds(dbs[1]!, 2, 1000, 5),
+      ]);
+      await checkAll(dbs, new Map([[1, 1000], [2, 1000]]));
+    } finally {
+      for (const m of marmots) m.kill();
+    }
+  },
+});
