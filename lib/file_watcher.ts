@@ -1,17 +1,24 @@
 /**
- * Wakes a callback when the database or its WAL changes, using a watcher in
- * a child process (see `watch_main.ts` for why it must not run in marmot's
- * process).
+ * Notices commits to the database within milliseconds, without polling an
+ * idle database: a watcher child process (see `watch_main.ts`) reports the
+ * first change, then marmot checks `PRAGMA data_version` every millisecond
+ * until the child has armed its watch again.
  *
  * @module
  */
 import { basename, dirname } from "node:path";
 import type { Logger } from "./log.ts";
 
-/** A running file watcher. */
+/** A running database watch. */
 export interface FileWatcher {
-  /** Stops the watcher. */
+  /** Stops watching and polling. */
   close(): Promise<void>;
+}
+
+/** Options for {@linkcode watchDatabase}. */
+export interface WatchOptions {
+  /** Milliseconds between `check` calls while the database is busy. @default 1 */
+  pollMs?: number;
 }
 
 /** The command that runs the watcher child for this runtime. */
@@ -32,22 +39,43 @@ function watcherCommand(dir: string, names: string[]): [string, string[]] {
 }
 
 /**
- * Watches the database file and its `-wal` in a child process and calls
- * `onChange` for each change it reports. When the child cannot run or dies,
- * it logs why and restarts it after a pause; marmot's interval scan covers
- * the gap.
+ * Calls `check` whenever the database or its `-wal` may have changed: once
+ * for the change the watcher child reports, then every `pollMs` until the
+ * child is armed again, then once more. `check` should be cheap (compare
+ * `PRAGMA data_version`). When the child cannot run or dies, it is restarted
+ * after a pause with a log line; marmot's interval scan covers the gap.
  */
 export function watchDatabase(
   dbPath: string,
-  onChange: () => void,
+  check: () => void,
   log: Logger,
+  options: WatchOptions = {},
 ): FileWatcher {
+  const pollMs = options.pollMs ?? 1;
   let dir = dirname(dbPath);
   try {
     dir = Deno.realPathSync(dir);
   } catch { /* reported by the child */ }
   const name = basename(dbPath);
   let closed = false;
+  let polling = false;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const poll = () => {
+    timer = undefined;
+    if (!polling || closed) return;
+    check();
+    timer = setTimeout(poll, pollMs);
+  };
+  const onLine = (line: string) => {
+    if (closed) return;
+    check();
+    if (line === "c" && !polling) {
+      polling = true;
+      timer = setTimeout(poll, pollMs);
+    } else if (line === "a") {
+      polling = false; // the check above covered the time until the watch was armed
+    }
+  };
   let child: Deno.ChildProcess | undefined;
   const run = async () => {
     for (let attempt = 1; !closed; attempt++) {
@@ -59,7 +87,14 @@ export function watchDatabase(
           stdout: "piped",
           stderr: "null",
         }).spawn();
-        for await (const _ of child.stdout) onChange();
+        let rest = "";
+        for await (
+          const chunk of child.stdout.pipeThrough(new TextDecoderStream())
+        ) {
+          const lines = (rest + chunk).split("\n");
+          rest = lines.pop()!;
+          for (const line of lines) onLine(line);
+        }
         const status = await child.status;
         if (closed) return;
         log.warn("File watcher exited; restarting it", {
@@ -73,6 +108,7 @@ export function watchDatabase(
           error: e,
         });
       }
+      polling = false;
       await new Promise((r) => setTimeout(r, Math.min(10000, 500 * attempt)));
     }
   };
@@ -80,6 +116,8 @@ export function watchDatabase(
   return {
     async close() {
       closed = true;
+      polling = false;
+      if (timer !== undefined) clearTimeout(timer);
       try {
         child?.kill("SIGTERM");
       } catch { /* already exited */ }

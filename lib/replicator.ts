@@ -284,17 +284,19 @@ export class Marmot implements AsyncDisposable {
 
   #run(scanInterval: number): void {
     this.#publisher.wake();
-    // Wake on any write to the database or its WAL (confirmed with
-    // data_version, which changes only for other connections' commits); the
-    // interval scan is the safety net and keeps the schema current.
+    // Wake on commits of other connections: a file watch while idle, and
+    // data_version (which changes only for other connections' commits)
+    // checked every millisecond while busy. The interval scan is the safety
+    // net and keeps the schema current.
     let lastVersion = -1;
-    this.#watcher = watchDatabase(this.config.dbPath, () => {
+    const onChange = () => {
       if (this.#closing) return;
       const version = this.db.dataVersion();
       if (version === lastVersion) return;
       lastVersion = version;
       this.#publisher.wake();
-    }, this.#log);
+    };
+    this.#watcher = watchDatabase(this.config.dbPath, onChange, this.#log);
     this.#timer = setInterval(() => {
       try {
         if (this.db.refreshSchema()) {

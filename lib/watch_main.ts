@@ -1,6 +1,12 @@
 /**
- * The file watcher child process: `watch_main.ts DIR NAME...` prints one
- * line for every change to `DIR/NAME`.
+ * The file watcher child process: `watch_main.ts DIR NAME...` reports
+ * changes to `DIR/NAME` on stdout.
+ *
+ * Protocol, one line each: `a` when the watch is armed, `c` on the first
+ * change after that. After a change the child disarms for a quiet period,
+ * while the parent polls `PRAGMA data_version`, and then arms again. So the
+ * child handles a few events per second however busy the database is, and
+ * an idle database costs no polling at all.
  *
  * It runs in its own process because `Deno.watchFs` opens and closes a file
  * when reporting its change, and on POSIX systems closing any descriptor of
@@ -11,7 +17,10 @@
  * @module
  */
 
-/** Runs the watcher until stdout closes. */
+/** Milliseconds the watch stays disarmed after reporting a change. */
+export const QUIET_MS = 200;
+
+/** Runs the watcher until its parent goes away. */
 export async function watchMain(args: string[]): Promise<void> {
   const [dir, ...names] = args;
   if (!dir || names.length === 0) {
@@ -25,15 +34,32 @@ export async function watchMain(args: string[]): Promise<void> {
     if (Deno.ppid !== parent) Deno.exit(0);
   }, 500);
   const out = Deno.stdout.writable.getWriter();
-  const line = new TextEncoder().encode("\n");
-  for await (const event of Deno.watchFs(dir, { recursive: false })) {
-    if (event.kind === "access") continue;
-    if (!event.paths.some((p) => wanted.has(p))) continue;
+  const encoder = new TextEncoder();
+  const say = async (line: string) => {
     try {
-      await out.write(line);
+      await out.write(encoder.encode(`${line}\n`));
     } catch {
       Deno.exit(0); // the parent is gone
     }
+  };
+  while (true) {
+    // Watch the files themselves rather than the directory: a directory
+    // watch also wakes for every other file there.
+    let watcher: Deno.FsWatcher;
+    try {
+      watcher = Deno.watchFs([...wanted], { recursive: false });
+    } catch {
+      watcher = Deno.watchFs(dir, { recursive: false }); // a file not created yet
+    }
+    await say("a");
+    for await (const event of watcher) {
+      if (event.kind !== "access" && event.paths.some((p) => wanted.has(p))) {
+        break;
+      }
+    }
+    watcher.close();
+    await say("c");
+    await new Promise((r) => setTimeout(r, QUIET_MS));
   }
 }
 

@@ -1,0 +1,508 @@
+/**
+ * The benchmark harness (`deno task bench`): a 3-node cluster on loopback
+ * (3 nats-server processes with R3 streams, 3 marmot processes) and the
+ * limits of this machine, measured in one run.
+ *
+ * ```sh
+ * deno task bench [--rows 100000] [--txn 1000] [--row-bytes 100] [--shards 4]
+ *                 [--rate 500] [--duration 20] [--out bench/results]
+ * ```
+ *
+ * Prints a table, writes the same as JSON and a lag-over-time SVG to `--out`.
+ *
+ * @module
+ */
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
+import { DatabaseSync } from "node:sqlite";
+import { parseArgs } from "node:util";
+import { ReplicaDb } from "../lib/db/replica_db.ts";
+import { type NatsServer, startCluster } from "../lib/nats/nats_server.ts";
+
+const { values: flags } = parseArgs({
+  args: Deno.args,
+  options: {
+    rows: { type: "string", default: "100000" },
+    txn: { type: "string", default: "1000" },
+    "row-bytes": { type: "string", default: "100" },
+    shards: { type: "string", default: "4" },
+    rate: { type: "string", default: "500" },
+    duration: { type: "string", default: "20" },
+    out: {
+      type: "string",
+      default: new URL("./results", import.meta.url).pathname,
+    },
+  },
+});
+const opt = {
+  rows: Number(flags.rows),
+  txn: Number(flags.txn),
+  rowBytes: Number(flags["row-bytes"]),
+  shards: Number(flags.shards),
+  rate: Number(flags.rate),
+  duration: Number(flags.duration),
+};
+const CLI = new URL("../cli.ts", import.meta.url).pathname;
+const WRITER = new URL("./_writer.ts", import.meta.url).pathname;
+const SCHEMA =
+  "CREATE TABLE bench(id INTEGER PRIMARY KEY, node INTEGER, ts REAL, payload TEXT)";
+const now = () => performance.timeOrigin + performance.now();
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const log = (m: string) => console.error(`bench: ${m}`);
+
+function percentile(sorted: number[], p: number): number {
+  if (sorted.length === 0) return NaN;
+  return sorted[
+    Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))
+  ]!;
+}
+
+/** Insert rate of `rows` rows in transactions of `txn`, with or without capture triggers. */
+function insertRate(
+  dir: string,
+  capture: boolean,
+  rows: number,
+  txn: number,
+): number {
+  const path = `${dir}/insert-${capture ? "capture" : "plain"}.db`;
+  const setup = new DatabaseSync(path);
+  setup.exec(`PRAGMA journal_mode = WAL; ${SCHEMA}`);
+  setup.close();
+  if (capture) ReplicaDb.open(path).close(); // installs marmot's triggers
+  const db = new DatabaseSync(path);
+  db.exec("PRAGMA journal_mode = WAL");
+  const insert = db.prepare(
+    "INSERT INTO bench(id, node, ts, payload) VALUES (?, ?, ?, ?)",
+  );
+  const payload = "p".repeat(opt.rowBytes);
+  const start = performance.now();
+  for (let i = 0; i < rows; i += txn) {
+    db.exec("BEGIN");
+    for (let j = i; j < Math.min(rows, i + txn); j++) {
+      insert.run(j + 1, 1, now(), payload);
+    }
+    db.exec("COMMIT");
+  }
+  const rate = rows / ((performance.now() - start) / 1000);
+  db.close();
+  return rate;
+}
+
+/** Raw JetStream R3 publish throughput for `bytes` of payload in messages of `size`. */
+async function rawJetStream(
+  servers: NatsServer[],
+  bytes: number,
+  size: number,
+) {
+  const nc = await connect({ servers: servers[0]!.clientUrl });
+  const jsm = await jetstreamManager(nc);
+  await jsm.streams.add({
+    name: "bench-raw",
+    subjects: ["bench.raw"],
+    num_replicas: 3,
+  });
+  const js = jetstream(nc);
+  const payload = crypto.getRandomValues(new Uint8Array(size));
+  const count = Math.ceil(bytes / size);
+  const start = performance.now();
+  const inflight = new Set<Promise<unknown>>();
+  for (let i = 0; i < count; i++) {
+    const p = js.publish("bench.raw", payload).finally(() =>
+      inflight.delete(p)
+    );
+    inflight.add(p);
+    if (inflight.size >= 32) await Promise.race(inflight);
+  }
+  await Promise.all(inflight);
+  const seconds = (performance.now() - start) / 1000;
+  await jsm.streams.delete("bench-raw");
+  await nc.close();
+  return {
+    messages: count,
+    size,
+    seconds,
+    bytesPerSecond: (count * size) / seconds,
+  };
+}
+
+interface Node {
+  id: number;
+  db: string;
+  child: Deno.ChildProcess;
+  rssPeakKb: number;
+  log: string[];
+}
+
+function startNode(id: number, db: string, url: string): Node {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      CLI,
+      "--db-path",
+      db,
+      "--node-id",
+      String(id),
+      "--nats-url",
+      url,
+      "--replicas",
+      "3",
+      "--shards",
+      String(opt.shards),
+    ],
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const node: Node = { id, db, child, rssPeakKb: 0, log: [] };
+  (async () => {
+    for await (
+      const chunk of child.stderr.pipeThrough(new TextDecoderStream())
+    ) node.log.push(chunk);
+  })();
+  return node;
+}
+
+function rssKb(pid: number): number {
+  try {
+    const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+    return Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] ?? 0);
+  } catch {
+    return 0;
+  }
+}
+
+async function runWriter(args: string[]): Promise<Record<string, number>> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", WRITER, ...args],
+    stdout: "piped",
+    stderr: "inherit",
+  }).output();
+  if (!out.success) throw new Error(`writer ${args.join(" ")} failed`);
+  return JSON.parse(new TextDecoder().decode(out.stdout));
+}
+
+function count(conn: DatabaseSync): number {
+  return Number(
+    (conn.prepare("SELECT count(*) AS n FROM bench").get() as { n: number }).n,
+  );
+}
+
+async function main() {
+  const dir = await Deno.makeTempDir({ prefix: "marmot_bench_" });
+  const servers = await startCluster(`${dir}/nats`, 3);
+  const nodes: Node[] = [];
+  try {
+    log(
+      `machine limits (${opt.rows} rows in transactions of ${opt.txn}, ${opt.rowBytes}-byte payload)`,
+    );
+    const plain = insertRate(dir, false, opt.rows, opt.txn);
+    const captured = insertRate(dir, true, opt.rows, opt.txn);
+    const raw = await rawJetStream(
+      servers,
+      opt.rows * (opt.rowBytes + 40),
+      64 * 1024,
+    );
+
+    // Each node in its own directory, as on separate machines.
+    const dbs = [1, 2, 3].map((i) => `${dir}/node${i}/app.db`);
+    for (const db of dbs) {
+      await Deno.mkdir(db.replace(/\/app\.db$/, ""), { recursive: true });
+      const c = new DatabaseSync(db);
+      c.exec(`PRAGMA journal_mode = WAL; ${SCHEMA}`);
+      c.close();
+    }
+    for (const [i, db] of dbs.entries()) {
+      nodes.push(startNode(i + 1, db, servers[i]!.clientUrl));
+    }
+    const ready = Date.now() + 60000;
+    while (!nodes.every((n) => n.log.join("").includes("Replicating"))) {
+      if (Date.now() > ready) {
+        throw new Error(
+          `marmot did not start:\n${
+            nodes.map((n) => n.log.join("")).join("\n")
+          }`,
+        );
+      }
+      await sleep(50);
+    }
+    const sampler = setInterval(() => {
+      for (const n of nodes) {
+        n.rssPeakKb = Math.max(n.rssPeakKb, rssKb(n.child.pid));
+      }
+    }, 200);
+
+    // Bulk: rows written on node 1 by another process; time until nodes 2 and 3 have all of them.
+    log(`bulk: ${opt.rows} rows on node 1`);
+    const readers = dbs.map((db) => new DatabaseSync(db, { readOnly: true }));
+    const writer = runWriter([
+      "bulk",
+      dbs[0]!,
+      String(opt.rows),
+      String(opt.txn),
+      String(opt.rowBytes),
+    ]);
+    const done: (number | undefined)[] = [undefined, undefined, undefined];
+    const bulkDeadline = Date.now() + 300_000;
+    while (done.slice(1).some((d) => d === undefined)) {
+      for (const i of [1, 2]) {
+        if (done[i] === undefined && count(readers[i]!) >= opt.rows) {
+          done[i] = now();
+        }
+      }
+      if (Date.now() > bulkDeadline) {
+        throw new Error("bulk: nodes 2 and 3 did not get every row in 300 s");
+      }
+      await sleep(10);
+    }
+    const w = await writer;
+    const bulk = {
+      rows: opt.rows,
+      writerSeconds: (w.end! - w.start!) / 1000,
+      node2Seconds: (done[1]! - w.start!) / 1000,
+      node3Seconds: (done[2]! - w.start!) / 1000,
+      rowsPerSecond: opt.rows /
+        ((Math.max(done[1]!, done[2]!) - w.start!) / 1000),
+    };
+    const bulkRss = nodes.map((n) => n.rssPeakKb);
+
+    // Lag: single-row commits at a fixed rate spread over all nodes.
+    log(`lag: ${opt.rate} commits/s for ${opt.duration} s over 3 nodes`);
+    const seen = [new Set<number>(), new Set<number>(), new Set<number>()];
+    const samples: { at: number; lag: number; from: number; to: number }[] = [];
+    const lastVersion = [-1, -1, -1];
+    let observing = true;
+    const observe = (async () => {
+      const versions = readers.map((r) => r.prepare("PRAGMA data_version"));
+      const fresh = readers.map((r) =>
+        r.prepare("SELECT id, ts FROM bench WHERE id >= ? AND id < ?")
+      );
+      // Per destination and origin: the lowest commit number not yet seen.
+      // Rows of one origin can arrive out of order across shards, so rows
+      // above it may already be seen (kept in `seen`).
+      const watermark = [[0, 0, 0], [0, 0, 0], [0, 0, 0]];
+      while (observing) {
+        for (let to = 0; to < 3; to++) {
+          const v = Number(
+            (versions[to]!.get() as { data_version: number }).data_version,
+          );
+          if (v === lastVersion[to]) continue;
+          lastVersion[to] = v;
+          const t = now();
+          for (let from = 1; from <= 3; from++) {
+            if (from === to + 1) continue;
+            const base = from * 10_000_000;
+            const rows = fresh[to]!.all(
+              base + watermark[to]![from - 1]!,
+              base + 10_000_000,
+            ) as { id: number; ts: number }[];
+            for (const r of rows) {
+              if (seen[to]!.has(r.id)) continue;
+              seen[to]!.add(r.id);
+              samples.push({ at: r.ts, lag: t - r.ts, from, to: to + 1 });
+            }
+            while (seen[to]!.has(base + watermark[to]![from - 1]!)) {
+              watermark[to]![from - 1]!++;
+            }
+          }
+        }
+        await sleep(1);
+      }
+    })();
+    const steady = await Promise.all(
+      dbs.map((db, i) =>
+        runWriter([
+          "steady",
+          db,
+          String(i + 1),
+          String(opt.rate / 3),
+          String(opt.duration),
+          String(opt.rowBytes),
+        ])
+      ),
+    );
+    const expected = steady.reduce((s, r) => s + r.rows!, 0) * 2;
+    const lagDeadline = Date.now() + 60_000;
+    while (samples.length < expected && Date.now() < lagDeadline) {
+      await sleep(50);
+    }
+    observing = false;
+    await observe;
+    clearInterval(sampler);
+    for (const n of nodes) {
+      n.rssPeakKb = Math.max(n.rssPeakKb, rssKb(n.child.pid));
+    }
+    const lags = samples.map((s) => s.lag).sort((a, b) => a - b);
+    const lag = {
+      commits: steady.reduce((s, r) => s + r.rows!, 0),
+      observed: samples.length,
+      expected,
+      p50: percentile(lags, 50),
+      p95: percentile(lags, 95),
+      p99: percentile(lags, 99),
+      max: lags[lags.length - 1] ?? NaN,
+    };
+    for (const r of readers) r.close();
+
+    const result = {
+      date: new Date().toISOString(),
+      options: opt,
+      machine: {
+        cores: navigator.hardwareConcurrency,
+        deno: Deno.version.deno,
+      },
+      limits: {
+        sqliteInsertsPerSecond: plain,
+        sqliteInsertsWithCapturePerSecond: captured,
+        writerOverhead: plain / captured,
+        jetStreamR3BytesPerSecond: raw.bytesPerSecond,
+        jetStreamR3RowsPerSecond: raw.bytesPerSecond / (opt.rowBytes + 40),
+      },
+      bulk: {
+        ...bulk,
+        ofRawSqlite: bulk.rowsPerSecond / plain,
+        ofRawJetStream: bulk.rowsPerSecond /
+          (raw.bytesPerSecond / (opt.rowBytes + 40)),
+      },
+      lagMs: lag,
+      memory: {
+        bulkPeakRssMb: bulkRss.map((k) => k / 1024),
+        peakRssMb: nodes.map((n) => n.rssPeakKb / 1024),
+      },
+    };
+    await Deno.mkdir(flags.out!, { recursive: true });
+    const stamp = result.date.replaceAll(":", "-").replace(/\..*/, "");
+    await Deno.writeTextFile(
+      `${flags.out}/${stamp}.json`,
+      JSON.stringify(result, null, 2) + "\n",
+    );
+    await Deno.writeTextFile(`${flags.out}/${stamp}-lag.svg`, lagSvg(samples));
+    printTable(result);
+    console.log(
+      `\nwrote ${flags.out}/${stamp}.json and ${flags.out}/${stamp}-lag.svg`,
+    );
+  } finally {
+    for (const n of nodes) {
+      try {
+        n.child.kill("SIGTERM");
+      } catch { /* exited */ }
+    }
+    await Promise.allSettled(nodes.map((n) => n.child.status));
+    await Promise.allSettled(servers.map((s) => s.stop()));
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+// deno-lint-ignore no-explicit-any -- the JSON result printed as a table
+function printTable(r: any) {
+  const f = (n: number, d = 0) =>
+    n.toLocaleString("en-US", {
+      maximumFractionDigits: d,
+      minimumFractionDigits: d,
+    });
+  const rows: [string, string][] = [
+    [
+      "raw SQLite inserts/s (txn " + r.options.txn + ")",
+      f(r.limits.sqliteInsertsPerSecond),
+    ],
+    [
+      "  with marmot capture triggers",
+      f(r.limits.sqliteInsertsWithCapturePerSecond),
+    ],
+    [
+      "  writer overhead (plain / captured)",
+      f(r.limits.writerOverhead, 2) + "x",
+    ],
+    [
+      "raw JetStream R3 publish MB/s",
+      f(r.limits.jetStreamR3BytesPerSecond / 1e6, 1),
+    ],
+    ["  = rows/s at this row size", f(r.limits.jetStreamR3RowsPerSecond)],
+    ["bulk: rows replicated/s to nodes 2 and 3", f(r.bulk.rowsPerSecond)],
+    [
+      "  writer done / node 2 / node 3 (s)",
+      `${f(r.bulk.writerSeconds, 2)} / ${f(r.bulk.node2Seconds, 2)} / ${
+        f(r.bulk.node3Seconds, 2)
+      }`,
+    ],
+    [
+      "  of raw SQLite / of raw JetStream",
+      `${f(r.bulk.ofRawSqlite * 100, 1)}% / ${
+        f(r.bulk.ofRawJetStream * 100, 1)
+      }%`,
+    ],
+    [
+      `lag at ${r.options.rate} commits/s: p50 / p95 / p99 / max (ms)`,
+      `${f(r.lagMs.p50, 1)} / ${f(r.lagMs.p95, 1)} / ${f(r.lagMs.p99, 1)} / ${
+        f(r.lagMs.max, 1)
+      }`,
+    ],
+    [
+      "  commits, observations (expected)",
+      `${r.lagMs.commits}, ${r.lagMs.observed} (${r.lagMs.expected})`,
+    ],
+    [
+      "peak RSS per marmot, bulk run (MB)",
+      r.memory.bulkPeakRssMb.map((m: number) => f(m, 0)).join(" / "),
+    ],
+    [
+      "peak RSS per marmot, whole run (MB)",
+      r.memory.peakRssMb.map((m: number) => f(m, 0)).join(" / "),
+    ],
+  ];
+  const w = Math.max(...rows.map(([k]) => k.length));
+  console.log(
+    `marmot bench ${r.date} (${r.machine.cores} cores, deno ${r.machine.deno}, ${r.options.shards} shards)`,
+  );
+  for (const [k, v] of rows) console.log(`${k.padEnd(w)}  ${v}`);
+}
+
+function lagSvg(samples: { at: number; lag: number; to: number }[]): string {
+  const W = 800, H = 360, L = 60, B = 40;
+  if (samples.length === 0) {
+    return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}"/>`;
+  }
+  const t0 = Math.min(...samples.map((s) => s.at));
+  const tMax = Math.max(...samples.map((s) => s.at - t0)) / 1000 || 1;
+  const sorted = samples.map((s) => s.lag).sort((a, b) => a - b);
+  const yMax = Math.max(1, percentile(sorted, 99.9) * 1.1);
+  const x = (t: number) => L + ((t / 1000) / tMax) * (W - L - 20);
+  const y = (v: number) => H - B - (Math.min(v, yMax) / yMax) * (H - B - 20);
+  const colors = ["", "#d62728", "#1f77b4", "#2ca02c"];
+  const dots = samples.map((s) =>
+    `<circle cx="${x(s.at - t0).toFixed(1)}" cy="${
+      y(s.lag).toFixed(1)
+    }" r="1.5" fill="${colors[s.to]}" fill-opacity="0.5"/>`
+  ).join("");
+  const ticks = [0, 0.25, 0.5, 0.75, 1].map((f) =>
+    `<text x="${L - 6}" y="${
+      y(f * yMax) + 4
+    }" text-anchor="end" font-size="11">${(f * yMax).toFixed(1)}</text>` +
+    `<line x1="${L}" x2="${W - 20}" y1="${y(f * yMax)}" y2="${
+      y(f * yMax)
+    }" stroke="#ddd"/>`
+  ).join("");
+  return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif">
+<rect width="100%" height="100%" fill="white"/>${ticks}
+<line x1="${L}" y1="${H - B}" x2="${W - 20}" y2="${
+    H - B
+  }" stroke="black"/><line x1="${L}" y1="20" x2="${L}" y2="${
+    H - B
+  }" stroke="black"/>
+<text x="${W / 2}" y="${
+    H - 8
+  }" text-anchor="middle" font-size="12">seconds since start (${
+    tMax.toFixed(1)
+  } s)</text>
+<text x="14" y="${H / 2}" transform="rotate(-90 14 ${
+    H / 2
+  })" text-anchor="middle" font-size="12">replication lag (ms)</text>
+<text x="${W - 20}" y="14" text-anchor="end" font-size="11"><tspan fill="${
+    colors[1]
+  }">to node 1</tspan> <tspan fill="${
+    colors[2]
+  }">to node 2</tspan> <tspan fill="${colors[3]}">to node 3</tspan></text>
+${dots}</svg>
+`;
+}
+
+if (import.meta.main) await main();
