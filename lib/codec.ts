@@ -91,8 +91,13 @@ const Tag = { Null: 0, Int: 1, Real: 2, Text: 3, Blob: 4 } as const;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder("utf-8", { fatal: true });
 
+// One encode buffer for the module, grown as needed and reused: encoding is
+// synchronous, and a fresh buffer per batch (doubled up to the batch size)
+// was most of the garbage a busy publisher made.
+let scratch = new Uint8Array(64 * 1024);
+
 class Writer {
-  buf = new Uint8Array(4096);
+  buf = scratch;
   view = new DataView(this.buf.buffer);
   pos = 0;
 
@@ -104,6 +109,7 @@ class Writer {
     next.set(this.buf.subarray(0, this.pos));
     this.buf = next;
     this.view = new DataView(next.buffer);
+    if (size <= 16 * 1024 * 1024) scratch = next;
   }
 
   u8(v: number): void {

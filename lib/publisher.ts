@@ -37,7 +37,7 @@ export interface PublisherOptions {
   maxPayload: number;
   /** Target uncompressed batch size in bytes. @default 262144 */
   batchBytes?: number;
-  /** Changes read from the log per pass. @default 20000 */
+  /** Changes read from the log per pass. @default 5000 */
   readLimit?: number;
   /** zstd-compress batches. @default true */
   compress?: boolean;
@@ -121,7 +121,7 @@ export class Publisher {
 
   /** Publishes one read of the change log; returns whether it read anything. */
   async #pass(): Promise<boolean> {
-    const limit = this.#options.readLimit ?? 20000;
+    const limit = this.#options.readLimit ?? 5000;
     const { changes, lastSeq } = this.#db.readPending(this.#cursor, limit);
     if (lastSeq === this.#cursor) return false;
     this.#options.log.debug("Read pending changes", {

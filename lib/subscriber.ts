@@ -25,8 +25,8 @@ export interface SubscriberOptions {
   shards: number;
   /** The stream name of a shard. */
   stream: (shard: number) => string;
-  /** Messages queued before the consumers wait. @default 2000 */
-  queueLimit?: number;
+  /** Bytes of messages queued before the consumers wait. @default 8388608 */
+  queueBytes?: number;
   /** Messages applied per transaction at most. @default 1000 */
   applyLimit?: number;
   /** Called after each apply transaction (tests and the CLI use it for progress). */
@@ -64,6 +64,7 @@ export class Subscriber {
   #js: JetStreamClient;
   #options: SubscriberOptions;
   #queue: Queued[] = [];
+  #queuedBytes = 0;
   #wakeApplier: (() => void) | undefined;
   #wakeConsumers: (() => void)[] = [];
   #abort = new AbortController();
@@ -97,7 +98,7 @@ export class Subscriber {
       // Short heartbeats: a consumer lost with its server is noticed (and
       // recreated by the ordered consumer) within seconds, not a minute.
       const messages = await consumer.consume({
-        max_messages: 500,
+        max_messages: 64,
         expires: 10_000,
         idle_heartbeat: 2_000,
       });
@@ -110,12 +111,13 @@ export class Subscriber {
   }
 
   async #pump(shard: number, messages: AsyncIterable<JsMsg>): Promise<void> {
-    const limit = this.#options.queueLimit ?? 2000;
+    const limit = this.#options.queueBytes ?? 8 * 1024 * 1024;
     try {
       for await (const msg of messages) {
         this.#queue.push({ shard, msg });
+        this.#queuedBytes += msg.data.length;
         this.#wakeApplier?.();
-        while (this.#queue.length >= limit && !this.#abort.signal.aborted) {
+        while (this.#queuedBytes >= limit && !this.#abort.signal.aborted) {
           await new Promise<void>((resolve) =>
             this.#wakeConsumers.push(resolve)
           );
@@ -138,6 +140,7 @@ export class Subscriber {
         continue;
       }
       const taken = this.#queue.splice(0, max);
+      for (const t of taken) this.#queuedBytes -= t.msg.data.length;
       for (const wake of this.#wakeConsumers.splice(0)) wake();
       try {
         this.#apply(taken);
@@ -145,6 +148,7 @@ export class Subscriber {
         // The transaction rolled back: nothing of these messages is applied.
         // Put them back and retry (a busy database, a full disk).
         this.#queue.unshift(...taken);
+        for (const t of taken) this.#queuedBytes += t.msg.data.length;
         this.#options.log.error("Cannot apply changes, retrying", { error: e });
         await new Promise((r) => setTimeout(r, 500));
       }
