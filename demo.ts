@@ -1,11 +1,12 @@
 /**
  * A local 3-node demo cluster with the embedded default: three SQLite files,
  * three marmot processes (each running its own nats-server, routed to the
- * others), a row written on node 1 by a separate `sqlite3` process and read
+ * others), a row written on node 1 by this process (not a marmot process) and read
  * back on nodes 2 and 3. `deno task demo`; add `--keep` to leave it running, `--verbose` for every log line.
  *
  * @module
  */
+import { DatabaseSync } from "node:sqlite";
 import { pickFreePorts } from "./lib/nats/nats_server.ts";
 
 const CLI = new URL("./cli.ts", import.meta.url).pathname;
@@ -16,12 +17,16 @@ const dir = await Deno.makeTempDir({ prefix: "marmot_demo_" });
 const dbs = [1, 2, 3].map((i) => `${dir}/node${i}.db`);
 const ports = pickFreePorts(3);
 
+/** Runs SQL on a node's database from this process (not a marmot process). */
 function sqlite(db: string, sql: string): string {
-  const out = new Deno.Command("sqlite3", {
-    args: ["-cmd", ".timeout 10000", db, sql],
-  }).outputSync();
-  if (!out.success) throw new Error(new TextDecoder().decode(out.stderr));
-  return new TextDecoder().decode(out.stdout).trim();
+  const conn = new DatabaseSync(db);
+  try {
+    conn.exec("PRAGMA busy_timeout = 10000");
+    const rows = conn.prepare(sql).all() as Record<string, unknown>[];
+    return rows.map((r) => Object.values(r).join("|")).join("\n");
+  } finally {
+    conn.close();
+  }
 }
 
 console.log(`demo: databases in ${dir}`);
@@ -77,7 +82,7 @@ async function waitFor(
     if (Date.now() > end) {
       throw new Error(`demo: timed out waiting for ${what}`);
     }
-    await new Promise((r) => setTimeout(r, 100));
+    await new Promise((r) => setTimeout(r, 5));
   }
 }
 
@@ -92,7 +97,9 @@ try {
     dbs[0]!,
     "INSERT INTO notes(author, body, at) VALUES ('node 1', 'hello from node 1 ✓', datetime('now'))",
   );
-  console.log("demo: wrote a row on node 1 with sqlite3");
+  console.log(
+    "demo: wrote a row on node 1 (from the demo process, as an application would)",
+  );
   for (const [i, db] of dbs.entries()) {
     await waitFor(
       `the row on node ${i + 1}`,
