@@ -229,7 +229,8 @@ function estimateSize(c: PendingChange): number {
   return n;
 }
 
-function toBatch(
+/** Packs pending changes into a batch, one table entry per table and column list. */
+export function toBatch(
   origin: number,
   epoch: number,
   shard: number,

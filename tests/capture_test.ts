@@ -5,12 +5,10 @@ import assert from "node:assert/strict";
 import { DatabaseSync } from "node:sqlite";
 import {
   type Batch,
-  type Change,
   decodeBatch,
   encodeBatch,
   Op,
   type SqlValue,
-  type TableRef,
 } from "../lib/codec.ts";
 import { parseKey } from "../lib/db/_sql.ts";
 import {
@@ -20,28 +18,20 @@ import {
   ReplicaDb,
 } from "../lib/db/replica_db.ts";
 import { listTables } from "../lib/db/schema.ts";
+import { toBatch as publisherBatch } from "../lib/publisher.ts";
+import { sqlite } from "./_helpers.ts";
+
+/** Builds a batch from pending changes, the way the publisher does. */
+function toBatch(
+  pending: PendingChange[],
+  origin: number,
+  epoch: number,
+  shard = 0,
+): Batch {
+  return publisherBatch(origin, epoch, shard, pending);
+}
 
 const PROCESS_TEST = { sanitizeResources: false, sanitizeOps: false };
-const encoder = new TextEncoder();
-const decoder = new TextDecoder();
-
-/** Runs SQL in a separate sqlite3 process; `json` returns the rows. */
-async function sqlite(path: string, sql: string): Promise<string> {
-  const child = new Deno.Command("sqlite3", {
-    args: ["-batch", "-bail", "-cmd", ".timeout 10000", path],
-    stdin: "piped",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const writer = child.stdin.getWriter();
-  await writer.write(encoder.encode(sql));
-  await writer.close();
-  const out = await child.output();
-  if (!out.success) {
-    throw new Error(`sqlite3 ${path} failed: ${decoder.decode(out.stderr)}`);
-  }
-  return decoder.decode(out.stdout);
-}
 
 async function query<T = Record<string, unknown>>(
   path: string,
@@ -196,32 +186,6 @@ async function openNew(
 ): Promise<ReplicaDb> {
   await sqlite(path, SCHEMA);
   return ReplicaDb.open(path, log ? { log } : {});
-}
-
-/** Builds a batch from pending changes, the way the publisher does. */
-function toBatch(
-  pending: PendingChange[],
-  origin: number,
-  epoch: number,
-  shard = 0,
-): Batch {
-  const tables: TableRef[] = [];
-  const index = new Map<string, number>();
-  const changes: Change[] = [];
-  for (const p of pending) {
-    const id = `${p.table.name}\u0000${p.columns.join("\u0000")}`;
-    let t = index.get(id);
-    if (t === undefined) {
-      index.set(id, t = tables.length);
-      tables.push({ name: p.table.name, schemaVersion: 0, columns: p.columns });
-    }
-    changes.push(
-      p.values
-        ? { table: t, seq: p.seq, key: p.key, op: Op.Upsert, values: p.values }
-        : { table: t, seq: p.seq, key: p.key, op: Op.Delete },
-    );
-  }
-  return { origin, epoch, shard, tables, changes };
 }
 
 /** A stream message carrying `batch`, through the real encoder and decoder. */
