@@ -121,6 +121,9 @@ export class Publisher {
 
   /** Publishes one read of the change log; returns whether it read anything. */
   async #pass(): Promise<boolean> {
+    // A table created or altered since the last pass gets its triggers and
+    // its current columns before anything of it is read.
+    this.#db.refreshSchema();
     const limit = this.#options.readLimit ?? 5000;
     const { changes, lastSeq } = this.#db.readPending(this.#cursor, limit);
     if (lastSeq === this.#cursor) return false;
@@ -165,7 +168,8 @@ export class Publisher {
         compressAbove: this.#options.compress === false ? false : 256,
       },
     );
-    if (bytes.length > this.#options.maxPayload) {
+    // Headroom for the headers (Nats-Msg-Id) that count against max_payload.
+    if (bytes.length > this.#options.maxPayload - 1024) {
       if (changes.length > 1) {
         const half = Math.ceil(changes.length / 2);
         await this.#publishBatch(shard, changes.slice(0, half));

@@ -187,6 +187,7 @@ export class Marmot implements AsyncDisposable {
     const db = ReplicaDb.open(config.dbPath, {
       include: config.include,
       exclude: config.exclude,
+      nodeId: config.nodeId,
       log: (level, message) => log.log(level, message),
     });
     let server: NatsServer | undefined;
@@ -196,7 +197,8 @@ export class Marmot implements AsyncDisposable {
       let clusterSize = 1;
       if (urls.length === 0) {
         const routes = await resolvePeers(config.nats.clusterPeers);
-        clusterSize = 1 + routes.length;
+        clusterSize = 1 +
+          routes.filter((r) => !isOwnRoute(r, config.nats.clusterAddr)).length;
         server = await startEmbedded(config, routes, log, signal);
         urls = [server.clientUrl];
       }
@@ -387,6 +389,26 @@ export class Marmot implements AsyncDisposable {
   /** Same as {@linkcode Marmot.close}. */
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
+  }
+}
+
+/**
+ * Whether a resolved route points at this node's own route listener (a
+ * `dns://` peer name such as Fly's `<app>.internal` resolves to every
+ * machine, this one included).
+ */
+function isOwnRoute(route: string, clusterAddr: string | undefined): boolean {
+  const m = /^nats-route:\/\/\[?([^\]]+?)\]?:(\d+)$/.exec(route);
+  const own = clusterAddr ? /:(\d+)$/.exec(clusterAddr)?.[1] : undefined;
+  if (!m || !own || m[2] !== own) return false;
+  const host = m[1]!;
+  if (host === "localhost" || host === "127.0.0.1" || host === "::1") {
+    return false;
+  }
+  try {
+    return Deno.networkInterfaces().some((i) => i.address === host);
+  } catch {
+    return false;
   }
 }
 

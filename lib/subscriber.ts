@@ -9,6 +9,7 @@
  * @module
  */
 import {
+  type ConsumerMessages,
   DeliverPolicy,
   type JetStreamClient,
   type JsMsg,
@@ -69,7 +70,7 @@ export class Subscriber {
   #wakeConsumers: (() => void)[] = [];
   #abort = new AbortController();
   #tasks: Promise<void>[] = [];
-  #closers: (() => Promise<void>)[] = [];
+  #current = new Map<number, ConsumerMessages>();
   #expected = new Map<number, number>();
 
   constructor(db: ReplicaDb, js: JetStreamClient, options: SubscriberOptions) {
@@ -81,52 +82,85 @@ export class Subscriber {
   /** Starts consuming every shard from its applied sequence. */
   async start(): Promise<void> {
     this.#abort = new AbortController();
-    this.#closers = [];
+    this.#current.clear();
     this.#tasks = [];
     for (let shard = 0; shard < this.#options.shards; shard++) {
-      const applied = this.#db.appliedSeq(shard);
-      this.#expected.set(shard, applied + 1);
-      const consumer = await this.#js.consumers.get(
-        this.#options.stream(shard),
-        applied > 0
-          ? {
-            deliver_policy: DeliverPolicy.StartSequence,
-            opt_start_seq: applied + 1,
-          }
-          : { deliver_policy: DeliverPolicy.All },
-      );
-      // Short heartbeats: a consumer lost with its server is noticed (and
-      // recreated by the ordered consumer) within seconds, not a minute.
-      const messages = await consumer.consume({
-        max_messages: 64,
-        expires: 10_000,
-        idle_heartbeat: 2_000,
-      });
-      this.#closers.push(async () => {
-        await messages.close();
-      });
-      this.#tasks.push(this.#pump(shard, messages));
+      const from = this.#db.appliedSeq(shard) + 1;
+      this.#expected.set(shard, from);
+      const messages = await this.#consume(shard, from);
+      this.#tasks.push(this.#pump(shard, messages, from));
     }
     this.#tasks.push(this.#applyLoop());
   }
 
-  async #pump(shard: number, messages: AsyncIterable<JsMsg>): Promise<void> {
+  /** An ordered consumer of a shard's stream from sequence `from`. */
+  async #consume(shard: number, from: number): Promise<ConsumerMessages> {
+    const consumer = await this.#js.consumers.get(
+      this.#options.stream(shard),
+      from > 1
+        ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: from }
+        : { deliver_policy: DeliverPolicy.All },
+    );
+    // Short heartbeats: a consumer lost with its server is noticed (and
+    // recreated by the ordered consumer) within seconds, not a minute.
+    const messages = await consumer.consume({
+      max_messages: 64,
+      expires: 10_000,
+      idle_heartbeat: 2_000,
+    });
+    this.#current.set(shard, messages);
+    return messages;
+  }
+
+  async #pump(
+    shard: number,
+    messages: ConsumerMessages,
+    from: number,
+  ): Promise<void> {
     const limit = this.#options.queueBytes ?? 8 * 1024 * 1024;
-    try {
-      for await (const msg of messages) {
-        this.#queue.push({ shard, msg });
-        this.#queuedBytes += msg.data.length;
-        this.#wakeApplier?.();
-        while (this.#queuedBytes >= limit && !this.#abort.signal.aborted) {
-          await new Promise<void>((resolve) =>
-            this.#wakeConsumers.push(resolve)
+    let next = from;
+    while (!this.#abort.signal.aborted) {
+      try {
+        for await (const msg of messages) {
+          next = msg.seq + 1;
+          this.#queue.push({ shard, msg });
+          this.#queuedBytes += msg.data.length;
+          this.#wakeApplier?.();
+          while (this.#queuedBytes >= limit && !this.#abort.signal.aborted) {
+            await new Promise<void>((resolve) =>
+              this.#wakeConsumers.push(resolve)
+            );
+          }
+          if (this.#abort.signal.aborted) return;
+        }
+      } catch (e) {
+        if (this.#abort.signal.aborted) return;
+        this.#options.log.warn("Shard consumer failed", { shard, error: e });
+      }
+      // The library gives up on an ordered consumer after repeated failures
+      // (a long JetStream outage); start a new one where this one stopped.
+      for (let attempt = 1; !this.#abort.signal.aborted; attempt++) {
+        this.#options.log.log(
+          attempt % 10 === 1 ? "warn" : "debug",
+          "Re-creating the shard consumer",
+          {
+            shard,
+            from: next,
+            attempt,
+          },
+        );
+        try {
+          messages = await this.#consume(shard, next);
+          break;
+        } catch (e) {
+          this.#options.log.debug("Cannot re-create the shard consumer yet", {
+            shard,
+            error: e,
+          });
+          await new Promise((r) =>
+            setTimeout(r, Math.min(5000, 250 * attempt))
           );
         }
-        if (this.#abort.signal.aborted) break;
-      }
-    } catch (e) {
-      if (!this.#abort.signal.aborted) {
-        this.#options.log.error("Shard consumer stopped", { shard, error: e });
       }
     }
   }
@@ -218,7 +252,7 @@ export class Subscriber {
     this.#abort.abort();
     this.#wakeApplier?.();
     for (const wake of this.#wakeConsumers.splice(0)) wake();
-    await Promise.allSettled(this.#closers.map((c) => c()));
+    await Promise.allSettled([...this.#current.values()].map((m) => m.close()));
     await Promise.allSettled(this.#tasks);
   }
 }

@@ -953,3 +953,169 @@ Deno.test(
       assert.deepEqual(removeMarmot(path), [], "a second run finds nothing");
     }),
 );
+
+Deno.test({
+  name:
+    "ReplicaDb.open() starts a new change log when the file was another node's",
+  ...PROCESS_TEST,
+  fn: () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/copy.db`;
+      await appWrite(path, "CREATE TABLE t(id INTEGER PRIMARY KEY, v);");
+      const first = ReplicaDb.open(path, { nodeId: 1 });
+      const epoch = first.epoch;
+      first.close();
+      await appWrite(path, "INSERT INTO t VALUES (1, 'x');");
+      // Reopened by the same node: same epoch, the pending change stays.
+      const same = ReplicaDb.open(path, { nodeId: 1 });
+      assert.equal(same.epoch, epoch);
+      assert.equal(same.pendingCount(), 1);
+      same.close();
+      // A copy opened by another node: its own epoch, node 1's change dropped.
+      const lines: string[] = [];
+      using other = ReplicaDb.open(path, {
+        nodeId: 2,
+        log: (_l, m) => lines.push(m),
+      });
+      assert.notEqual(other.epoch, epoch);
+      assert.equal(other.pendingCount(), 0);
+      assert.match(
+        lines.join("\n"),
+        /node 1's; starting a new change log for node 2 \(dropped 1/,
+      );
+    }),
+});
+
+Deno.test({
+  name:
+    "applyMessages() applies a change whose UNIQUE value a later change in the same call frees",
+  ...PROCESS_TEST,
+  fn: () =>
+    withTempDir(async (dir) => {
+      const schema =
+        "CREATE TABLE users(id INTEGER PRIMARY KEY, email TEXT UNIQUE, name TEXT);";
+      await appWrite(
+        `${dir}/b.db`,
+        schema + "INSERT INTO users VALUES (1, 'e@x', 'X');",
+      );
+      using b = ReplicaDb.open(`${dir}/b.db`, { nodeId: 2 });
+      const tables = [{
+        name: "users",
+        schemaVersion: 0,
+        columns: ["id", "email", "name"],
+      }];
+      // Origin order after coalescing: Y takes e@x (seq 2) before X's newest
+      // image, which moved X to f@x (seq 3), arrives.
+      const batch: Batch = {
+        origin: 1,
+        epoch: 7,
+        shard: 0,
+        tables,
+        changes: [
+          {
+            table: 0,
+            seq: 2,
+            key: "2",
+            op: Op.Upsert,
+            values: [2n, "e@x", "Y"],
+          },
+          {
+            table: 0,
+            seq: 3,
+            key: "1",
+            op: Op.Upsert,
+            values: [1n, "f@x", "X"],
+          },
+        ],
+      };
+      const result = b.applyMessages([message(batch, 1)], 2);
+      assert.deepStrictEqual(result.parked, []);
+      assert.equal(result.applied, 2);
+      assert.deepStrictEqual(
+        await dumpTable(`${dir}/b.db`, "users"),
+        await (async () => {
+          await appWrite(
+            `${dir}/want.db`,
+            schema +
+              "INSERT INTO users VALUES (1, 'f@x', 'X'), (2, 'e@x', 'Y');",
+          );
+          return dumpTable(`${dir}/want.db`, "users");
+        })(),
+      );
+    }),
+});
+
+Deno.test({
+  name:
+    "applyMessages() parks a change that keeps failing with its values, and applies the rest",
+  ...PROCESS_TEST,
+  fn: () =>
+    withTempDir(async (dir) => {
+      const schema =
+        "CREATE TABLE users(id INTEGER PRIMARY KEY, email TEXT UNIQUE);";
+      await appWrite(
+        `${dir}/b.db`,
+        schema + "INSERT INTO users VALUES (1, 'taken');",
+      );
+      using b = ReplicaDb.open(`${dir}/b.db`, { nodeId: 2 });
+      const batch: Batch = {
+        origin: 1,
+        epoch: 7,
+        shard: 0,
+        tables: [{ name: "users", schemaVersion: 0, columns: ["id", "email"] }],
+        changes: [
+          { table: 0, seq: 1, key: "5", op: Op.Upsert, values: [5n, "taken"] },
+          { table: 0, seq: 2, key: "6", op: Op.Upsert, values: [6n, "free"] },
+        ],
+      };
+      const result = b.applyMessages([message(batch, 41)], 2);
+      assert.equal(result.applied, 1);
+      assert.equal(result.parked.length, 1);
+      assert.equal(result.parked[0]!.seq, 41);
+      assert.equal(result.parked[0]!.key, "5");
+      assert.match(
+        result.parked[0]!.reason,
+        /UNIQUE constraint failed: users\.email/,
+      );
+      const row = b.db.prepare("SELECT data FROM __marmot__parked").get() as {
+        data: Uint8Array;
+      };
+      const kept = decodeBatch(row.data);
+      assert.deepStrictEqual(kept.changes[0]!.values, [5n, "taken"]);
+      assert.equal(kept.origin, 1);
+    }),
+});
+
+Deno.test({
+  name:
+    "applyMessages() applies a child row before its parent (foreign keys are the origin's job)",
+  ...PROCESS_TEST,
+  fn: () =>
+    withTempDir(async (dir) => {
+      await appWrite(
+        `${dir}/b.db`,
+        "CREATE TABLE parent(id INTEGER PRIMARY KEY); CREATE TABLE child(id INTEGER PRIMARY KEY, parent INTEGER NOT NULL REFERENCES parent(id));",
+      );
+      using b = ReplicaDb.open(`${dir}/b.db`, { nodeId: 2 });
+      const batch: Batch = {
+        origin: 1,
+        epoch: 7,
+        shard: 1,
+        tables: [{
+          name: "child",
+          schemaVersion: 0,
+          columns: ["id", "parent"],
+        }],
+        changes: [{
+          table: 0,
+          seq: 9,
+          key: "1",
+          op: Op.Upsert,
+          values: [1n, 100n],
+        }],
+      };
+      const result = b.applyMessages([message(batch, 1, 1)], 2);
+      assert.deepStrictEqual(result.parked, []);
+      assert.equal(result.applied, 1);
+    }),
+});

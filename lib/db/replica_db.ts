@@ -21,7 +21,14 @@
  * @module
  */
 import { DatabaseSync, type StatementSync } from "node:sqlite";
-import { type Batch, Op, type SqlValue } from "../codec.ts";
+import {
+  type Batch,
+  type Change,
+  encodeBatch,
+  Op,
+  type SqlValue,
+  type TableRef,
+} from "../codec.ts";
 import { parseKey, quoteIdent, quoteText } from "./_sql.ts";
 import { listTables, MARMOT_PREFIX, type TableInfo } from "./schema.ts";
 
@@ -120,6 +127,8 @@ export interface ReplicaDbOptions {
   exclude?: string[];
   /** Busy timeout in milliseconds. @default 10000 */
   busyTimeout?: number;
+  /** This node's id; a database last used by another node starts a new change log. */
+  nodeId?: number;
   /** Receives log lines. */
   log?: (level: "info" | "warn" | "debug", message: string) => void;
 }
@@ -145,15 +154,37 @@ export class ReplicaDb implements Disposable {
     this.db = db;
     this.#options = options;
     db.exec(SETUP_SQL);
-    const row = db.prepare(`SELECT value FROM ${T.meta} WHERE key = 'epoch'`)
-      .get() as { value: number } | undefined;
-    if (row) {
-      this.epoch = Number(row.value);
+    const meta = (key: string) =>
+      (db.prepare(`SELECT value FROM ${T.meta} WHERE key = ?`).get(key) as
+        | { value: number }
+        | undefined)?.value;
+    const setMeta = (key: string, value: number) =>
+      db.prepare(
+        `INSERT INTO ${T.meta}(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value`,
+      ).run(key, value);
+    const epoch = meta("epoch");
+    const node = meta("node");
+    if (
+      epoch !== undefined && options.nodeId !== undefined &&
+      node !== undefined &&
+      Number(node) !== options.nodeId
+    ) {
+      // A copy of another node's database: its pending changes belong to
+      // that node (which publishes them), and this node needs its own epoch.
+      const dropped = db.prepare(`DELETE FROM ${T.changes}`).run().changes;
+      options.log?.(
+        "warn",
+        `Database was node ${node}'s; starting a new change log for node ${options.nodeId} (dropped ${dropped} of its pending changes)`,
+      );
+      this.epoch = Math.floor(Math.random() * 2 ** 48) + 1;
+      setMeta("epoch", this.epoch);
+    } else if (epoch !== undefined) {
+      this.epoch = Number(epoch);
     } else {
       this.epoch = Math.floor(Math.random() * 2 ** 48) + 1;
-      db.prepare(`INSERT INTO ${T.meta}(key, value) VALUES ('epoch', ?)`)
-        .run(this.epoch);
+      setMeta("epoch", this.epoch);
     }
+    if (options.nodeId !== undefined) setMeta("node", options.nodeId);
     for (
       const r of db.prepare(`SELECT shard, node, epoch, seq FROM ${T.origins}`)
         .all() as { shard: number; node: number; epoch: number; seq: number }[]
@@ -199,6 +230,10 @@ export class ReplicaDb implements Disposable {
         );
       }
       db.exec("PRAGMA synchronous = NORMAL");
+      // The origin enforced its constraints, and cascades arrive as captured
+      // changes; shards apply independently, so a child can arrive before its
+      // parent.
+      db.exec("PRAGMA foreign_keys = OFF");
       return new ReplicaDb(path, db, options);
     } catch (e) {
       db?.close();
@@ -241,9 +276,11 @@ export class ReplicaDb implements Disposable {
       }
       for (const t of tables) this.db.exec(captureTriggersSql(t));
       this.#tables = new Map(tables.map((t) => [t.name, t]));
+      // Inside the transaction: DDL committed by another connection right
+      // after it must show up as a change on the next call.
+      this.#schemaVersion = this.#pragmaNumber("schema_version");
     });
     this.#stmts.clear();
-    this.#schemaVersion = this.#pragmaNumber("schema_version");
     return true;
   }
 
@@ -369,6 +406,15 @@ export class ReplicaDb implements Disposable {
         data ?? null,
       );
     };
+    const failed: {
+      m: IncomingMessage;
+      batch: Batch;
+      ref: TableRef;
+      change: Change;
+      touch: number;
+    }[] = [];
+    const lastTouch = new Map<string, number>();
+    let touches = 0;
     this.#transaction("IMMEDIATE", () => {
       this.#stmt("apply.on", () => `INSERT INTO ${T.apply}(x) VALUES (1)`)
         .run();
@@ -421,19 +467,16 @@ export class ReplicaDb implements Disposable {
               result.skipped++;
               continue;
             }
+            const rowId = `${ref.name}\u0000${c.key}`;
+            lastTouch.set(rowId, ++touches);
             try {
-              if (c.op === Op.Upsert) {
-                this.#upsert(ref.name, ref.columns, c.values!);
-              } else this.#delete(ref.name, c.key);
+              this.#applyChange(ref, c);
               result.applied++;
             } catch (e) {
-              park({
-                stream: m.stream,
-                seq: m.seq,
-                table: ref.name,
-                key: c.key,
-                reason: e instanceof Error ? e.message : String(e),
-              });
+              // SQLite rolled the whole transaction back (disk full, I/O):
+              // nothing of this call holds, so let the caller retry it all.
+              if (!this.db.isTransaction) throw e;
+              failed.push({ m, batch: b, ref, change: c, touch: touches });
             }
           }
           originUpdates.set(originId, {
@@ -442,6 +485,35 @@ export class ReplicaDb implements Disposable {
             epoch: b.epoch,
             seq: originSeq,
           });
+        }
+        // A change can fail only because of the order it arrived in (a UNIQUE
+        // value that a later change in the same transaction frees): try the
+        // failed ones once more, then park them with their values.
+        for (const f of failed) {
+          // A later change to the same row in this call supersedes it.
+          if (lastTouch.get(`${f.ref.name}\u0000${f.change.key}`) !== f.touch) {
+            continue;
+          }
+          try {
+            this.#applyChange(f.ref, f.change);
+            result.applied++;
+          } catch (e) {
+            if (!this.db.isTransaction) throw e;
+            park(
+              {
+                stream: f.m.stream,
+                seq: f.m.seq,
+                table: f.ref.name,
+                key: f.change.key,
+                reason: e instanceof Error ? e.message : String(e),
+              },
+              encodeBatch({
+                ...f.batch,
+                tables: [f.ref],
+                changes: [{ ...f.change, table: 0 }],
+              }),
+            );
+          }
         }
         const setOrigin = this.#stmt(
           "origins.set",
@@ -465,6 +537,11 @@ export class ReplicaDb implements Disposable {
     });
     for (const [id, o] of originUpdates) this.#origins.set(id, o.seq);
     return result;
+  }
+
+  #applyChange(ref: TableRef, c: Change): void {
+    if (c.op === Op.Upsert) this.#upsert(ref.name, ref.columns, c.values!);
+    else this.#delete(ref.name, c.key);
   }
 
   #upsert(table: string, columns: string[], values: SqlValue[]): void {
