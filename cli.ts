@@ -25,7 +25,6 @@ import {
 } from "./lib/config.ts";
 import { DatabaseError, removeMarmot } from "./lib/db/replica_db.ts";
 import { Marmot } from "./lib/replicator.ts";
-import { NatsServerError } from "./lib/nats/nats_server.ts";
 
 const USAGE =
   `marmot ${denoJson.version}: multi-primary SQLite replication over NATS JetStream
@@ -224,11 +223,7 @@ export async function main(args: string[]): Promise<number> {
   } catch (e) {
     if (stopping && !marmot) return 0;
     console.error(`marmot: ${e instanceof Error ? e.message : e}`);
-    return e instanceof ConfigError || e instanceof DatabaseError
-      ? 2
-      : e instanceof NatsServerError
-      ? 1
-      : 1;
+    return e instanceof ConfigError || e instanceof DatabaseError ? 2 : 1;
   } finally {
     for (const s of signals) Deno.removeSignalListener(s, stop);
   }

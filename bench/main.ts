@@ -456,27 +456,42 @@ function printTable(r: any) {
   for (const [k, v] of rows) console.log(`${k.padEnd(w)}  ${v}`);
 }
 
-function lagSvg(samples: { at: number; lag: number; to: number }[]): string {
-  const W = 800, H = 360, L = 60, B = 40;
+/** Lag over time: p50, p99 and max per 250 ms of commit time. */
+function lagSvg(samples: { at: number; lag: number }[]): string {
+  const W = 800, H = 360, L = 60, B = 40, BIN = 250;
   if (samples.length === 0) {
     return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}"/>`;
   }
   const t0 = Math.min(...samples.map((s) => s.at));
-  const tMax = Math.max(...samples.map((s) => s.at - t0)) / 1000 || 1;
-  const sorted = samples.map((s) => s.lag).sort((a, b) => a - b);
-  const yMax = Math.max(1, percentile(sorted, 99.9) * 1.1);
-  const x = (t: number) => L + ((t / 1000) / tMax) * (W - L - 20);
-  const y = (v: number) => H - B - (Math.min(v, yMax) / yMax) * (H - B - 20);
-  const colors = ["", "#d62728", "#1f77b4", "#2ca02c"];
-  const dots = samples.map((s) =>
-    `<circle cx="${x(s.at - t0).toFixed(1)}" cy="${
-      y(s.lag).toFixed(1)
-    }" r="1.5" fill="${colors[s.to]}" fill-opacity="0.5"/>`
-  ).join("");
+  const bins = new Map<number, number[]>();
+  for (const s of samples) {
+    const k = Math.floor((s.at - t0) / BIN);
+    let list = bins.get(k);
+    if (!list) bins.set(k, list = []);
+    list.push(s.lag);
+  }
+  const keys = [...bins.keys()].sort((a, b) => a - b);
+  const stats = keys.map((k) => {
+    const v = bins.get(k)!.sort((a, b) => a - b);
+    return {
+      t: (k * BIN) / 1000,
+      p50: percentile(v, 50),
+      p99: percentile(v, 99),
+      max: v[v.length - 1]!,
+    };
+  });
+  const tMax = Math.max(1, stats[stats.length - 1]!.t);
+  const yMax = Math.max(1, ...stats.map((s) => s.max)) * 1.05;
+  const x = (t: number) => L + (t / tMax) * (W - L - 20);
+  const y = (v: number) => H - B - (v / yMax) * (H - B - 20);
+  const line = (key: "p50" | "p99" | "max", color: string) =>
+    `<polyline fill="none" stroke="${color}" stroke-width="1.5" points="${
+      stats.map((s) => `${x(s.t).toFixed(1)},${y(s[key]).toFixed(1)}`).join(" ")
+    }"/>`;
   const ticks = [0, 0.25, 0.5, 0.75, 1].map((f) =>
     `<text x="${L - 6}" y="${
       y(f * yMax) + 4
-    }" text-anchor="end" font-size="11">${(f * yMax).toFixed(1)}</text>` +
+    }" text-anchor="end" font-size="11">${(f * yMax).toFixed(0)}</text>` +
     `<line x1="${L}" x2="${W - 20}" y1="${y(f * yMax)}" y2="${
       y(f * yMax)
     }" stroke="#ddd"/>`
@@ -492,16 +507,15 @@ function lagSvg(samples: { at: number; lag: number; to: number }[]): string {
     H - 8
   }" text-anchor="middle" font-size="12">seconds since start (${
     tMax.toFixed(1)
-  } s)</text>
+  } s, 250 ms bins)</text>
 <text x="14" y="${H / 2}" transform="rotate(-90 14 ${
     H / 2
   })" text-anchor="middle" font-size="12">replication lag (ms)</text>
-<text x="${W - 20}" y="14" text-anchor="end" font-size="11"><tspan fill="${
-    colors[1]
-  }">to node 1</tspan> <tspan fill="${
-    colors[2]
-  }">to node 2</tspan> <tspan fill="${colors[3]}">to node 3</tspan></text>
-${dots}</svg>
+<text x="${
+    W - 20
+  }" y="14" text-anchor="end" font-size="11"><tspan fill="#1f77b4">p50</tspan> <tspan fill="#ff7f0e">p99</tspan> <tspan fill="#d62728">max</tspan></text>
+${line("max", "#d62728")}${line("p99", "#ff7f0e")}${line("p50", "#1f77b4")}
+</svg>
 `;
 }
 
