@@ -231,6 +231,23 @@ class Reader {
     }
   }
 
+  /** Steps over a value without materializing it. */
+  skipValue(): void {
+    const tag = this.u8();
+    if (tag === Tag.Int || tag === Tag.Real) {
+      this.need(8);
+      this.pos += 8;
+    } else if (tag === Tag.Text || tag === Tag.Blob) {
+      const n = this.varint();
+      this.need(n);
+      this.pos += n;
+    } else if (tag !== Tag.Null) {
+      throw new CodecError(
+        `Cannot decode batch: unknown value tag ${tag} at byte ${this.pos - 1}`,
+      );
+    }
+  }
+
   value(): SqlValue {
     const tag = this.u8();
     switch (tag) {
@@ -331,13 +348,27 @@ export function encodeBatch(
   return out;
 }
 
+/** Options for {@linkcode decodeBatch}. */
+export interface DecodeOptions {
+  /**
+   * Whether to materialize the row images of a batch from this origin; when
+   * it returns false, upserts come without `values` (their bytes are still
+   * checked). A node reading back its own batches needs only their keys.
+   * @default every origin
+   */
+  values?: (origin: number, epoch: number) => boolean;
+}
+
 /**
  * Decodes envelope bytes.
  *
  * @throws {CodecError} when the bytes are not a valid envelope of a version
  *   this code reads
  */
-export function decodeBatch(bytes: Uint8Array): Batch {
+export function decodeBatch(
+  bytes: Uint8Array,
+  options: DecodeOptions = {},
+): Batch {
   if (bytes.length < 4 || bytes[0] !== MAGIC_0 || bytes[1] !== MAGIC_1) {
     throw new CodecError(
       `Cannot decode batch: not a marmot envelope (${bytes.length} bytes, no "MR" magic)`,
@@ -365,6 +396,7 @@ export function decodeBatch(bytes: Uint8Array): Batch {
   const r = new Reader(body);
   const origin = r.varint();
   const epoch = r.varint();
+  const withValues = options.values?.(origin, epoch) ?? true;
   const shard = r.varint();
   const tableCount = r.varint();
   const tables: TableRef[] = [];
@@ -389,7 +421,10 @@ export function decodeBatch(bytes: Uint8Array): Batch {
     const seq = r.varint();
     const key = r.text();
     const op = r.u8();
-    if (op === Op.Upsert) {
+    if (op === Op.Upsert && !withValues) {
+      for (let j = 0; j < ref.columns.length; j++) r.skipValue();
+      changes.push({ table, seq, key, op });
+    } else if (op === Op.Upsert) {
       const values: SqlValue[] = [];
       for (let j = 0; j < ref.columns.length; j++) values.push(r.value());
       changes.push({ table, seq, key, op, values });

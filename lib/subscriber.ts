@@ -14,7 +14,7 @@ import {
   type JetStreamClient,
   type JsMsg,
 } from "@nats-io/jetstream";
-import { decodeBatch } from "./codec.ts";
+import { type Batch, decodeBatch } from "./codec.ts";
 import type { IncomingMessage, ReplicaDb } from "./db/replica_db.ts";
 import type { Logger } from "./log.ts";
 
@@ -71,6 +71,8 @@ export class Subscriber {
   #abort = new AbortController();
   #tasks: Promise<void>[] = [];
   #current = new Map<number, ConsumerMessages>();
+  #deferred: IncomingMessage[] = [];
+  #deferTimer: ReturnType<typeof setTimeout> | undefined;
   #expected = new Map<number, number>();
 
   constructor(db: ReplicaDb, js: JetStreamClient, options: SubscriberOptions) {
@@ -208,7 +210,7 @@ export class Subscriber {
       this.#expected.set(shard, msg.seq + 1);
       let batch;
       try {
-        batch = decodeBatch(msg.data);
+        batch = decodeBatch(msg.data, { values: this.#valuesFor });
       } catch (e) {
         batch = e instanceof Error ? e : new Error(String(e));
       }
@@ -221,21 +223,23 @@ export class Subscriber {
       });
     }
     if (incoming.length === 0) return;
+    // This node's own batches only remove their changes from the change log.
+    // Alone they can wait (50 ms, or until a batch of another node arrives,
+    // and they are applied first, in the same transaction): stream order is
+    // kept, and a busy node saves a write transaction per own batch.
+    const own = incoming.every((m) =>
+      !(m.batch instanceof Error) && this.#isOwn(m.batch)
+    );
+    if (own && this.#deferred.length + incoming.length < 1000) {
+      this.#deferred.push(...incoming);
+      this.#deferTimer ??= setTimeout(() => this.#flushDeferred(), 50);
+      return;
+    }
     try {
-      const result = this.#db.applyMessages(incoming, this.#options.nodeId);
-      this.stats.messages += incoming.length;
-      this.stats.applied += result.applied;
-      this.stats.skipped += result.skipped;
-      this.stats.parked += result.parked.length;
-      for (const p of result.parked) {
-        this.#options.log.error("Parked a change that cannot be applied", {
-          ...p,
-        });
-      }
-      this.#options.onApplied?.({
-        messages: incoming.length,
-        applied: result.applied,
-      });
+      this.#applyNow([...this.#deferred, ...incoming]);
+      this.#deferred = [];
+      clearTimeout(this.#deferTimer);
+      this.#deferTimer = undefined;
     } catch (e) {
       for (const m of incoming) {
         this.#expected.set(
@@ -247,6 +251,43 @@ export class Subscriber {
     }
   }
 
+  #isOwn(b: Batch): boolean {
+    return b.origin === this.#options.nodeId && b.epoch === this.#db.epoch;
+  }
+
+  /** Row images are needed for other nodes' batches only. */
+  #valuesFor = (origin: number, epoch: number): boolean =>
+    origin !== this.#options.nodeId || epoch !== this.#db.epoch;
+
+  #flushDeferred(): void {
+    this.#deferTimer = undefined;
+    if (this.#deferred.length === 0) return;
+    try {
+      this.#applyNow(this.#deferred);
+      this.#deferred = [];
+    } catch (e) {
+      this.#options.log.error("Cannot apply changes, retrying", { error: e });
+      this.#deferTimer = setTimeout(() => this.#flushDeferred(), 500);
+    }
+  }
+
+  #applyNow(messages: IncomingMessage[]): void {
+    const result = this.#db.applyMessages(messages, this.#options.nodeId);
+    this.stats.messages += messages.length;
+    this.stats.applied += result.applied;
+    this.stats.skipped += result.skipped;
+    this.stats.parked += result.parked.length;
+    for (const p of result.parked) {
+      this.#options.log.error("Parked a change that cannot be applied", {
+        ...p,
+      });
+    }
+    this.#options.onApplied?.({
+      messages: messages.length,
+      applied: result.applied,
+    });
+  }
+
   /** Stops consuming; what was not applied is read again on the next start. */
   async close(): Promise<void> {
     this.#abort.abort();
@@ -254,5 +295,7 @@ export class Subscriber {
     for (const wake of this.#wakeConsumers.splice(0)) wake();
     await Promise.allSettled([...this.#current.values()].map((m) => m.close()));
     await Promise.allSettled(this.#tasks);
+    clearTimeout(this.#deferTimer);
+    this.#flushDeferred();
   }
 }

@@ -436,3 +436,45 @@ Deno.test({
     }
   },
 });
+
+Deno.test("decodeBatch() skips the row images of the origins it is told to, and still checks their bytes", () => {
+  const batch: Batch = {
+    origin: 3,
+    epoch: 11,
+    shard: 2,
+    tables: [{
+      name: "t",
+      schemaVersion: 0,
+      columns: ["id", "body", "raw", "n", "r"],
+    }],
+    changes: [
+      {
+        table: 0,
+        seq: 1,
+        key: "1",
+        op: Op.Upsert,
+        values: [1n, "text ✓", new Uint8Array([1, 2]), null, 1.5],
+      },
+      { table: 0, seq: 2, key: "2", op: Op.Delete },
+    ],
+  };
+  const bytes = encodeBatch(batch, { compressAbove: false });
+  const seen: [number, number][] = [];
+  const keysOnly = decodeBatch(bytes, {
+    values: (o, e) => (seen.push([o, e]), false),
+  });
+  assert.deepStrictEqual(seen, [[3, 11]]);
+  assert.deepStrictEqual(keysOnly.changes, [
+    { table: 0, seq: 1, key: "1", op: Op.Upsert },
+    { table: 0, seq: 2, key: "2", op: Op.Delete },
+  ]);
+  assert.deepStrictEqual(
+    decodeBatch(bytes, { values: () => true }).changes[0]!.values,
+    batch.changes[0]!.values,
+  );
+  assert.throws(
+    () =>
+      decodeBatch(bytes.subarray(0, bytes.length - 3), { values: () => false }),
+    CodecError,
+  );
+});
