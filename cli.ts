@@ -47,6 +47,13 @@ Options (override the config file):
       --version              the version
 `;
 
+/**
+ * V8 flags to run marmot with (`deno run --v8-flags=...`, and baked in by
+ * `deno compile`): a 2 MiB young generation keeps peak RSS of a busy node
+ * around 135 MB instead of ~190 MB, at no measured cost in throughput.
+ */
+export const V8_FLAGS = "--v8-flags=--max-semi-space-size=2";
+
 /** Thrown for a bad command line. */
 class UsageError extends Error {
   override name = "UsageError";

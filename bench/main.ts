@@ -18,6 +18,7 @@ import { DatabaseSync } from "node:sqlite";
 import { parseArgs } from "node:util";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
 import { type NatsServer, startCluster } from "../lib/nats/nats_server.ts";
+import { V8_FLAGS } from "../cli.ts";
 
 const { values: flags } = parseArgs({
   args: Deno.args,
@@ -137,6 +138,7 @@ function startNode(id: number, db: string, url: string): Node {
   const child = new Deno.Command(Deno.execPath(), {
     args: [
       "run",
+      V8_FLAGS,
       "-A",
       CLI,
       "--db-path",

@@ -2,6 +2,7 @@
 // application's writes, real marmot processes (cli.ts), and table dumps to
 // compare nodes.
 import { fileURLToPath } from "node:url";
+import { V8_FLAGS } from "../cli.ts";
 import { pickFreePorts } from "../lib/nats/nats_server.ts";
 
 export const CLI = fileURLToPath(new URL("../cli.ts", import.meta.url));
@@ -111,7 +112,7 @@ export class MarmotProcess {
   constructor(args: string[]) {
     this.args = args;
     this.#child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", CLI, ...args],
+      args: ["run", V8_FLAGS, "-A", CLI, ...args],
       stdout: "piped",
       stderr: "piped",
     }).spawn();
