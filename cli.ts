@@ -49,10 +49,11 @@ Options (override the config file):
 
 /**
  * V8 flags to run marmot with (`deno run --v8-flags=...`, and baked in by
- * `deno compile`): a 2 MiB young generation keeps peak RSS of a busy node
- * around 135 MB instead of ~190 MB, at no measured cost in throughput.
+ * `deno compile`): an 8 MiB young generation keeps the peak RSS of a busy
+ * node near 145 MB instead of ~190 MB (bench/README.md); 2 MiB saves more
+ * memory but costs throughput and lag.
  */
-export const V8_FLAGS = "--v8-flags=--max-semi-space-size=2";
+export const V8_FLAGS = "--v8-flags=--max-semi-space-size=8";
 
 /** Thrown for a bad command line. */
 class UsageError extends Error {
