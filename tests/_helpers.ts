@@ -174,6 +174,24 @@ export class MarmotProcess {
   }
 }
 
+/** Arguments for a node that uses external NATS servers with R3 streams. */
+export function externalArgs(
+  dbPath: string,
+  nodeId: number,
+  url: string,
+): string[] {
+  return [
+    "--db-path",
+    dbPath,
+    "--node-id",
+    String(nodeId),
+    "--nats-url",
+    url,
+    "--replicas",
+    "3",
+  ];
+}
+
 /** Arguments for node `i` (0-based) of an embedded-mode cluster of route ports `ports`. */
 export function embeddedArgs(
   dbPath: string,

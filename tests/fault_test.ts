@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { startCluster } from "../lib/nats/nats_server.ts";
 import {
   embeddedArgs,
+  externalArgs,
   MarmotProcess,
   pickFreePorts,
   PROCESS_TEST,
@@ -158,16 +159,7 @@ Deno.test({
     await Promise.all(dbs.map((db) => sqlite(db, SCHEMA)));
     // Each marmot knows only its own server first; the client learns the others.
     const marmots = dbs.map((db, i) =>
-      new MarmotProcess([
-        "--db-path",
-        db,
-        "--node-id",
-        String(i + 1),
-        "--nats-url",
-        servers[i]!.clientUrl,
-        "--replicas",
-        "3",
-      ])
+      new MarmotProcess(externalArgs(db, i + 1, servers[i]!.clientUrl))
     );
     try {
       await Promise.all(marmots.map((m) => m.waitForLog("Replicating")));

@@ -6,6 +6,7 @@ import { type NatsServer, startCluster } from "../lib/nats/nats_server.ts";
 import {
   dump,
   embeddedArgs,
+  externalArgs,
   MarmotProcess,
   pickFreePorts,
   PROCESS_TEST,
@@ -169,16 +170,7 @@ Deno.test({
     const servers: NatsServer[] = await startCluster(`${dir.path}/nats`, 3);
     const dbs = await createDbs(dir.path);
     const marmots = dbs.map((db, i) =>
-      new MarmotProcess([
-        "--db-path",
-        db,
-        "--node-id",
-        String(i + 1),
-        "--nats-url",
-        servers[i]!.clientUrl,
-        "--replicas",
-        "3",
-      ])
+      new MarmotProcess(externalArgs(db, i + 1, servers[i]!.clientUrl))
     );
     try {
       await Promise.all(marmots.map((m) => m.waitForLog("Replicating")));
