@@ -42,6 +42,8 @@ Options (override the config file):
       --cluster-peers LIST   routes: nats://host:port or dns://name:port, comma-separated
       --shards N             shard count ([replication_log] shards)
       --replicas N           stream replicas ([replication_log] replicas)
+      --exec COMMAND         run the application once the database is ready
+                             (exec); marmot forwards signals and exits with its code
   -v, --verbose              debug logging ([logging] verbose)
   -h, --help                 this text
       --version              the version
@@ -69,6 +71,7 @@ const OPTIONS = {
   "cluster-peers": { type: "string", multiple: true },
   shards: { type: "string" },
   replicas: { type: "string" },
+  exec: { type: "string" },
   verbose: { type: "boolean", short: "v" },
   help: { type: "boolean", short: "h" },
   version: { type: "boolean" },
@@ -170,6 +173,7 @@ export async function parseCommandLine(
       "replicas",
     );
   }
+  if (values.exec !== undefined) flag("", "exec", values.exec, "exec");
   if (values.verbose) config.logging.verbose = true;
   validateConfig(config);
   return { command: sub === "cleanup" ? "cleanup" : "run", config };
@@ -214,17 +218,49 @@ export async function main(args: string[]): Promise<number> {
   const abort = new AbortController();
   let stopping = false;
   let marmot: Marmot | undefined;
-  const stop = () => {
-    if (stopping) return;
-    stopping = true;
-    abort.abort(new Error("Stopped by signal"));
-    marmot?.close();
-  };
+  let app: Deno.ChildProcess | undefined;
   const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
-  for (const s of signals) Deno.addSignalListener(s, stop);
+  const listeners = signals.map((signal) => {
+    const listener = () => {
+      if (app) {
+        // The application decides when to stop; marmot follows it.
+        try {
+          app.kill(signal);
+        } catch { /* already exited */ }
+        return;
+      }
+      if (stopping) return;
+      stopping = true;
+      abort.abort(new Error("Stopped by signal"));
+      marmot?.close();
+    };
+    Deno.addSignalListener(signal, listener);
+    return { signal, listener };
+  });
   try {
     marmot = await Marmot.start({ ...config }, abort.signal);
     if (stopping) marmot.close();
+    if (config.exec !== undefined && !stopping) {
+      await marmot.catchUp(config.catchUpTimeout * 1000, abort.signal)
+        .catch(() => false);
+      if (!stopping) {
+        app = new Deno.Command("sh", {
+          args: ["-c", `exec ${config.exec}`],
+          stdin: "inherit",
+          stdout: "inherit",
+          stderr: "inherit",
+        }).spawn();
+        console.error(
+          `marmot: started the application (pid ${app.pid}): ${config.exec}`,
+        );
+        const status = await app.status;
+        console.error(
+          `marmot: the application exited with code ${status.code}; stopping`,
+        );
+        await marmot.close();
+        return status.code;
+      }
+    }
     await waitClosed(marmot, abort.signal);
     await marmot.close();
     return 0;
@@ -233,7 +269,9 @@ export async function main(args: string[]): Promise<number> {
     console.error(`marmot: ${e instanceof Error ? e.message : e}`);
     return e instanceof ConfigError || e instanceof DatabaseError ? 2 : 1;
   } finally {
-    for (const s of signals) Deno.removeSignalListener(s, stop);
+    for (const { signal, listener } of listeners) {
+      Deno.removeSignalListener(signal, listener);
+    }
   }
 }
 

@@ -18,6 +18,13 @@ export interface MarmotConfig {
   dbPath: string;
   /** This node's id, a positive integer unique in the cluster. @default derived from the host name */
   nodeId: number;
+  /**
+   * The application to run once the database is ready (`sh -c "exec <exec>"`);
+   * marmot forwards SIGINT/SIGTERM to it and exits with its exit code.
+   */
+  exec: string | undefined;
+  /** Seconds to wait for catching up with the streams before starting `exec`. @default 60 */
+  catchUpTimeout: number;
   /** Tables to replicate (all user tables when empty). @default [] */
   include: string[];
   /** Tables never replicated. @default [] */
@@ -80,6 +87,8 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
   return {
     dbPath,
     nodeId: nodeIdFromHost(),
+    exec: undefined,
+    catchUpTimeout: 60,
     include: [],
     exclude: [],
     replicationLog: {
@@ -126,6 +135,16 @@ const subjectPrefix = (v: string) =>
 const KEYS: Record<string, Record<string, Key>> = {
   "": {
     db_path: { kind: "string", set: (c, v: string) => c.dbPath = v },
+    exec: {
+      kind: "string",
+      set: (c, v: string) => c.exec = v,
+      check: (v: string) => v.trim() ? undefined : "must not be empty",
+    },
+    catch_up_timeout: {
+      kind: "int",
+      set: (c, v: number) => c.catchUpTimeout = v,
+      check: (v: number) => v >= 0 ? undefined : "must be 0 or more seconds",
+    },
     node_id: {
       kind: "int",
       set: (c, v: number) => c.nodeId = v,

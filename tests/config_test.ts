@@ -17,6 +17,8 @@ const FULL_TOML = `
 # Every key marmot reads.
 db_path = "/data/app.db"
 node_id = 42
+exec = "pocketbase serve --http=0.0.0.0:8080"
+catch_up_timeout = 30
 
 [tables]
 include = ["users", "odd \\"name\\"", "ünï 🙂"]
@@ -48,6 +50,8 @@ format = "json"
 const FULL: MarmotConfig = {
   dbPath: "/data/app.db",
   nodeId: 42,
+  exec: "pocketbase serve --http=0.0.0.0:8080",
+  catchUpTimeout: 30,
   include: ["users", 'odd "name"', "ünï 🙂"],
   exclude: ["sessions"],
   replicationLog: {
@@ -501,4 +505,25 @@ Deno.test({
   // 'Invalid config file "bad.toml": unknown key "nats"', which sends the
   // user looking for a typo in a key that exists and omits the value.
   fn: () => assertTomlError('nats = "x"', ['"nats"', "table", '"x"']),
+});
+
+Deno.test("applyToml() reads exec and catch_up_timeout, and rejects an empty exec", () => {
+  const config = defaultConfig("/data/app.db");
+  assert.equal(config.exec, undefined);
+  assert.equal(config.catchUpTimeout, 60);
+  applyToml(
+    config,
+    'exec = "pocketbase serve"\ncatch_up_timeout = 5\n',
+    "app.toml",
+  );
+  assert.equal(config.exec, "pocketbase serve");
+  assert.equal(config.catchUpTimeout, 5);
+  assert.throws(
+    () => applyToml(defaultConfig("x"), 'exec = "  "', "app.toml"),
+    /"exec" must not be empty/,
+  );
+  assert.throws(
+    () => applyToml(defaultConfig("x"), "catch_up_timeout = -1", "app.toml"),
+    /"catch_up_timeout" must be 0 or more seconds, got -1/,
+  );
 });
