@@ -354,23 +354,34 @@ export class Marmot implements AsyncDisposable {
    * @returns whether every shard caught up in time
    */
   async catchUp(timeout = 60000, signal?: AbortSignal): Promise<boolean> {
-    const jsm = await jetstreamManager(this.#nc, { timeout: 5000, checkAPI: false });
+    const jsm = await jetstreamManager(this.#nc, {
+      timeout: 5000,
+      checkAPI: false,
+    });
     const targets: number[] = [];
     for (let shard = 0; shard < this.config.replicationLog.shards; shard++) {
-      const info = await jsm.streams.info(streamName(this.config.nats.streamPrefix, shard));
+      const info = await jsm.streams.info(
+        streamName(this.config.nats.streamPrefix, shard),
+      );
       targets.push(info.state.last_seq);
     }
     const deadline = Date.now() + timeout;
-    const behind = () => targets.filter((seq, shard) => this.db.appliedSeq(shard) < seq).length;
+    const behind = () =>
+      targets.filter((seq, shard) => this.db.appliedSeq(shard) < seq).length;
     while (behind() > 0) {
       signal?.throwIfAborted();
       if (Date.now() > deadline) {
-        this.#log.warn("Not caught up with the streams in time", { timeout, shardsBehind: behind() });
+        this.#log.warn("Not caught up with the streams in time", {
+          timeout,
+          shardsBehind: behind(),
+        });
         return false;
       }
       await delay(20, signal);
     }
-    this.#log.info("Caught up with the streams", { messages: targets.reduce((a, b) => a + b, 0) });
+    this.#log.info("Caught up with the streams", {
+      messages: targets.reduce((a, b) => a + b, 0),
+    });
     return true;
   }
 
