@@ -41,6 +41,11 @@ export {
 export { DatabaseError, removeMarmot } from "./lib/db/replica_db.ts";
 export { NatsServerError } from "./lib/nats/nats_server.ts";
 export { CodecError } from "./lib/codec.ts";
+export {
+  restoreSnapshot,
+  SnapshotError,
+  type SnapshotInfo,
+} from "./lib/db/snapshot.ts";
 export { shardFor } from "./lib/shard.ts";
 export { main } from "./cli.ts";
 

@@ -14,6 +14,7 @@ import {
   validateConfig,
 } from "./config.ts";
 import { ReplicaDb } from "./db/replica_db.ts";
+import { type SnapshotInfo, takeSnapshot } from "./db/snapshot.ts";
 import { type FileWatcher, watchDatabase } from "./file_watcher.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { NatsServer } from "./nats/nats_server.ts";
@@ -383,6 +384,21 @@ export class Marmot implements AsyncDisposable {
       messages: targets.reduce((a, b) => a + b, 0),
     });
     return true;
+  }
+
+  /**
+   * Takes a consistent snapshot of the database into `path` (see
+   * `lib/db/snapshot.ts`), while replication and the application go on.
+   *
+   * @returns what the snapshot covers, to store beside it
+   */
+  snapshot(path: string): Promise<SnapshotInfo> {
+    return takeSnapshot(
+      this.db,
+      path,
+      this.config.replicationLog.shards,
+      this.config.nodeId,
+    );
   }
 
   /** Resolves when every change captured so far is published. */

@@ -1,0 +1,213 @@
+// Snapshots: taken by a running node while the application writes, restored
+// into a new node's file, which then replays the streams and converges.
+// Real nats-server, marmot processes, sqlite3 writers, and one marmot in
+// this process (the library) to take the snapshot.
+import assert from "node:assert/strict";
+import {
+  restoreSnapshot,
+  SnapshotError,
+  type SnapshotInfo,
+} from "../lib/db/snapshot.ts";
+import { silentLogger } from "../lib/log.ts";
+import { startCluster } from "../lib/nats/nats_server.ts";
+import { Marmot } from "../lib/replicator.ts";
+import {
+  MarmotProcess,
+  PROCESS_TEST,
+  sqlite,
+  tempDir,
+  waitConverged,
+} from "./_helpers.ts";
+
+const SCHEMA =
+  "CREATE TABLE pairs(id INTEGER PRIMARY KEY, twin INTEGER, v TEXT);";
+
+/** Inserts `count` pairs on `db` in `rounds` sqlite3 processes, two rows per transaction. */
+async function writePairs(
+  db: string,
+  base: number,
+  count: number,
+  rounds: number,
+  between: (r: number) => Promise<void>,
+) {
+  const per = count / rounds;
+  for (let r = 0; r < rounds; r++) {
+    let sql = "";
+    for (let k = r * per; k < (r + 1) * per; k++) {
+      const id = base + k;
+      sql += `BEGIN; INSERT INTO pairs VALUES (${id}, ${
+        id + 500000
+      }, 'a'); INSERT INTO pairs VALUES (${
+        id + 500000
+      }, ${id}, 'b'); COMMIT;\n`;
+      if (k % 7 === 0) {
+        sql += `UPDATE pairs SET v = v || '+' WHERE id IN (${id}, ${
+          id + 500000
+        });\n`;
+      }
+    }
+    await sqlite(db, sql);
+    await between(r);
+  }
+}
+
+Deno.test({
+  name:
+    "a snapshot taken while the application writes restores to a node that replays the streams and converges",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_snapshot_");
+    const [server] = await startCluster(`${dir.path}/nats`, 1);
+    const [a, b, c] = ["a", "b", "c"].map((n) => `${dir.path}/${n}.db`) as [
+      string,
+      string,
+      string,
+    ];
+    await sqlite(a, SCHEMA);
+    await sqlite(b, SCHEMA);
+    const nodeA = await Marmot.start({
+      dbPath: a,
+      nodeId: 1,
+      nats: { urls: [server!.clientUrl] },
+      logger: silentLogger,
+    });
+    const nodeB = new MarmotProcess([
+      "--db-path",
+      b,
+      "--node-id",
+      "2",
+      "--nats-url",
+      server!.clientUrl,
+    ]);
+    let nodeC: MarmotProcess | undefined;
+    try {
+      await nodeB.waitForLog("Replicating");
+      const snap = `${dir.path}/snap.db`;
+      let info: SnapshotInfo | undefined;
+      await Promise.all([
+        writePairs(a, 1, 3000, 10, async (r) => {
+          if (r === 4) info = await nodeA.snapshot(snap);
+        }),
+        writePairs(b, 100000, 1000, 5, async () => {}),
+      ]);
+      assert.ok(info, "snapshot taken");
+      // No torn transaction: every row has its twin.
+      const orphans = await sqlite(
+        snap,
+        "SELECT count(*) FROM pairs p WHERE NOT EXISTS (SELECT 1 FROM pairs q WHERE q.id = p.twin);",
+      );
+      assert.equal(orphans.trim(), "0");
+      assert.equal(
+        (await sqlite(
+          snap,
+          "SELECT count(*) FROM sqlite_master WHERE name LIKE '\\_\\_marmot%' ESCAPE '\\';",
+        )).trim(),
+        "0",
+      );
+      assert.ok(
+        info!.sequences.some((s: number) => s > 0),
+        "the snapshot covers part of the streams",
+      );
+      // A new node restores it and replays the streams from its sequences.
+      await restoreSnapshot(snap, info!, c);
+      const restored = await sqlite(
+        c,
+        "SELECT seq FROM __marmot__applied ORDER BY shard;",
+      );
+      assert.deepStrictEqual(
+        restored.trim().split("\n").map(Number),
+        info!.sequences,
+      );
+      nodeC = new MarmotProcess([
+        "--db-path",
+        c,
+        "--node-id",
+        "3",
+        "--nats-url",
+        server!.clientUrl,
+      ]);
+      await nodeC.waitForLog("Replicating");
+      await sqlite(
+        c,
+        "INSERT INTO pairs VALUES (900000, 900000, 'from the new node');",
+      );
+      const content = await waitConverged([a, b, c]);
+      assert.equal(content.split("\n").length, 2 * 3000 + 2 * 1000 + 1);
+    } finally {
+      await nodeA.close();
+      nodeB.kill();
+      nodeC?.kill();
+      await server!.stop();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "restoreSnapshot() rejects a corrupt or truncated snapshot and leaves the database unchanged",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_snapshot_bad_");
+    const [server] = await startCluster(`${dir.path}/nats`, 1);
+    const a = `${dir.path}/a.db`, target = `${dir.path}/target.db`;
+    await sqlite(a, SCHEMA + "INSERT INTO pairs VALUES (1, 1, 'x');");
+    await sqlite(
+      target,
+      SCHEMA + "INSERT INTO pairs VALUES (7, 7, 'keep me');",
+    );
+    const before = await Deno.readFile(target);
+    const node = await Marmot.start({
+      dbPath: a,
+      nodeId: 1,
+      nats: { urls: [server!.clientUrl] },
+      logger: silentLogger,
+    });
+    try {
+      const snap = `${dir.path}/snap.db`;
+      const info = await node.snapshot(snap);
+      const bytes = await Deno.readFile(snap);
+      await t(
+        "a flipped byte",
+        bytes.map((v, i) => i === Math.floor(bytes.length / 2) ? v ^ 0xff : v),
+        /SHA-256 is [0-9a-f]{64}, the record says/,
+      );
+      await t(
+        "a truncated file",
+        bytes.subarray(0, bytes.length - 100),
+        /is \d+ bytes, the record says \d+/,
+      );
+      // Bytes that match their record but are not a database.
+      const garbage = crypto.getRandomValues(new Uint8Array(8192));
+      await Deno.writeFile(snap, garbage);
+      const { fileDigest } = await import("../lib/db/snapshot.ts");
+      const digest = await fileDigest(snap);
+      await assert.rejects(
+        restoreSnapshot(snap, {
+          ...info,
+          bytes: digest.size,
+          sha256: digest.sha256,
+        }, target),
+        (e: unknown) =>
+          e instanceof SnapshotError &&
+          /not a database|integrity/.test(e.message),
+      );
+      assert.deepStrictEqual(await Deno.readFile(target), before);
+      async function t(what: string, data: Uint8Array, message: RegExp) {
+        await Deno.writeFile(snap, data);
+        await assert.rejects(
+          restoreSnapshot(snap, info, target),
+          (e: unknown) => {
+            assert.ok(e instanceof SnapshotError, what);
+            assert.match(e.message, message, what);
+            assert.match(e.message, /target\.db/);
+            return true;
+          },
+        );
+        assert.deepStrictEqual(await Deno.readFile(target), before, what);
+      }
+    } finally {
+      await node.close();
+      await server!.stop();
+    }
+  },
+});
