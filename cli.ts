@@ -24,7 +24,9 @@ import {
   validateConfig,
 } from "./lib/config.ts";
 import { DatabaseError, removeMarmot } from "./lib/db/replica_db.ts";
+import { createLogger } from "./lib/log.ts";
 import { Marmot } from "./lib/replicator.ts";
+import { snapshotRestore, snapshotSave } from "./lib/snapshot_command.ts";
 
 const USAGE =
   `marmot ${denoJson.version}: multi-primary SQLite replication over NATS JetStream
@@ -32,6 +34,10 @@ const USAGE =
 Usage:
   marmot [options]                 replicate the database
   marmot cleanup [options]         remove marmot's triggers and tables from the database
+  marmot snapshot save [options]   store a consistent snapshot of the database as the newest
+  marmot snapshot restore [options]
+                                   replace the database with the newest snapshot
+                                   (stop the application and marmot first)
 
 Options (override the config file):
   -c, --config FILE          TOML config file
@@ -56,6 +62,15 @@ Options (override the config file):
  * memory but costs throughput and lag.
  */
 export const V8_FLAGS = "--v8-flags=--max-semi-space-size=8";
+
+/** What the command line asks for. */
+type Command =
+  | "run"
+  | "cleanup"
+  | "snapshot-save"
+  | "snapshot-restore"
+  | "help"
+  | "version";
 
 /** Thrown for a bad command line. */
 class UsageError extends Error {
@@ -96,9 +111,7 @@ function integerFlag(name: string, value: string): number {
  */
 export async function parseCommandLine(
   args: string[],
-): Promise<
-  { command: "run" | "cleanup" | "help" | "version"; config: MarmotConfig }
-> {
+): Promise<{ command: Command; config: MarmotConfig }> {
   let parsed;
   try {
     parsed = parseArgs({
@@ -115,7 +128,14 @@ export async function parseCommandLine(
   if (values.help) return { command: "help", config };
   if (values.version) return { command: "version", config };
   const [sub, ...rest] = positionals;
-  if (rest.length > 0 || (sub !== undefined && sub !== "cleanup")) {
+  const snapshotVerb = sub === "snapshot" && rest.length === 1 &&
+      (rest[0] === "save" || rest[0] === "restore")
+    ? rest[0]
+    : undefined;
+  if (
+    !snapshotVerb &&
+    (rest.length > 0 || (sub !== undefined && sub !== "cleanup"))
+  ) {
     throw new UsageError(
       `Unknown command: ${JSON.stringify(positionals.join(" "))} (try --help)`,
     );
@@ -176,7 +196,12 @@ export async function parseCommandLine(
   if (values.exec !== undefined) flag("", "exec", values.exec, "exec");
   if (values.verbose) config.logging.verbose = true;
   validateConfig(config);
-  return { command: sub === "cleanup" ? "cleanup" : "run", config };
+  const command = snapshotVerb
+    ? `snapshot-${snapshotVerb}` as const
+    : sub === "cleanup"
+    ? "cleanup"
+    : "run";
+  return { command, config };
 }
 
 /**
@@ -209,6 +234,30 @@ export async function main(args: string[]): Promise<number> {
       console.log(
         `Removed ${dropped.length} marmot triggers and tables from "${config.dbPath}"`,
       );
+      return 0;
+    } catch (e) {
+      console.error(`marmot: ${e instanceof Error ? e.message : e}`);
+      return e instanceof DatabaseError ? 2 : 1;
+    }
+  }
+  if (command === "snapshot-save" || command === "snapshot-restore") {
+    const log = createLogger({
+      verbose: config.logging.verbose,
+      format: config.logging.format,
+      fields: { node: config.nodeId },
+    });
+    try {
+      if (command === "snapshot-save") {
+        await snapshotSave(config, log);
+        return 0;
+      }
+      const info = await snapshotRestore(config, log);
+      if (!info) {
+        console.error(
+          "marmot: no snapshot has been saved yet (run `marmot snapshot save` on a node that has the database)",
+        );
+        return 1;
+      }
       return 0;
     } catch (e) {
       console.error(`marmot: ${e instanceof Error ? e.message : e}`);

@@ -63,6 +63,11 @@ export interface MarmotConfig {
     /** Directory of the embedded server's store. @default "<db_path>-nats" */
     storeDir: string | undefined;
   };
+  /** Snapshots. */
+  snapshot: {
+    /** A directory to keep snapshots in; unset: the JetStream Object Store bucket `<stream_prefix>-snapshots`. */
+    dir: string | undefined;
+  };
   /** Logging. */
   logging: {
     /** Debug logging. @default false */
@@ -109,6 +114,7 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
       serverPath: "nats-server",
       storeDir: undefined,
     },
+    snapshot: { dir: undefined },
     logging: { verbose: false, format: LogFormat.Console },
   };
 }
@@ -227,6 +233,9 @@ const KEYS: Record<string, Record<string, Key>> = {
       set: (c, v: string) => c.nats.serverPath = v,
     },
     store_dir: { kind: "string", set: (c, v: string) => c.nats.storeDir = v },
+  },
+  snapshot: {
+    dir: { kind: "string", set: (c, v: string) => c.snapshot.dir = v },
   },
   logging: {
     verbose: { kind: "bool", set: (c, v: boolean) => c.logging.verbose = v },

@@ -29,12 +29,15 @@ import { Subscriber, type SubscriberStats } from "./subscriber.ts";
 
 /** Everything {@linkcode Marmot.start} accepts: a config with every part optional but the database path. */
 export type MarmotOptions =
-  & Partial<Omit<MarmotConfig, "replicationLog" | "nats" | "logging">>
+  & Partial<
+    Omit<MarmotConfig, "replicationLog" | "nats" | "logging" | "snapshot">
+  >
   & {
     dbPath: string;
     replicationLog?: Partial<MarmotConfig["replicationLog"]>;
     nats?: Partial<MarmotConfig["nats"]>;
     logging?: Partial<MarmotConfig["logging"]>;
+    snapshot?: Partial<MarmotConfig["snapshot"]>;
     /** A logger to use instead of one built from `logging`. */
     logger?: Logger;
     /** Milliseconds between safety scans of the change log and schema. @default 1000 */
@@ -68,6 +71,7 @@ export function resolveConfig(options: MarmotOptions): MarmotConfig {
     },
     nats: { ...d.nats, ...stripUndefined(options.nats ?? {}) },
     logging: { ...d.logging, ...stripUndefined(options.logging ?? {}) },
+    snapshot: { ...d.snapshot, ...stripUndefined(options.snapshot ?? {}) },
   };
   validateConfig(config);
   return config;

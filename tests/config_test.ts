@@ -42,6 +42,9 @@ subject_prefix = "my.change_log"
 server_path = "/usr/local/bin/nats-server"
 store_dir = "/data/nats"
 
+[snapshot]
+dir = "/data/snapshots"
+
 [logging]
 verbose = true
 format = "json"
@@ -72,6 +75,7 @@ const FULL: MarmotConfig = {
     serverPath: "/usr/local/bin/nats-server",
     storeDir: "/data/nats",
   },
+  snapshot: { dir: "/data/snapshots" },
   logging: { verbose: true, format: "json" },
 };
 

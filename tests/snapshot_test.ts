@@ -12,6 +12,7 @@ import { silentLogger } from "../lib/log.ts";
 import { startCluster } from "../lib/nats/nats_server.ts";
 import { Marmot } from "../lib/replicator.ts";
 import {
+  CLI,
   MarmotProcess,
   PROCESS_TEST,
   sqlite,
@@ -209,5 +210,123 @@ Deno.test({
       await node.close();
       await server!.stop();
     }
+  },
+});
+
+async function cli(args: string[]): Promise<{ code: number; stderr: string }> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", CLI, ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+}
+
+Deno.test({
+  name:
+    "marmot snapshot save and restore bring a node with no database into the cluster (object store)",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_snapshot_cli_");
+    const [server] = await startCluster(`${dir.path}/nats`, 1);
+    const [a, b, c] = ["a", "b", "c"].map((n) => `${dir.path}/${n}.db`) as [
+      string,
+      string,
+      string,
+    ];
+    await sqlite(a, SCHEMA);
+    await sqlite(b, SCHEMA);
+    const args = (
+      db: string,
+      id: number,
+    ) => [
+      "--db-path",
+      db,
+      "--node-id",
+      String(id),
+      "--nats-url",
+      server!.clientUrl,
+    ];
+    const nodes = [
+      new MarmotProcess(args(a, 1)),
+      new MarmotProcess(args(b, 2)),
+    ];
+    try {
+      await Promise.all(nodes.map((n) => n.waitForLog("Replicating")));
+      await writePairs(a, 1, 1000, 2, async () => {});
+      await waitConverged([a, b]);
+      const saved = await cli(["snapshot", "save", ...args(a, 1)]);
+      assert.equal(saved.code, 0, saved.stderr);
+      assert.match(
+        saved.stderr,
+        /Snapshot saved .*store="object store marmot-changes-snapshots"/,
+      );
+      // More writes after the snapshot reach the new node through the streams.
+      await writePairs(b, 100000, 200, 1, async () => {});
+      const restored = await cli(["snapshot", "restore", ...args(c, 3)]);
+      assert.equal(restored.code, 0, restored.stderr);
+      nodes.push(new MarmotProcess(args(c, 3)));
+      await nodes[2]!.waitForLog("Replicating");
+      await sqlite(
+        c,
+        "INSERT INTO pairs VALUES (900000, 900000, 'from the new node');",
+      );
+      const content = await waitConverged([a, b, c]);
+      assert.equal(content.split("\n").length, 2 * 1000 + 2 * 200 + 1);
+    } finally {
+      for (const n of nodes) n.kill();
+      await server!.stop();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "marmot snapshot restore says so when no snapshot was saved, and a directory store round-trips",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_snapshot_dir_");
+    const a = `${dir.path}/a.db`, c = `${dir.path}/c.db`;
+    await sqlite(a, SCHEMA + "INSERT INTO pairs VALUES (1, 1, 'x');");
+    await Deno.writeTextFile(
+      `${dir.path}/m.toml`,
+      `[snapshot]\ndir = "${dir.path}/snaps"\n`,
+    );
+    const none = await cli([
+      "snapshot",
+      "restore",
+      "--config",
+      `${dir.path}/m.toml`,
+      "--db-path",
+      c,
+      "--node-id",
+      "3",
+    ]);
+    assert.equal(none.code, 1);
+    assert.match(none.stderr, /no snapshot has been saved yet/);
+    await assert.rejects(Deno.stat(c), Deno.errors.NotFound);
+    const saved = await cli([
+      "snapshot",
+      "save",
+      "--config",
+      `${dir.path}/m.toml`,
+      "--db-path",
+      a,
+      "--node-id",
+      "1",
+    ]);
+    assert.equal(saved.code, 0, saved.stderr);
+    const restored = await cli([
+      "snapshot",
+      "restore",
+      "--config",
+      `${dir.path}/m.toml`,
+      "--db-path",
+      c,
+      "--node-id",
+      "3",
+    ]);
+    assert.equal(restored.code, 0, restored.stderr);
+    assert.equal(await sqlite(c, "SELECT v FROM pairs;"), "x\n");
   },
 });

@@ -1,0 +1,110 @@
+/**
+ * Where snapshots live: a JetStream Object Store bucket (replicated like the
+ * streams), or a local directory. Each store keeps the newest snapshot and
+ * its record ({@linkcode SnapshotInfo}); files stream in and out in chunks.
+ *
+ * @module
+ */
+import type { NatsConnection } from "@nats-io/transport-node";
+import { Objm } from "@nats-io/obj";
+import type { SnapshotInfo } from "../db/snapshot.ts";
+
+/** A place for the newest snapshot. */
+export interface SnapshotStore {
+  /** A description for logs, e.g. `object store "marmot-changes-snapshots"`. */
+  readonly name: string;
+  /** Stores the snapshot file at `path` with its record, replacing the previous one. */
+  save(path: string, info: SnapshotInfo): Promise<void>;
+  /** The record of the newest snapshot, or `undefined` when there is none. */
+  latest(): Promise<SnapshotInfo | undefined>;
+  /** Writes the newest snapshot to `path` and returns its record (check it with `restoreSnapshot`). */
+  download(path: string): Promise<SnapshotInfo | undefined>;
+}
+
+const OBJECT = "latest";
+
+/** Snapshots in a JetStream Object Store bucket. */
+export async function objectStoreSnapshots(
+  nc: NatsConnection,
+  bucket: string,
+  replicas: number,
+): Promise<SnapshotStore> {
+  const store = await new Objm(nc).create(bucket, {
+    replicas,
+    description: "marmot snapshots",
+  });
+  const parse = (meta: Record<string, string> | undefined) =>
+    meta?.info ? JSON.parse(meta.info) as SnapshotInfo : undefined;
+  return {
+    name: `object store ${bucket}`,
+    async save(path, info) {
+      using file = await Deno.open(path, { read: true });
+      await store.put({
+        name: OBJECT,
+        metadata: { info: JSON.stringify(info) },
+      }, file.readable);
+    },
+    async latest() {
+      const info = await store.info(OBJECT);
+      return info && !info.deleted ? parse(info.metadata) : undefined;
+    },
+    async download(path) {
+      const result = await store.get(OBJECT);
+      if (!result || result.info.deleted) return undefined;
+      const info = parse(result.info.metadata);
+      using file = await Deno.open(path, {
+        write: true,
+        create: true,
+        truncate: true,
+      });
+      for await (const chunk of result.data) {
+        for (let done = 0; done < chunk.length;) {
+          done += await file.write(chunk.subarray(done));
+        }
+      }
+      const error = await result.error;
+      if (error) {
+        throw new Error(
+          `Cannot download snapshot from object store "${bucket}": ${error.message}`,
+          { cause: error },
+        );
+      }
+      return info;
+    },
+  };
+}
+
+/** Snapshots in a local directory (`latest.db` and `latest.json`). */
+export function directorySnapshots(dir: string): SnapshotStore {
+  const db = `${dir}/latest.db`;
+  const json = `${dir}/latest.json`;
+  const read = async () => {
+    try {
+      return JSON.parse(await Deno.readTextFile(json)) as SnapshotInfo;
+    } catch (e) {
+      if (e instanceof Deno.errors.NotFound) return undefined;
+      throw e;
+    }
+  };
+  return {
+    name: `directory ${dir}`,
+    async save(path, info) {
+      await Deno.mkdir(dir, { recursive: true });
+      // Copy, then rename: a reader sees the old pair or the new one.
+      await Deno.copyFile(path, `${db}.tmp`);
+      await Deno.writeTextFile(
+        `${json}.tmp`,
+        JSON.stringify(info, null, 2) + "\n",
+      );
+      await Deno.rename(`${db}.tmp`, db);
+      await Deno.rename(`${json}.tmp`, json);
+    },
+    latest: read,
+    async download(path) {
+      const info = await read();
+      if (!info) return undefined;
+      await Deno.copyFile(db, path);
+      return info;
+    },
+  };
+}

@@ -1,0 +1,159 @@
+/**
+ * `marmot snapshot save` and `marmot snapshot restore`: operator commands that
+ * run beside (save) or before (restore) a replicating node.
+ *
+ * @module
+ */
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { MarmotConfig } from "./config.ts";
+import { ReplicaDb } from "./db/replica_db.ts";
+import {
+  restoreSnapshot,
+  type SnapshotInfo,
+  takeSnapshot,
+} from "./db/snapshot.ts";
+import type { Logger } from "./log.ts";
+import {
+  directorySnapshots,
+  objectStoreSnapshots,
+  type SnapshotStore,
+} from "./nats/snapshot_store.ts";
+
+/**
+ * The client URL of the embedded nats-server of a running marmot, from the
+ * ports file the server writes into its store directory.
+ */
+export async function embeddedClientUrl(
+  storeDir: string,
+): Promise<string | undefined> {
+  try {
+    for await (const entry of Deno.readDir(storeDir)) {
+      if (!entry.isFile || !entry.name.endsWith(".ports")) continue;
+      const ports = JSON.parse(
+        await Deno.readTextFile(`${storeDir}/${entry.name}`),
+      );
+      const url = ports?.nats?.[0];
+      if (typeof url === "string") return url;
+    }
+  } catch { /* no store directory: marmot is not running here */ }
+  return undefined;
+}
+
+async function withStore<T>(
+  config: MarmotConfig,
+  fn: (store: SnapshotStore) => Promise<T>,
+): Promise<T> {
+  if (config.snapshot.dir) {
+    return await fn(directorySnapshots(config.snapshot.dir));
+  }
+  let urls = config.nats.urls;
+  if (urls.length === 0) {
+    const storeDir = config.nats.storeDir ?? `${config.dbPath}-nats`;
+    const url = await embeddedClientUrl(storeDir);
+    if (!url) {
+      throw new Error(
+        `Cannot reach the snapshot store: no [nats] urls, and no running embedded nats-server in "${storeDir}" (start marmot first, or set [snapshot] dir)`,
+      );
+    }
+    urls = [url];
+  }
+  let nc: NatsConnection;
+  try {
+    nc = await connect({
+      servers: urls,
+      name: "marmot-snapshot",
+      timeout: 5000,
+    });
+  } catch (cause) {
+    throw new Error(
+      `Cannot reach the snapshot store: NATS at ${urls.join(",")}: ${
+        cause instanceof Error ? cause.message : cause
+      }`,
+      {
+        cause,
+      },
+    );
+  }
+  try {
+    const replicas = config.replicationLog.replicas ??
+      Math.min(3, Math.max(1, new Set(nc.info?.connect_urls ?? []).size));
+    return await fn(
+      await objectStoreSnapshots(
+        nc,
+        `${config.nats.streamPrefix}-snapshots`,
+        replicas,
+      ),
+    );
+  } finally {
+    await nc.close();
+  }
+}
+
+/** Takes a snapshot of the database and stores it as the newest. */
+export async function snapshotSave(
+  config: MarmotConfig,
+  log: Logger,
+): Promise<SnapshotInfo> {
+  const db = ReplicaDb.open(config.dbPath, {
+    include: config.include,
+    exclude: config.exclude,
+    nodeId: config.nodeId,
+  });
+  const temp = `${config.dbPath}.snapshot`;
+  try {
+    const info = await takeSnapshot(
+      db,
+      temp,
+      config.replicationLog.shards,
+      config.nodeId,
+    );
+    db.close();
+    await withStore(config, async (store) => {
+      const started = performance.now();
+      await store.save(temp, info);
+      const seconds = (performance.now() - started) / 1000;
+      log.info("Snapshot saved", {
+        store: store.name,
+        bytes: info.bytes,
+        rate: `${
+          (info.bytes / 1e6 / Math.max(seconds, 0.001)).toFixed(1)
+        } MB/s`,
+        sequences: info.sequences.join(","),
+      });
+    });
+    return info;
+  } finally {
+    db.close();
+    await Deno.remove(temp).catch(() => {});
+  }
+}
+
+/**
+ * Replaces the database with the newest snapshot (stop the application and
+ * marmot first); marmot started afterwards replays the streams from it.
+ *
+ * @returns the snapshot's record, or `undefined` when the store has none
+ */
+export async function snapshotRestore(
+  config: MarmotConfig,
+  log: Logger,
+): Promise<SnapshotInfo | undefined> {
+  const temp = `${config.dbPath}.download`;
+  try {
+    return await withStore(config, async (store) => {
+      const started = performance.now();
+      const info = await store.download(temp);
+      if (!info) return undefined;
+      await restoreSnapshot(temp, info, config.dbPath);
+      log.info("Snapshot restored", {
+        store: store.name,
+        bytes: info.bytes,
+        seconds: ((performance.now() - started) / 1000).toFixed(2),
+        sequences: info.sequences.join(","),
+      });
+      return info;
+    });
+  } finally {
+    await Deno.remove(temp).catch(() => {});
+  }
+}
