@@ -48,6 +48,8 @@ Options (override the config file):
       --cluster-peers LIST   routes: nats://host:port or dns://name:port, comma-separated
       --shards N             shard count ([replication_log] shards)
       --replicas N           stream replicas ([replication_log] replicas)
+      --bootstrap            a missing database is restored from the newest snapshot
+                             ([snapshot] bootstrap)
       --exec COMMAND         run the application once the database is ready
                              (exec); marmot forwards signals and exits with its code
   -v, --verbose              debug logging ([logging] verbose)
@@ -87,6 +89,7 @@ const OPTIONS = {
   shards: { type: "string" },
   replicas: { type: "string" },
   exec: { type: "string" },
+  bootstrap: { type: "boolean" },
   verbose: { type: "boolean", short: "v" },
   help: { type: "boolean", short: "h" },
   version: { type: "boolean" },
@@ -194,6 +197,7 @@ export async function parseCommandLine(
     );
   }
   if (values.exec !== undefined) flag("", "exec", values.exec, "exec");
+  if (values.bootstrap) config.snapshot.bootstrap = true;
   if (values.verbose) config.logging.verbose = true;
   validateConfig(config);
   const command = snapshotVerb

@@ -67,6 +67,11 @@ export interface MarmotConfig {
   snapshot: {
     /** A directory to keep snapshots in; unset: the JetStream Object Store bucket `<stream_prefix>-snapshots`. */
     dir: string | undefined;
+    /**
+     * When the database file does not exist, restore the newest snapshot
+     * (waiting for one) instead of exiting with an error. @default false
+     */
+    bootstrap: boolean;
   };
   /** Logging. */
   logging: {
@@ -114,7 +119,7 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
       serverPath: "nats-server",
       storeDir: undefined,
     },
-    snapshot: { dir: undefined },
+    snapshot: { dir: undefined, bootstrap: false },
     logging: { verbose: false, format: LogFormat.Console },
   };
 }
@@ -236,6 +241,10 @@ const KEYS: Record<string, Record<string, Key>> = {
   },
   snapshot: {
     dir: { kind: "string", set: (c, v: string) => c.snapshot.dir = v },
+    bootstrap: {
+      kind: "bool",
+      set: (c, v: boolean) => c.snapshot.bootstrap = v,
+    },
   },
   logging: {
     verbose: { kind: "bool", set: (c, v: boolean) => c.logging.verbose = v },

@@ -14,7 +14,16 @@ import {
   validateConfig,
 } from "./config.ts";
 import { ReplicaDb } from "./db/replica_db.ts";
-import { type SnapshotInfo, takeSnapshot } from "./db/snapshot.ts";
+import {
+  restoreSnapshot,
+  SnapshotError,
+  type SnapshotInfo,
+  takeSnapshot,
+} from "./db/snapshot.ts";
+import {
+  openSnapshotStore,
+  type SnapshotStore,
+} from "./nats/snapshot_store.ts";
 import { type FileWatcher, watchDatabase } from "./file_watcher.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { NatsServer } from "./nats/nats_server.ts";
@@ -189,12 +198,17 @@ export class Marmot implements AsyncDisposable {
       format: config.logging.format,
       fields: { node: config.nodeId },
     });
-    const db = ReplicaDb.open(config.dbPath, {
-      include: config.include,
-      exclude: config.exclude,
-      nodeId: config.nodeId,
-      log: (level, message) => log.log(level, message),
-    });
+    const openDb = () =>
+      ReplicaDb.open(config.dbPath, {
+        include: config.include,
+        exclude: config.exclude,
+        nodeId: config.nodeId,
+        log: (level, message) => log.log(level, message),
+      });
+    // Without bootstrap, a missing database fails here, before NATS starts.
+    let db = config.snapshot.bootstrap && !fileExists(config.dbPath)
+      ? undefined
+      : openDb();
     let server: NatsServer | undefined;
     let nc: NatsConnection | undefined;
     try {
@@ -231,6 +245,15 @@ export class Marmot implements AsyncDisposable {
         log,
         signal,
       );
+      if (!db) {
+        await bootstrap(
+          config,
+          await openSnapshotStore(config, nc, replicas),
+          log,
+          signal,
+        );
+        db = openDb();
+      }
       const js = jetstream(nc, { timeout: 5000 });
       const publisher = new Publisher(db, js, {
         nodeId: config.nodeId,
@@ -284,7 +307,7 @@ export class Marmot implements AsyncDisposable {
     } catch (e) {
       await nc?.close().catch(() => {});
       await server?.stop().catch(() => {});
-      db.close();
+      db?.close();
       throw e;
     }
   }
@@ -467,6 +490,61 @@ function isOwnRoute(route: string, clusterAddr: string | undefined): boolean {
     return Deno.networkInterfaces().some((i) => i.address === host);
   } catch {
     return false;
+  }
+}
+
+function fileExists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return false;
+    throw e;
+  }
+}
+
+/**
+ * Restores the newest snapshot as the (missing) database, waiting until one
+ * exists and saying why every 10 s.
+ */
+async function bootstrap(
+  config: MarmotConfig,
+  store: SnapshotStore,
+  log: Logger,
+  signal?: AbortSignal,
+): Promise<void> {
+  const temp = `${config.dbPath}.download`;
+  for (let attempt = 0;; attempt++) {
+    signal?.throwIfAborted();
+    try {
+      const started = performance.now();
+      const info = await store.download(temp);
+      if (info) {
+        await restoreSnapshot(temp, info, config.dbPath);
+        log.info("Bootstrapped the database from the newest snapshot", {
+          store: store.name,
+          bytes: info.bytes,
+          taken: info.createdAt,
+          seconds: ((performance.now() - started) / 1000).toFixed(2),
+        });
+        return;
+      }
+      if (attempt % 10 === 0) {
+        log.warn(
+          "Waiting for a snapshot: the database does not exist here and no node has saved one (run `marmot snapshot save` on a node that has the database)",
+          { db: config.dbPath, store: store.name },
+        );
+      }
+    } catch (e) {
+      if (e instanceof SnapshotError) throw e;
+      log.warn("Cannot read the snapshot store yet, retrying", {
+        store: store.name,
+        error: e,
+      });
+    } finally {
+      await Deno.remove(temp).catch(() => {});
+    }
+    await delay(1000, signal);
   }
 }
 

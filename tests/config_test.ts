@@ -44,6 +44,7 @@ store_dir = "/data/nats"
 
 [snapshot]
 dir = "/data/snapshots"
+bootstrap = true
 
 [logging]
 verbose = true
@@ -75,7 +76,7 @@ const FULL: MarmotConfig = {
     serverPath: "/usr/local/bin/nats-server",
     storeDir: "/data/nats",
   },
-  snapshot: { dir: "/data/snapshots" },
+  snapshot: { dir: "/data/snapshots", bootstrap: true },
   logging: { verbose: true, format: "json" },
 };
 

@@ -330,3 +330,52 @@ Deno.test({
     assert.equal(await sqlite(c, "SELECT v FROM pairs;"), "x\n");
   },
 });
+
+Deno.test({
+  name:
+    "marmot --bootstrap waits for a snapshot, says why, then restores it and joins the cluster",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_bootstrap_");
+    const [server] = await startCluster(`${dir.path}/nats`, 1);
+    const a = `${dir.path}/a.db`, c = `${dir.path}/fresh/c.db`;
+    await Deno.mkdir(`${dir.path}/fresh`);
+    await sqlite(a, SCHEMA);
+    const args = (
+      db: string,
+      id: number,
+    ) => [
+      "--db-path",
+      db,
+      "--node-id",
+      String(id),
+      "--nats-url",
+      server!.clientUrl,
+    ];
+    const nodeA = new MarmotProcess(args(a, 1));
+    const nodeC = new MarmotProcess([...args(c, 3), "--bootstrap"]);
+    try {
+      await nodeA.waitForLog("Replicating");
+      await writePairs(a, 1, 600, 2, async () => {});
+      await nodeC.waitForLog("Waiting for a snapshot");
+      assert.ok(!nodeC.log.includes("Replicating"));
+      const saved = await cli(["snapshot", "save", ...args(a, 1)]);
+      assert.equal(saved.code, 0, saved.stderr);
+      await writePairs(a, 10000, 100, 1, async () => {});
+      await nodeC.waitForLog(
+        "Bootstrapped the database from the newest snapshot",
+      );
+      await nodeC.waitForLog("Replicating");
+      await sqlite(
+        c,
+        "INSERT INTO pairs VALUES (900000, 900000, 'from the new node');",
+      );
+      const content = await waitConverged([a, c]);
+      assert.equal(content.split("\n").length, 2 * 600 + 2 * 100 + 1);
+    } finally {
+      nodeA.kill();
+      nodeC.kill();
+      await server!.stop();
+    }
+  },
+});

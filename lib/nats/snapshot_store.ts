@@ -7,6 +7,7 @@
  */
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Objm } from "@nats-io/obj";
+import type { MarmotConfig } from "../config.ts";
 import type { SnapshotInfo } from "../db/snapshot.ts";
 
 /** A place for the newest snapshot. */
@@ -107,4 +108,19 @@ export function directorySnapshots(dir: string): SnapshotStore {
       return info;
     },
   };
+}
+
+/** The snapshot store a configuration names: `[snapshot] dir`, else the Object Store bucket. */
+export async function openSnapshotStore(
+  config: MarmotConfig,
+  nc: NatsConnection,
+  replicas: number,
+): Promise<SnapshotStore> {
+  return config.snapshot.dir
+    ? directorySnapshots(config.snapshot.dir)
+    : await objectStoreSnapshots(
+      nc,
+      `${config.nats.streamPrefix}-snapshots`,
+      replicas,
+    );
 }
