@@ -72,6 +72,10 @@ export interface MarmotConfig {
      * (waiting for one) instead of exiting with an error. @default false
      */
     bootstrap: boolean;
+    /** Seconds between scheduled snapshots (0: none on a timer). @default 3600 */
+    intervalSeconds: number;
+    /** Stream messages since the newest snapshot that make a new one due (0: never). @default 100000 */
+    everyMessages: number;
   };
   /** Logging. */
   logging: {
@@ -119,7 +123,12 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
       serverPath: "nats-server",
       storeDir: undefined,
     },
-    snapshot: { dir: undefined, bootstrap: false },
+    snapshot: {
+      dir: undefined,
+      bootstrap: false,
+      intervalSeconds: 3600,
+      everyMessages: 100_000,
+    },
     logging: { verbose: false, format: LogFormat.Console },
   };
 }
@@ -244,6 +253,17 @@ const KEYS: Record<string, Record<string, Key>> = {
     bootstrap: {
       kind: "bool",
       set: (c, v: boolean) => c.snapshot.bootstrap = v,
+    },
+    interval_seconds: {
+      kind: "int",
+      set: (c, v: number) => c.snapshot.intervalSeconds = v,
+      check: (v: number) =>
+        v >= 0 ? undefined : "must be 0 (off) or more seconds",
+    },
+    every_messages: {
+      kind: "int",
+      set: (c, v: number) => c.snapshot.everyMessages = v,
+      check: (v: number) => v >= 0 ? undefined : "must be 0 (off) or more",
     },
   },
   logging: {

@@ -4,7 +4,12 @@
  *
  * @module
  */
-import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import {
+  jetstream,
+  type JetStreamManager,
+  jetstreamManager,
+} from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import {
   checkPeerUrl,
@@ -24,6 +29,7 @@ import {
   openSnapshotStore,
   type SnapshotStore,
 } from "./nats/snapshot_store.ts";
+import { SnapshotScheduler } from "./snapshot_scheduler.ts";
 import { type FileWatcher, watchDatabase } from "./file_watcher.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { NatsServer } from "./nats/nats_server.ts";
@@ -156,6 +162,7 @@ export class Marmot implements AsyncDisposable {
   #server: NatsServer | undefined;
   #publisher: Publisher;
   #subscriber: Subscriber;
+  #scheduler: SnapshotScheduler | undefined;
   #closing = false;
   #closed: Promise<void> | undefined;
   #watcher: FileWatcher | undefined;
@@ -170,6 +177,7 @@ export class Marmot implements AsyncDisposable {
     server: NatsServer | undefined,
     publisher: Publisher,
     subscriber: Subscriber,
+    scheduler: SnapshotScheduler | undefined,
   ) {
     this.config = config;
     this.#log = log;
@@ -178,6 +186,7 @@ export class Marmot implements AsyncDisposable {
     this.#server = server;
     this.#publisher = publisher;
     this.#subscriber = subscriber;
+    this.#scheduler = scheduler;
   }
 
   /**
@@ -286,6 +295,39 @@ export class Marmot implements AsyncDisposable {
           await delay(Math.min(2000, 100 * attempt), signal);
         }
       }
+      let scheduler: SnapshotScheduler | undefined;
+      const { intervalSeconds, everyMessages } = config.snapshot;
+      if (intervalSeconds > 0 || everyMessages > 0) {
+        const store = await openSnapshotStore(config, nc, replicas);
+        const leases = await new Kvm(nc).create(
+          `${config.nats.streamPrefix}-leases`,
+          {
+            replicas,
+            ttl: 10 * 60 * 1000, // a lease outlives a crashed holder by at most this
+          },
+        );
+        scheduler = new SnapshotScheduler(store, leases, {
+          nodeId: config.nodeId,
+          intervalSeconds,
+          everyMessages,
+          tempPath: `${config.dbPath}.snapshot`,
+          take: (path) =>
+            takeSnapshot(
+              db!,
+              path,
+              config.replicationLog.shards,
+              config.nodeId,
+            ),
+          lastSequences: () => lastSequences(jsm, config),
+          log,
+        });
+        scheduler.start(
+          Math.min(
+            30_000,
+            intervalSeconds > 0 ? intervalSeconds * 500 : 30_000,
+          ),
+        );
+      }
       const marmot = new Marmot(
         config,
         log,
@@ -294,6 +336,7 @@ export class Marmot implements AsyncDisposable {
         server,
         publisher,
         subscriber,
+        scheduler,
       );
       marmot.#run(options.scanInterval ?? 1000);
       log.info("Replicating", {
@@ -386,13 +429,7 @@ export class Marmot implements AsyncDisposable {
       timeout: 5000,
       checkAPI: false,
     });
-    const targets: number[] = [];
-    for (let shard = 0; shard < this.config.replicationLog.shards; shard++) {
-      const info = await jsm.streams.info(
-        streamName(this.config.nats.streamPrefix, shard),
-      );
-      targets.push(info.state.last_seq);
-    }
+    const targets = await lastSequences(jsm, this.config);
     const deadline = Date.now() + timeout;
     const behind = () =>
       targets.filter((seq, shard) => this.db.appliedSeq(shard) < seq).length;
@@ -457,6 +494,7 @@ export class Marmot implements AsyncDisposable {
       );
     }
     this.#closing = true;
+    await this.#scheduler?.close();
     await this.#publisher.close();
     await this.#subscriber.close();
     await this.#watcher?.close();
@@ -491,6 +529,21 @@ function isOwnRoute(route: string, clusterAddr: string | undefined): boolean {
   } catch {
     return false;
   }
+}
+
+/** The last sequence of every shard stream now. */
+async function lastSequences(
+  jsm: JetStreamManager,
+  config: MarmotConfig,
+): Promise<number[]> {
+  const out: number[] = [];
+  for (let shard = 0; shard < config.replicationLog.shards; shard++) {
+    const info = await jsm.streams.info(
+      streamName(config.nats.streamPrefix, shard),
+    );
+    out.push(info.state.last_seq);
+  }
+  return out;
 }
 
 function fileExists(path: string): boolean {

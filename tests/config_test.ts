@@ -45,6 +45,8 @@ store_dir = "/data/nats"
 [snapshot]
 dir = "/data/snapshots"
 bootstrap = true
+interval_seconds = 600
+every_messages = 5000
 
 [logging]
 verbose = true
@@ -76,7 +78,12 @@ const FULL: MarmotConfig = {
     serverPath: "/usr/local/bin/nats-server",
     storeDir: "/data/nats",
   },
-  snapshot: { dir: "/data/snapshots", bootstrap: true },
+  snapshot: {
+    dir: "/data/snapshots",
+    bootstrap: true,
+    intervalSeconds: 600,
+    everyMessages: 5000,
+  },
   logging: { verbose: true, format: "json" },
 };
 

@@ -18,6 +18,7 @@ import {
   sqlite,
   tempDir,
   waitConverged,
+  waitFor,
 } from "./_helpers.ts";
 
 const SCHEMA =
@@ -375,6 +376,67 @@ Deno.test({
     } finally {
       nodeA.kill();
       nodeC.kill();
+      await server!.stop();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "nodes take scheduled snapshots one at a time, and a new node bootstraps from one",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_schedule_");
+    const [server] = await startCluster(`${dir.path}/nats`, 1);
+    const [a, b, c] = ["a", "b", "c"].map((n) => `${dir.path}/${n}/app.db`) as [
+      string,
+      string,
+      string,
+    ];
+    for (const db of [a, b, c]) await Deno.mkdir(db.replace(/\/app\.db$/, ""));
+    await sqlite(a, SCHEMA);
+    await sqlite(b, SCHEMA);
+    await Deno.writeTextFile(
+      `${dir.path}/m.toml`,
+      "[snapshot]\ninterval_seconds = 2\nevery_messages = 0\n",
+    );
+    const args = (db: string, id: number) => [
+      "--config",
+      `${dir.path}/m.toml`,
+      "--db-path",
+      db,
+      "--node-id",
+      String(id),
+      "--nats-url",
+      server!.clientUrl,
+    ];
+    const nodes = [
+      new MarmotProcess(args(a, 1)),
+      new MarmotProcess(args(b, 2)),
+    ];
+    try {
+      await Promise.all(nodes.map((n) => n.waitForLog("Replicating")));
+      await Promise.all([
+        writePairs(a, 1, 400, 2, async () => {}),
+        writePairs(b, 100000, 400, 2, async () => {}),
+      ]);
+      // Within a few intervals both nodes have checked; snapshots were taken.
+      const saved = () =>
+        nodes.flatMap((n) =>
+          n.log.split("\n").filter((l) => l.includes("Snapshot saved"))
+        );
+      await waitFor("scheduled snapshots", () => saved().length >= 2, 30000);
+      assert.match(
+        saved()[0]!,
+        /why="(no snapshot exists yet|the newest is \d+ s old)"/,
+      );
+      nodes.push(new MarmotProcess([...args(c, 3), "--bootstrap"]));
+      await nodes[2]!.waitForLog(
+        "Bootstrapped the database from the newest snapshot",
+      );
+      await waitConverged([a, b, c]);
+    } finally {
+      for (const n of nodes) n.kill();
       await server!.stop();
     }
   },

@@ -1,0 +1,121 @@
+/**
+ * Takes snapshots on a schedule, one node at a time.
+ *
+ * A snapshot is due when the store has none, when the newest is older than
+ * `interval_seconds`, or when the streams have moved `every_messages` past
+ * the sequences it covers. The state lives in the store itself, so any node
+ * can decide; the node that creates the lease key (a KV bucket whose keys
+ * expire) takes the snapshot, the others skip that round.
+ *
+ * @module
+ */
+import type { KV } from "@nats-io/kv";
+import type { SnapshotInfo } from "./db/snapshot.ts";
+import type { Logger } from "./log.ts";
+import type { SnapshotStore } from "./nats/snapshot_store.ts";
+
+/** Options for {@linkcode SnapshotScheduler}. */
+export interface SnapshotSchedulerOptions {
+  /** This node's id (written into the lease). */
+  nodeId: number;
+  /** Seconds between snapshots (0: no time trigger). */
+  intervalSeconds: number;
+  /** Stream messages since the newest snapshot that make a new one due (0: no count trigger). */
+  everyMessages: number;
+  /** Where the snapshot file is written before it is stored. */
+  tempPath: string;
+  /** Takes a snapshot into a path. */
+  take: (path: string) => Promise<SnapshotInfo>;
+  /** The last sequence of every shard stream now. */
+  lastSequences: () => Promise<number[]>;
+  /** Logger. */
+  log: Logger;
+}
+
+const LEASE = "snapshot";
+
+/** Checks periodically whether a snapshot is due and takes it under a lease. */
+export class SnapshotScheduler {
+  #store: SnapshotStore;
+  #lease: KV;
+  #options: SnapshotSchedulerOptions;
+  #timer: ReturnType<typeof setInterval> | undefined;
+  #running: Promise<unknown> | undefined;
+
+  constructor(
+    store: SnapshotStore,
+    lease: KV,
+    options: SnapshotSchedulerOptions,
+  ) {
+    this.#store = store;
+    this.#lease = lease;
+    this.#options = options;
+  }
+
+  /** Starts checking every `checkMs`. */
+  start(checkMs: number): void {
+    this.#timer = setInterval(() => {
+      this.#running ??= this.check().catch((e) =>
+        this.#options.log.warn("Cannot take the scheduled snapshot", {
+          error: e,
+        })
+      ).finally(() => this.#running = undefined);
+    }, checkMs);
+  }
+
+  /** Why a snapshot is due now, or `undefined` when it is not. */
+  async due(): Promise<string | undefined> {
+    const { intervalSeconds, everyMessages } = this.#options;
+    const latest = await this.#store.latest();
+    if (!latest) return "no snapshot exists yet";
+    const age = (Date.now() - Date.parse(latest.createdAt)) / 1000;
+    if (intervalSeconds > 0 && age >= intervalSeconds) {
+      return `the newest is ${Math.round(age)} s old`;
+    }
+    if (everyMessages > 0) {
+      const last = await this.#options.lastSequences();
+      const since = last.reduce(
+        (sum, seq, shard) =>
+          sum + Math.max(0, seq - (latest.sequences[shard] ?? 0)),
+        0,
+      );
+      if (since >= everyMessages) {
+        return `${since} stream messages since the newest`;
+      }
+    }
+    return undefined;
+  }
+
+  /** Takes a snapshot when one is due and this node gets the lease. */
+  async check(): Promise<boolean> {
+    const why = await this.due();
+    if (!why) return false;
+    try {
+      await this.#lease.create(LEASE, String(this.#options.nodeId));
+    } catch {
+      return false; // another node is taking it
+    }
+    try {
+      const started = performance.now();
+      const info = await this.#options.take(this.#options.tempPath);
+      await this.#store.save(this.#options.tempPath, info);
+      this.#options.log.info("Snapshot saved", {
+        why,
+        store: this.#store.name,
+        bytes: info.bytes,
+        seconds: ((performance.now() - started) / 1000).toFixed(2),
+        sequences: info.sequences.join(","),
+      });
+      return true;
+    } finally {
+      await Deno.remove(this.#options.tempPath).catch(() => {});
+      await this.#lease.delete(LEASE).catch(() => {});
+    }
+  }
+
+  /** Stops checking and waits for a snapshot in progress. */
+  async close(): Promise<void> {
+    clearInterval(this.#timer);
+    await this.#running;
+  }
+}
