@@ -77,6 +77,8 @@ export function resolveConfig(options: MarmotOptions): MarmotConfig {
     ...stripUndefined({
       dbPath: options.dbPath,
       nodeId: options.nodeId,
+      exec: options.exec,
+      catchUpTimeout: options.catchUpTimeout,
       include: options.include,
       exclude: options.exclude,
     }),
@@ -262,6 +264,40 @@ export class Marmot implements AsyncDisposable {
           signal,
         );
         db = openDb();
+      } else {
+        const truncated = await truncatedShards(db, jsm, config);
+        if (truncated.length > 0) {
+          const where = truncated.map((t) =>
+            `shard ${t.shard} applied ${t.applied}, stream starts at ${t.first}`
+          )
+            .join("; ");
+          // Replacing the file is safe only before the application opens it,
+          // and loses nothing only without unpublished local changes.
+          if (
+            config.snapshot.bootstrap && config.exec !== undefined &&
+            db.pendingCount() === 0
+          ) {
+            log.warn(
+              "This node's stream position was removed by the stream limits; restoring the newest snapshot",
+              {
+                where,
+              },
+            );
+            db.close();
+            await bootstrap(
+              config,
+              await openSnapshotStore(config, nc, replicas),
+              log,
+              signal,
+            );
+            db = openDb();
+          } else {
+            log.error(
+              "This node's stream position was removed by the stream limits: it cannot catch up from the streams. Stop the application and run `marmot snapshot restore`, or run it under marmot with --exec and --bootstrap so that marmot restores before starting it",
+              { where, pending: db.pendingCount() },
+            );
+          }
+        }
       }
       const js = jetstream(nc, { timeout: 5000 });
       const publisher = new Publisher(db, js, {
@@ -531,6 +567,25 @@ function isOwnRoute(route: string, clusterAddr: string | undefined): boolean {
   }
 }
 
+/** Shards whose next message this node needs is no longer in the stream. */
+async function truncatedShards(
+  db: ReplicaDb,
+  jsm: JetStreamManager,
+  config: MarmotConfig,
+): Promise<{ shard: number; applied: number; first: number }[]> {
+  const out: { shard: number; applied: number; first: number }[] = [];
+  for (let shard = 0; shard < config.replicationLog.shards; shard++) {
+    const { state } = await jsm.streams.info(
+      streamName(config.nats.streamPrefix, shard),
+    );
+    const applied = db.appliedSeq(shard);
+    if (state.messages > 0 && applied + 1 < state.first_seq) {
+      out.push({ shard, applied, first: state.first_seq });
+    }
+  }
+  return out;
+}
+
 /** The last sequence of every shard stream now. */
 async function lastSequences(
   jsm: JetStreamManager,
@@ -584,7 +639,7 @@ async function bootstrap(
       }
       if (attempt % 10 === 0) {
         log.warn(
-          "Waiting for a snapshot: the database does not exist here and no node has saved one (run `marmot snapshot save` on a node that has the database)",
+          "Waiting for a snapshot to restore: no node has saved one yet (run `marmot snapshot save` on a node that has the database)",
           { db: config.dbPath, store: store.name },
         );
       }

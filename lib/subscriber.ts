@@ -72,6 +72,7 @@ export class Subscriber {
   #tasks: Promise<void>[] = [];
   #current = new Map<number, ConsumerMessages>();
   #deferred: IncomingMessage[] = [];
+  #gapped = new Set<number>();
   #deferTimer: ReturnType<typeof setTimeout> | undefined;
   #expected = new Map<number, number>();
 
@@ -196,9 +197,13 @@ export class Subscriber {
     for (const { shard, msg } of taken) {
       const expected = this.#expected.get(shard) ?? 1;
       if (msg.seq < expected) continue; // redelivered after a consumer reset
+      if (this.#gapped.has(shard)) continue;
       if (msg.seq > expected) {
+        // Applying past a gap would hide it for good: this shard stops here,
+        // and a snapshot restore (at the next start) continues it.
+        this.#gapped.add(shard);
         this.#options.log.error(
-          "Shard stream has no messages this node still needs: they were removed by the stream limits",
+          "Shard stream has no messages this node still needs: they were removed by the stream limits. This shard stops applying until the node is restored from a snapshot",
           {
             shard,
             stream: this.#options.stream(shard),
@@ -206,6 +211,7 @@ export class Subscriber {
             first: msg.seq,
           },
         );
+        continue;
       }
       this.#expected.set(shard, msg.seq + 1);
       let batch;

@@ -441,3 +441,73 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "a node whose stream position was truncated away restores the newest snapshot at start (with --exec)",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_truncated_");
+    const [server] = await startCluster(`${dir.path}/nats`, 1);
+    const [a, b] = ["a", "b"].map((n) => `${dir.path}/${n}/app.db`) as [
+      string,
+      string,
+    ];
+    for (const db of [a, b]) {
+      await Deno.mkdir(db.replace(/\/app\.db$/, ""));
+      await sqlite(db, SCHEMA);
+    }
+    await Deno.writeTextFile(
+      `${dir.path}/m.toml`,
+      "[replication_log]\nshards = 1\nmax_entries = 20\n[snapshot]\ninterval_seconds = 0\nevery_messages = 0\n",
+    );
+    const args = (db: string, id: number) => [
+      "--config",
+      `${dir.path}/m.toml`,
+      "--db-path",
+      db,
+      "--node-id",
+      String(id),
+      "--nats-url",
+      server!.clientUrl,
+    ];
+    const nodeA = new MarmotProcess(args(a, 1));
+    let nodeB = new MarmotProcess(args(b, 2));
+    try {
+      await Promise.all([nodeA, nodeB].map((n) => n.waitForLog("Replicating")));
+      await writePairs(a, 1, 10, 1, async () => {});
+      await waitConverged([a, b]);
+      assert.equal((await nodeB.stop()).code, 0);
+      // While node 2 is down, node 1 writes far more than the stream keeps.
+      await writePairs(a, 100, 200, 4, async () => {});
+      const saved = await cli(["snapshot", "save", ...args(a, 1)]);
+      assert.equal(saved.code, 0, saved.stderr);
+      // Without --exec an application may have the file open: marmot says what to do.
+      nodeB = new MarmotProcess(args(b, 2));
+      await nodeB.waitForLog(
+        "stream position was removed by the stream limits: it cannot catch up",
+      );
+      assert.match(nodeB.log, /shard 0 applied \d+, stream starts at \d+/);
+      await nodeB.stop();
+      // Under marmot with --exec, it restores before starting the application.
+      nodeB = new MarmotProcess([
+        ...args(b, 2),
+        "--bootstrap",
+        "--exec",
+        "sleep 60",
+      ]);
+      await nodeB.waitForLog("restoring the newest snapshot");
+      await nodeB.waitForLog("started the application");
+      await sqlite(
+        b,
+        "INSERT INTO pairs VALUES (900000, 900000, 'after the restore');",
+      );
+      const content = await waitConverged([a, b]);
+      assert.equal(content.split("\n").length, 2 * 10 + 2 * 200 + 1);
+    } finally {
+      nodeA.kill();
+      nodeB.kill();
+      await server!.stop();
+    }
+  },
+});
