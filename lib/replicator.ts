@@ -27,6 +27,7 @@ import {
 } from "./db/snapshot.ts";
 import {
   openSnapshotStore,
+  progress,
   type SnapshotStore,
 } from "./nats/snapshot_store.ts";
 import { SnapshotScheduler } from "./snapshot_scheduler.ts";
@@ -626,7 +627,10 @@ async function bootstrap(
     signal?.throwIfAborted();
     try {
       const started = performance.now();
-      const info = await store.download(temp);
+      const info = await store.download(
+        temp,
+        progress(log, "Downloading snapshot"),
+      );
       if (info) {
         await restoreSnapshot(temp, info, config.dbPath);
         log.info("Bootstrapped the database from the newest snapshot", {

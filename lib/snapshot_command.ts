@@ -16,6 +16,7 @@ import type { Logger } from "./log.ts";
 import {
   directorySnapshots,
   objectStoreSnapshots,
+  progress,
   type SnapshotStore,
 } from "./nats/snapshot_store.ts";
 
@@ -110,7 +111,7 @@ export async function snapshotSave(
     db.close();
     await withStore(config, async (store) => {
       const started = performance.now();
-      await store.save(temp, info);
+      await store.save(temp, info, progress(log, "Uploading snapshot"));
       const seconds = (performance.now() - started) / 1000;
       log.info("Snapshot saved", {
         store: store.name,
@@ -142,7 +143,10 @@ export async function snapshotRestore(
   try {
     return await withStore(config, async (store) => {
       const started = performance.now();
-      const info = await store.download(temp);
+      const info = await store.download(
+        temp,
+        progress(log, "Downloading snapshot"),
+      );
       if (!info) return undefined;
       await restoreSnapshot(temp, info, config.dbPath);
       log.info("Snapshot restored", {

@@ -12,7 +12,7 @@
 import type { KV } from "@nats-io/kv";
 import type { SnapshotInfo } from "./db/snapshot.ts";
 import type { Logger } from "./log.ts";
-import type { SnapshotStore } from "./nats/snapshot_store.ts";
+import { progress, type SnapshotStore } from "./nats/snapshot_store.ts";
 
 /** Options for {@linkcode SnapshotScheduler}. */
 export interface SnapshotSchedulerOptions {
@@ -98,7 +98,11 @@ export class SnapshotScheduler {
     try {
       const started = performance.now();
       const info = await this.#options.take(this.#options.tempPath);
-      await this.#store.save(this.#options.tempPath, info);
+      await this.#store.save(
+        this.#options.tempPath,
+        info,
+        progress(this.#options.log, "Uploading snapshot"),
+      );
       this.#options.log.info("Snapshot saved", {
         why,
         store: this.#store.name,

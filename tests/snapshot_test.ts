@@ -511,3 +511,74 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "a third node with no database joins two nodes whose streams were truncated below their first change",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_join_truncated_");
+    const [server] = await startCluster(`${dir.path}/nats`, 1);
+    const [a, b, c] = ["a", "b", "c"].map((n) => `${dir.path}/${n}/app.db`) as [
+      string,
+      string,
+      string,
+    ];
+    for (const db of [a, b, c]) await Deno.mkdir(db.replace(/\/app\.db$/, ""));
+    await sqlite(a, SCHEMA);
+    await sqlite(b, SCHEMA);
+    await Deno.writeTextFile(
+      `${dir.path}/m.toml`,
+      "[replication_log]\nshards = 2\n[snapshot]\ninterval_seconds = 0\nevery_messages = 0\n",
+    );
+    const args = (db: string, id: number) => [
+      "--config",
+      `${dir.path}/m.toml`,
+      "--db-path",
+      db,
+      "--node-id",
+      String(id),
+      "--nats-url",
+      server!.clientUrl,
+    ];
+    const nodes = [
+      new MarmotProcess(args(a, 1)),
+      new MarmotProcess(args(b, 2)),
+    ];
+    try {
+      await Promise.all(nodes.map((n) => n.waitForLog("Replicating")));
+      await Promise.all([
+        writePairs(a, 1, 1500, 6, async () => {}),
+        writePairs(b, 100000, 1500, 6, async () => {}),
+      ]);
+      await waitConverged([a, b]);
+      const saved = await cli(["snapshot", "save", ...args(a, 1)]);
+      assert.equal(saved.code, 0, saved.stderr);
+      // Truncate the streams below the first changes (as their limits would).
+      const { jetstreamManager } = await import("@nats-io/jetstream");
+      const { connect } = await import("@nats-io/transport-node");
+      const nc = await connect({ servers: server!.clientUrl });
+      const jsm = await jetstreamManager(nc);
+      for (const name of ["marmot-changes-0", "marmot-changes-1"]) {
+        const { config } = await jsm.streams.info(name);
+        await jsm.streams.update(name, { ...config, max_msgs: 25 });
+        const { state } = await jsm.streams.info(name);
+        assert.ok(
+          state.first_seq > 1 && state.messages <= 25,
+          `${name} keeps ${state.first_seq}..${state.last_seq}`,
+        );
+      }
+      await nc.close();
+      nodes.push(new MarmotProcess([...args(c, 3), "--bootstrap"]));
+      await nodes[2]!.waitForLog("Replicating");
+      // Both directions after the join.
+      await sqlite(c, "INSERT INTO pairs VALUES (900000, 900000, 'from c');");
+      await sqlite(a, "INSERT INTO pairs VALUES (900001, 900001, 'from a');");
+      const content = await waitConverged([a, b, c]);
+      assert.equal(content.split("\n").length, 2 * 1500 * 2 + 2);
+    } finally {
+      for (const n of nodes) n.kill();
+      await server!.stop();
+    }
+  },
+});

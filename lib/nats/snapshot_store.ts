@@ -9,17 +9,50 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { Objm } from "@nats-io/obj";
 import type { MarmotConfig } from "../config.ts";
 import type { SnapshotInfo } from "../db/snapshot.ts";
+import type { Logger } from "../log.ts";
+
+/** Called while a snapshot streams in or out. */
+export type Progress = (
+  done: number,
+  total: number,
+  bytesPerSecond: number,
+) => void;
+
+/** Counts the bytes of a stream and reports them at most every `everyMs`. */
+function counted(
+  total: number,
+  onProgress: Progress | undefined,
+  everyMs = 1000,
+): TransformStream<Uint8Array, Uint8Array> {
+  const started = performance.now();
+  let done = 0;
+  let last = started;
+  return new TransformStream({
+    transform(chunk, controller) {
+      done += chunk.length;
+      const now = performance.now();
+      if (onProgress && now - last >= everyMs) {
+        last = now;
+        onProgress(done, total, done / ((now - started) / 1000));
+      }
+      controller.enqueue(chunk);
+    },
+  });
+}
 
 /** A place for the newest snapshot. */
 export interface SnapshotStore {
   /** A description for logs, e.g. `object store "marmot-changes-snapshots"`. */
   readonly name: string;
   /** Stores the snapshot file at `path` with its record, replacing the previous one. */
-  save(path: string, info: SnapshotInfo): Promise<void>;
+  save(path: string, info: SnapshotInfo, onProgress?: Progress): Promise<void>;
   /** The record of the newest snapshot, or `undefined` when there is none. */
   latest(): Promise<SnapshotInfo | undefined>;
   /** Writes the newest snapshot to `path` and returns its record (check it with `restoreSnapshot`). */
-  download(path: string): Promise<SnapshotInfo | undefined>;
+  download(
+    path: string,
+    onProgress?: Progress,
+  ): Promise<SnapshotInfo | undefined>;
 }
 
 const OBJECT = "latest";
@@ -123,4 +156,14 @@ export async function openSnapshotStore(
       `${config.nats.streamPrefix}-snapshots`,
       replicas,
     );
+}
+
+/** A {@linkcode Progress} that logs bytes done / total and the rate. */
+export function progress(log: Logger, what: string): Progress {
+  return (done, total, rate) =>
+    log.info(what, {
+      done: `${(done / 1e6).toFixed(1)} MB`,
+      total: `${(total / 1e6).toFixed(1)} MB`,
+      rate: `${(rate / 1e6).toFixed(1)} MB/s`,
+    });
 }
