@@ -266,38 +266,46 @@ export class Marmot implements AsyncDisposable {
         );
         db = openDb();
       } else {
+        // A database with no tables yet, or one whose stream position is gone,
+        // needs the newest snapshot too. Replacing the file is safe only
+        // before the application opens it (--exec), and loses nothing only
+        // without unpublished local changes.
         const truncated = await truncatedShards(db, jsm, config);
-        if (truncated.length > 0) {
-          const where = truncated.map((t) =>
-            `shard ${t.shard} applied ${t.applied}, stream starts at ${t.first}`
-          )
-            .join("; ");
-          // Replacing the file is safe only before the application opens it,
-          // and loses nothing only without unpublished local changes.
-          if (
-            config.snapshot.bootstrap && config.exec !== undefined &&
-            db.pendingCount() === 0
-          ) {
-            log.warn(
-              "This node's stream position was removed by the stream limits; restoring the newest snapshot",
-              {
-                where,
-              },
-            );
-            db.close();
-            await bootstrap(
-              config,
-              await openSnapshotStore(config, nc, replicas),
-              log,
-              signal,
-            );
-            db = openDb();
-          } else {
-            log.error(
-              "This node's stream position was removed by the stream limits: it cannot catch up from the streams. Stop the application and run `marmot snapshot restore`, or run it under marmot with --exec and --bootstrap so that marmot restores before starting it",
-              { where, pending: db.pendingCount() },
-            );
-          }
+        const empty = db.tables.size === 0;
+        const where = truncated.map((t) =>
+          `shard ${t.shard} applied ${t.applied}, stream starts at ${t.first}`
+        )
+          .join("; ");
+        const reason = empty
+          ? "the database has no tables yet"
+          : truncated.length > 0
+          ? "this node's stream position was removed by the stream limits"
+          : undefined;
+        if (
+          reason && config.snapshot.bootstrap && config.exec !== undefined &&
+          db.pendingCount() === 0
+        ) {
+          log.warn(
+            `Restoring the newest snapshot: ${reason}`,
+            where ? { where } : {},
+          );
+          db.close();
+          await bootstrap(
+            config,
+            await openSnapshotStore(config, nc, replicas),
+            log,
+            signal,
+          );
+          db = openDb();
+        } else if (truncated.length > 0) {
+          log.error(
+            "This node's stream position was removed by the stream limits: it cannot catch up from the streams. Stop the application and run `marmot snapshot restore`, or run it under marmot with --exec and --bootstrap so that marmot restores before starting it",
+            { where, pending: db.pendingCount() },
+          );
+        } else if (empty && config.snapshot.bootstrap) {
+          log.warn(
+            "The database has no tables yet; not restoring a snapshot because an application may have it open (run it under marmot with --exec, or run `marmot snapshot restore` before starting it)",
+          );
         }
       }
       const js = jetstream(nc, { timeout: 5000 });

@@ -496,7 +496,9 @@ Deno.test({
         "--exec",
         "sleep 60",
       ]);
-      await nodeB.waitForLog("restoring the newest snapshot");
+      await nodeB.waitForLog(
+        "Restoring the newest snapshot: this node's stream position was removed",
+      );
       await nodeB.waitForLog("started the application");
       await sqlite(
         b,
@@ -561,10 +563,10 @@ Deno.test({
       const jsm = await jetstreamManager(nc);
       for (const name of ["marmot-changes-0", "marmot-changes-1"]) {
         const { config } = await jsm.streams.info(name);
-        await jsm.streams.update(name, { ...config, max_msgs: 25 });
+        await jsm.streams.update(name, { ...config, max_msgs: 3 });
         const { state } = await jsm.streams.info(name);
         assert.ok(
-          state.first_seq > 1 && state.messages <= 25,
+          state.first_seq > 1 && state.messages <= 3,
           `${name} keeps ${state.first_seq}..${state.last_seq}`,
         );
       }
@@ -578,6 +580,59 @@ Deno.test({
       assert.equal(content.split("\n").length, 2 * 1500 * 2 + 2);
     } finally {
       for (const n of nodes) n.kill();
+      await server!.stop();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "marmot --bootstrap --exec restores the newest snapshot over a database with no tables",
+  ...PROCESS_TEST,
+  async fn() {
+    await using dir = await tempDir("marmot_empty_");
+    const [server] = await startCluster(`${dir.path}/nats`, 1);
+    const [a, c] = ["a", "c"].map((n) => `${dir.path}/${n}/app.db`) as [
+      string,
+      string,
+    ];
+    for (const db of [a, c]) await Deno.mkdir(db.replace(/\/app\.db$/, ""));
+    await sqlite(a, SCHEMA);
+    await sqlite(c, "PRAGMA journal_mode = WAL;"); // a file, no tables
+    const args = (
+      db: string,
+      id: number,
+    ) => [
+      "--db-path",
+      db,
+      "--node-id",
+      String(id),
+      "--nats-url",
+      server!.clientUrl,
+    ];
+    const nodeA = new MarmotProcess(args(a, 1));
+    let nodeC: MarmotProcess | undefined;
+    try {
+      await nodeA.waitForLog("Replicating");
+      await writePairs(a, 1, 300, 1, async () => {});
+      const saved = await cli(["snapshot", "save", ...args(a, 1)]);
+      assert.equal(saved.code, 0, saved.stderr);
+      nodeC = new MarmotProcess([
+        ...args(c, 3),
+        "--bootstrap",
+        "--exec",
+        "sleep 60",
+      ]);
+      await nodeC.waitForLog(
+        "Restoring the newest snapshot: the database has no tables yet",
+      );
+      await nodeC.waitForLog("started the application");
+      await sqlite(c, "INSERT INTO pairs VALUES (900000, 900000, 'from c');");
+      const content = await waitConverged([a, c]);
+      assert.equal(content.split("\n").length, 2 * 300 + 1);
+    } finally {
+      nodeA.kill();
+      nodeC?.kill();
       await server!.stop();
     }
   },
