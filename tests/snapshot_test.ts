@@ -214,6 +214,31 @@ Deno.test({
   },
 });
 
+/** Makes streams keep only their last `keep` messages, as their limits would. */
+async function truncateStreams(
+  url: string,
+  names: string[],
+  keep: number,
+): Promise<void> {
+  const { jetstreamManager } = await import("@nats-io/jetstream");
+  const { connect } = await import("@nats-io/transport-node");
+  const nc = await connect({ servers: url });
+  try {
+    const jsm = await jetstreamManager(nc);
+    for (const name of names) {
+      const { config } = await jsm.streams.info(name);
+      await jsm.streams.update(name, { ...config, max_msgs: keep });
+      const { state } = await jsm.streams.info(name);
+      assert.ok(
+        state.first_seq > 1 && state.messages <= keep,
+        `${name} keeps ${state.first_seq}..${state.last_seq}`,
+      );
+    }
+  } finally {
+    await nc.close();
+  }
+}
+
 async function cli(args: string[]): Promise<{ code: number; stderr: string }> {
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", CLI, ...args],
@@ -478,10 +503,19 @@ Deno.test({
       await writePairs(a, 1, 10, 1, async () => {});
       await waitConverged([a, b]);
       assert.equal((await nodeB.stop()).code, 0);
-      // While node 2 is down, node 1 writes far more than the stream keeps.
-      await writePairs(a, 100, 200, 4, async () => {});
+      // While node 2 is down, node 1 writes in rounds of at least one
+      // message each, and then the stream keeps only the last 3.
+      await writePairs(a, 100, 200, 8, async () => {
+        await waitFor(
+          "node 1 to publish the round",
+          async () =>
+            (await sqlite(a, "SELECT count(*) FROM __marmot__changes;"))
+              .trim() === "0",
+        );
+      });
       const saved = await cli(["snapshot", "save", ...args(a, 1)]);
       assert.equal(saved.code, 0, saved.stderr);
+      await truncateStreams(server!.clientUrl, ["marmot-changes-0"], 3);
       // Without --exec an application may have the file open: marmot says what to do.
       nodeB = new MarmotProcess(args(b, 2));
       await nodeB.waitForLog(
@@ -557,20 +591,10 @@ Deno.test({
       const saved = await cli(["snapshot", "save", ...args(a, 1)]);
       assert.equal(saved.code, 0, saved.stderr);
       // Truncate the streams below the first changes (as their limits would).
-      const { jetstreamManager } = await import("@nats-io/jetstream");
-      const { connect } = await import("@nats-io/transport-node");
-      const nc = await connect({ servers: server!.clientUrl });
-      const jsm = await jetstreamManager(nc);
-      for (const name of ["marmot-changes-0", "marmot-changes-1"]) {
-        const { config } = await jsm.streams.info(name);
-        await jsm.streams.update(name, { ...config, max_msgs: 3 });
-        const { state } = await jsm.streams.info(name);
-        assert.ok(
-          state.first_seq > 1 && state.messages <= 3,
-          `${name} keeps ${state.first_seq}..${state.last_seq}`,
-        );
-      }
-      await nc.close();
+      await truncateStreams(server!.clientUrl, [
+        "marmot-changes-0",
+        "marmot-changes-1",
+      ], 3);
       nodes.push(new MarmotProcess([...args(c, 3), "--bootstrap"]));
       await nodes[2]!.waitForLog("Replicating");
       // Both directions after the join.
