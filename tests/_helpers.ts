@@ -139,11 +139,20 @@ export class MarmotProcess {
 
   /** Waits until the log contains `text`. */
   async waitForLog(text: string, timeout = 30000): Promise<void> {
-    await waitFor(
-      `"${text}" in marmot's log`,
-      () => this.log.includes(text),
-      timeout,
-    );
+    try {
+      await waitFor(
+        `"${text}" in marmot's log`,
+        () => this.log.includes(text),
+        timeout,
+      );
+    } catch (e) {
+      const tail = this.log.split("\n").filter((l) =>
+        !l.includes("source=nats-server")
+      ).slice(-15).join("\n");
+      throw new Error(
+        `${(e as Error).message}; ${this.args.join(" ")} printed:\n${tail}`,
+      );
+    }
   }
 
   /** Sends a signal (SIGKILL by default) without waiting. */

@@ -636,11 +636,20 @@ async function readLines(
 
 /** Free TCP ports on loopback, found by binding port 0 (tests and the demo use them for route ports). */
 export function pickFreePorts(count: number): number[] {
-  // Hold all listeners open together so the ports are distinct.
+  // Ports below Linux's ephemeral range (32768+), so that the many outgoing
+  // connections and random-port listeners of other processes cannot take
+  // one between this check and the server binding it. Hold the listeners
+  // open together so the ports are distinct.
   const listeners: Deno.TcpListener[] = [];
   try {
-    for (let i = 0; i < count; i++) {
-      listeners.push(Deno.listen({ hostname: "127.0.0.1", port: 0 }));
+    for (let tries = 0; listeners.length < count; tries++) {
+      if (tries > 1000) {
+        throw new Error(`Cannot find ${count} free ports in 20000-32767`);
+      }
+      const port = 20000 + Math.floor(Math.random() * 12768);
+      try {
+        listeners.push(Deno.listen({ hostname: "127.0.0.1", port }));
+      } catch { /* in use: try another */ }
     }
     return listeners.map((listener) => listener.addr.port);
   } finally {
