@@ -257,14 +257,18 @@ export class Marmot implements AsyncDisposable {
         log,
         signal,
       );
-      if (!db) {
+      const restore = async () => {
+        db?.close();
         await bootstrap(
           config,
-          await openSnapshotStore(config, nc, replicas),
+          await openSnapshotStore(config, nc!, replicas),
           log,
           signal,
         );
-        db = openDb();
+        return openDb();
+      };
+      if (!db) {
+        db = await restore();
       } else {
         // A database with no tables yet, or one whose stream position is gone,
         // needs the newest snapshot too. Replacing the file is safe only
@@ -289,14 +293,7 @@ export class Marmot implements AsyncDisposable {
             `Restoring the newest snapshot: ${reason}`,
             where ? { where } : {},
           );
-          db.close();
-          await bootstrap(
-            config,
-            await openSnapshotStore(config, nc, replicas),
-            log,
-            signal,
-          );
-          db = openDb();
+          db = await restore();
         } else if (truncated.length > 0) {
           log.error(
             "This node's stream position was removed by the stream limits: it cannot catch up from the streams. Stop the application and run `marmot snapshot restore`, or run it under marmot with --exec and --bootstrap so that marmot restores before starting it",
