@@ -259,9 +259,10 @@ export class Marmot implements AsyncDisposable {
       );
       const restore = async () => {
         db?.close();
+        const client = nc!;
         await bootstrap(
           config,
-          await openSnapshotStore(config, nc!, replicas),
+          () => openSnapshotStore(config, client, replicas),
           log,
           signal,
         );
@@ -340,29 +341,30 @@ export class Marmot implements AsyncDisposable {
       let scheduler: SnapshotScheduler | undefined;
       const { intervalSeconds, everyMessages } = config.snapshot;
       if (intervalSeconds > 0 || everyMessages > 0) {
-        const store = await openSnapshotStore(config, nc, replicas);
-        const leases = await new Kvm(nc).create(
-          `${config.nats.streamPrefix}-leases`,
+        const client = nc;
+        scheduler = new SnapshotScheduler(
+          () => openSnapshotStore(config, client, replicas),
+          () =>
+            new Kvm(client).create(`${config.nats.streamPrefix}-leases`, {
+              replicas,
+              ttl: 10 * 60 * 1000, // a lease outlives a crashed holder by at most this
+            }),
           {
-            replicas,
-            ttl: 10 * 60 * 1000, // a lease outlives a crashed holder by at most this
+            nodeId: config.nodeId,
+            intervalSeconds,
+            everyMessages,
+            tempPath: `${config.dbPath}.snapshot`,
+            take: (path) =>
+              takeSnapshot(
+                db!,
+                path,
+                config.replicationLog.shards,
+                config.nodeId,
+              ),
+            lastSequences: () => lastSequences(jsm, config),
+            log,
           },
         );
-        scheduler = new SnapshotScheduler(store, leases, {
-          nodeId: config.nodeId,
-          intervalSeconds,
-          everyMessages,
-          tempPath: `${config.dbPath}.snapshot`,
-          take: (path) =>
-            takeSnapshot(
-              db!,
-              path,
-              config.replicationLog.shards,
-              config.nodeId,
-            ),
-          lastSequences: () => lastSequences(jsm, config),
-          log,
-        });
         scheduler.start(
           Math.min(
             30_000,
@@ -623,14 +625,16 @@ function fileExists(path: string): boolean {
  */
 async function bootstrap(
   config: MarmotConfig,
-  store: SnapshotStore,
+  openStore: () => Promise<SnapshotStore>,
   log: Logger,
   signal?: AbortSignal,
 ): Promise<void> {
   const temp = `${config.dbPath}.download`;
+  let store: SnapshotStore | undefined;
   for (let attempt = 0;; attempt++) {
     signal?.throwIfAborted();
     try {
+      store ??= await openStore();
       const started = performance.now();
       const info = await store.download(
         temp,
@@ -655,7 +659,7 @@ async function bootstrap(
     } catch (e) {
       if (e instanceof SnapshotError) throw e;
       log.warn("Cannot read the snapshot store yet, retrying", {
-        store: store.name,
+        store: store?.name ?? "(not opened yet)",
         error: e,
       });
     } finally {

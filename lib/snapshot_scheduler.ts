@@ -36,19 +36,26 @@ const LEASE = "snapshot";
 
 /** Checks periodically whether a snapshot is due and takes it under a lease. */
 export class SnapshotScheduler {
-  #store: SnapshotStore;
-  #lease: KV;
+  #openStore: () => Promise<SnapshotStore>;
+  #openLease: () => Promise<KV>;
+  #store: SnapshotStore | undefined;
+  #lease: KV | undefined;
   #options: SnapshotSchedulerOptions;
   #timer: ReturnType<typeof setInterval> | undefined;
   #running: Promise<unknown> | undefined;
 
+  /**
+   * @param openStore opens the snapshot store (on the first check, and again
+   *   after a failure, so that a slow JetStream does not fail the start)
+   * @param openLease opens the KV bucket that holds the lease
+   */
   constructor(
-    store: SnapshotStore,
-    lease: KV,
+    openStore: () => Promise<SnapshotStore>,
+    openLease: () => Promise<KV>,
     options: SnapshotSchedulerOptions,
   ) {
-    this.#store = store;
-    this.#lease = lease;
+    this.#openStore = openStore;
+    this.#openLease = openLease;
     this.#options = options;
   }
 
@@ -66,6 +73,7 @@ export class SnapshotScheduler {
   /** Why a snapshot is due now, or `undefined` when it is not. */
   async due(): Promise<string | undefined> {
     const { intervalSeconds, everyMessages } = this.#options;
+    this.#store ??= await this.#openStore();
     const latest = await this.#store.latest();
     if (!latest) return "no snapshot exists yet";
     const age = (Date.now() - Date.parse(latest.createdAt)) / 1000;
@@ -90,22 +98,24 @@ export class SnapshotScheduler {
   async check(): Promise<boolean> {
     const why = await this.due();
     if (!why) return false;
+    const store = this.#store!;
+    const lease = this.#lease ??= await this.#openLease();
     try {
-      await this.#lease.create(LEASE, String(this.#options.nodeId));
+      await lease.create(LEASE, String(this.#options.nodeId));
     } catch {
       return false; // another node is taking it
     }
     try {
       const started = performance.now();
       const info = await this.#options.take(this.#options.tempPath);
-      await this.#store.save(
+      await store.save(
         this.#options.tempPath,
         info,
         progress(this.#options.log, "Uploading snapshot"),
       );
       this.#options.log.info("Snapshot saved", {
         why,
-        store: this.#store.name,
+        store: store.name,
         bytes: info.bytes,
         seconds: ((performance.now() - started) / 1000).toFixed(2),
         sequences: info.sequences.join(","),
@@ -113,7 +123,7 @@ export class SnapshotScheduler {
       return true;
     } finally {
       await Deno.remove(this.#options.tempPath).catch(() => {});
-      await this.#lease.delete(LEASE).catch(() => {});
+      await lease.delete(LEASE).catch(() => {});
     }
   }
 
