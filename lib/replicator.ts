@@ -275,7 +275,7 @@ export class Marmot implements AsyncDisposable {
         // needs the newest snapshot too. Replacing the file is safe only
         // before the application opens it (--exec), and loses nothing only
         // without unpublished local changes.
-        const truncated = await truncatedShards(db, jsm, config);
+        const truncated = await truncatedShards(db, jsm, config, log, signal);
         const empty = db.tables.size === 0;
         const where = truncated.map((t) =>
           `shard ${t.shard} applied ${t.applied}, stream starts at ${t.first}`
@@ -577,6 +577,31 @@ function isOwnRoute(route: string, clusterAddr: string | undefined): boolean {
 
 /** Shards whose next message this node needs is no longer in the stream. */
 async function truncatedShards(
+  db: ReplicaDb,
+  jsm: JetStreamManager,
+  config: MarmotConfig,
+  log: Logger,
+  signal?: AbortSignal,
+): Promise<{ shard: number; applied: number; first: number }[]> {
+  // The subscriber stops a shard at a gap anyway; this check only lets a
+  // restart under --exec restore early, so a slow JetStream only skips it.
+  for (let attempt = 1;; attempt++) {
+    try {
+      return await findTruncated(db, jsm, config);
+    } catch (e) {
+      if (attempt === 5) {
+        log.warn(
+          "Cannot check the streams for a truncated position; skipping the check",
+          { error: e },
+        );
+        return [];
+      }
+      await delay(500 * attempt, signal);
+    }
+  }
+}
+
+async function findTruncated(
   db: ReplicaDb,
   jsm: JetStreamManager,
   config: MarmotConfig,
