@@ -47,6 +47,14 @@ export {
   type SnapshotInfo,
 } from "./lib/db/snapshot.ts";
 export { shardFor } from "./lib/shard.ts";
+export {
+  createLogger,
+  type Logger,
+  type LoggerOptions,
+  type LogLevel,
+} from "./lib/log.ts";
+export type { PublisherStats } from "./lib/publisher.ts";
+export type { SubscriberStats } from "./lib/subscriber.ts";
 export { main } from "./cli.ts";
 
 if (import.meta.main) {

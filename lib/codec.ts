@@ -80,6 +80,7 @@ export interface Batch {
 
 /** Thrown when bytes are not a valid envelope. */
 export class CodecError extends Error {
+  /** The error name, `"CodecError"`. */
   override name = "CodecError";
 }
 

@@ -88,6 +88,7 @@ export interface MarmotConfig {
 
 /** Thrown for a configuration that cannot be used; the message names the key and value. */
 export class ConfigError extends Error {
+  /** The error name, `"ConfigError"`. */
   override name = "ConfigError";
 }
 

@@ -158,8 +158,7 @@ export async function resolvePeers(peers: string[]): Promise<string[]> {
 export class Marmot implements AsyncDisposable {
   /** The validated configuration in use. */
   readonly config: MarmotConfig;
-  /** The database connection marmot uses. */
-  readonly db: ReplicaDb;
+  #db: ReplicaDb;
   #log: Logger;
   #nc: NatsConnection;
   #server: NatsServer | undefined;
@@ -184,7 +183,7 @@ export class Marmot implements AsyncDisposable {
   ) {
     this.config = config;
     this.#log = log;
-    this.db = db;
+    this.#db = db;
     this.#nc = nc;
     this.#server = server;
     this.#publisher = publisher;
@@ -408,7 +407,7 @@ export class Marmot implements AsyncDisposable {
     let lastVersion = -1;
     const onChange = () => {
       if (this.#closing) return;
-      const version = this.db.dataVersion();
+      const version = this.#db.dataVersion();
       if (version === lastVersion) return;
       lastVersion = version;
       this.#publisher.wake();
@@ -416,7 +415,7 @@ export class Marmot implements AsyncDisposable {
     this.#watcher = watchDatabase(this.config.dbPath, onChange, this.#log);
     this.#timer = setInterval(() => {
       try {
-        if (this.db.refreshSchema()) {
+        if (this.#db.refreshSchema()) {
           this.#log.info("Schema changed: capture triggers reinstalled");
         }
       } catch (e) {
@@ -458,7 +457,7 @@ export class Marmot implements AsyncDisposable {
     return {
       published: { ...this.#publisher.stats },
       applied: { ...this.#subscriber.stats },
-      pending: this.db.pendingCount(),
+      pending: this.#db.pendingCount(),
     };
   }
 
@@ -476,7 +475,7 @@ export class Marmot implements AsyncDisposable {
     const targets = await lastSequences(jsm, this.config);
     const deadline = Date.now() + timeout;
     const behind = () =>
-      targets.filter((seq, shard) => this.db.appliedSeq(shard) < seq).length;
+      targets.filter((seq, shard) => this.#db.appliedSeq(shard) < seq).length;
     while (behind() > 0) {
       signal?.throwIfAborted();
       if (Date.now() > deadline) {
@@ -502,7 +501,7 @@ export class Marmot implements AsyncDisposable {
    */
   snapshot(path: string): Promise<SnapshotInfo> {
     return takeSnapshot(
-      this.db,
+      this.#db,
       path,
       this.config.replicationLog.shards,
       this.config.nodeId,
@@ -545,7 +544,7 @@ export class Marmot implements AsyncDisposable {
     await this.#nc.close().catch(() => {});
     await this.#server?.stop().catch(() => {});
     await Promise.allSettled(this.#tasks);
-    this.db.close();
+    this.#db.close();
     this.#log.info("Stopped");
   }
 

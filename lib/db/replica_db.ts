@@ -64,6 +64,7 @@ type ArrayRows = { setReturnArrays(enabled: boolean): void };
 
 /** Thrown when the database cannot be prepared for replication. */
 export class DatabaseError extends Error {
+  /** The error name, `"DatabaseError"`. */
   override name = "DatabaseError";
 }
 

@@ -13,6 +13,7 @@ import { removeMarmot, type ReplicaDb } from "./replica_db.ts";
 
 /** Thrown when a snapshot cannot be taken or restored; the database is left as it was. */
 export class SnapshotError extends Error {
+  /** The error name, `"SnapshotError"`. */
   override name = "SnapshotError";
 }
 
