@@ -21,7 +21,8 @@ import { type NatsServer, startCluster } from "../lib/nats/nats_server.ts";
 import { V8_FLAGS } from "../cli.ts";
 
 const { values: flags } = parseArgs({
-  args: Deno.args,
+  // `deno task bench -- --rows 10` passes the "--" through: drop it.
+  args: Deno.args[0] === "--" ? Deno.args.slice(1) : Deno.args,
   options: {
     rows: { type: "string", default: "100000" },
     txn: { type: "string", default: "1000" },
