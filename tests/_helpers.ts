@@ -3,7 +3,7 @@
 // compare nodes.
 import { fileURLToPath } from "node:url";
 import { V8_FLAGS } from "../cli.ts";
-import { pickFreePorts } from "../lib/nats/nats_server.ts";
+import { pickFreePorts, startCluster } from "../lib/nats/nats_server.ts";
 
 export const CLI = fileURLToPath(new URL("../cli.ts", import.meta.url));
 const decoder = new TextDecoder();
@@ -181,6 +181,24 @@ export class MarmotProcess {
     }
     return status;
   }
+
+  /**
+   * Ends the process for a test's cleanup: SIGTERM so that marmot stops an
+   * `--exec` application too, then SIGKILL after `grace` ms.
+   */
+  async dispose(grace = 5000): Promise<void> {
+    this.kill("SIGTERM");
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const ended = await Promise.race([
+      this.status.then(() => true),
+      new Promise<false>((r) => timer = setTimeout(() => r(false), grace)),
+    ]);
+    clearTimeout(timer);
+    if (!ended) {
+      this.kill("SIGKILL");
+      await this.#child.status;
+    }
+  }
 }
 
 /** Arguments for a node that uses external NATS servers with R3 streams. */
@@ -236,4 +254,79 @@ export async function tempDir(
       await Deno.remove(path, { recursive: true }).catch(() => {});
     },
   };
+}
+
+/**
+ * One nats-server, a directory per node, and the marmot processes started
+ * on them. Disposing kills the processes, stops the server and removes the
+ * directory.
+ */
+export interface TestBed extends AsyncDisposable {
+  /** The temporary directory. */
+  readonly dir: string;
+  /** The nats-server's client URL. */
+  readonly url: string;
+  /** The database path of node `name`, in a directory of its own (created). */
+  db(name: string): string;
+  /** marmot's arguments for a node: the bed's config file, database, node id and server. */
+  args(db: string, id: number): string[];
+  /** Starts marmot (`args` plus `extra`); the bed kills it when disposed. */
+  start(db: string, id: number, extra?: string[]): MarmotProcess;
+}
+
+/** Starts a {@linkcode TestBed}; `config` becomes the nodes' config file. */
+export async function testBed(
+  prefix: string,
+  config?: string,
+): Promise<TestBed> {
+  const temp = await tempDir(prefix);
+  const [server] = await startCluster(`${temp.path}/nats`, 1);
+  const configArgs: string[] = [];
+  if (config !== undefined) {
+    await Deno.writeTextFile(`${temp.path}/marmot.toml`, config);
+    configArgs.push("--config", `${temp.path}/marmot.toml`);
+  }
+  const started: MarmotProcess[] = [];
+  const args = (db: string, id: number) => [
+    ...configArgs,
+    ...[
+      "--db-path",
+      db,
+      "--node-id",
+      String(id),
+      "--nats-url",
+      server!.clientUrl,
+    ],
+  ];
+  return {
+    dir: temp.path,
+    url: server!.clientUrl,
+    db(name) {
+      Deno.mkdirSync(`${temp.path}/${name}`, { recursive: true });
+      return `${temp.path}/${name}/app.db`;
+    },
+    args,
+    start(db, id, extra = []) {
+      const m = new MarmotProcess([...args(db, id), ...extra]);
+      started.push(m);
+      return m;
+    },
+    async [Symbol.asyncDispose]() {
+      await Promise.allSettled(started.map((m) => m.dispose()));
+      await server!.stop();
+      await temp[Symbol.asyncDispose]();
+    },
+  };
+}
+
+/** Runs the marmot CLI to completion. */
+export async function cli(
+  args: string[],
+): Promise<{ code: number; stderr: string }> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", CLI, ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return { code: out.code, stderr: decoder.decode(out.stderr) };
 }

@@ -4,25 +4,27 @@
 // this process (the library) to take the snapshot.
 import assert from "node:assert/strict";
 import {
+  fileDigest,
   restoreSnapshot,
   SnapshotError,
   type SnapshotInfo,
 } from "../lib/db/snapshot.ts";
 import { silentLogger } from "../lib/log.ts";
-import { startCluster } from "../lib/nats/nats_server.ts";
 import { Marmot } from "../lib/replicator.ts";
 import {
-  CLI,
-  MarmotProcess,
+  cli,
   PROCESS_TEST,
   sqlite,
   tempDir,
+  testBed,
   waitConverged,
   waitFor,
 } from "./_helpers.ts";
 
 const SCHEMA =
   "CREATE TABLE pairs(id INTEGER PRIMARY KEY, twin INTEGER, v TEXT);";
+/** Scheduled snapshots off, so that a test decides when one is taken. */
+const NO_SCHEDULE = "[snapshot]\ninterval_seconds = 0\nevery_messages = 0\n";
 
 /** Inserts `count` pairs on `db` in `rounds` sqlite3 processes, two rows per transaction. */
 async function writePairs(
@@ -53,167 +55,6 @@ async function writePairs(
   }
 }
 
-Deno.test({
-  name:
-    "a snapshot taken while the application writes restores to a node that replays the streams and converges",
-  ...PROCESS_TEST,
-  async fn() {
-    await using dir = await tempDir("marmot_snapshot_");
-    const [server] = await startCluster(`${dir.path}/nats`, 1);
-    const [a, b, c] = ["a", "b", "c"].map((n) => `${dir.path}/${n}.db`) as [
-      string,
-      string,
-      string,
-    ];
-    await sqlite(a, SCHEMA);
-    await sqlite(b, SCHEMA);
-    const nodeA = await Marmot.start({
-      dbPath: a,
-      nodeId: 1,
-      nats: { urls: [server!.clientUrl] },
-      logger: silentLogger,
-    });
-    const nodeB = new MarmotProcess([
-      "--db-path",
-      b,
-      "--node-id",
-      "2",
-      "--nats-url",
-      server!.clientUrl,
-    ]);
-    let nodeC: MarmotProcess | undefined;
-    try {
-      await nodeB.waitForLog("Replicating");
-      const snap = `${dir.path}/snap.db`;
-      let info: SnapshotInfo | undefined;
-      await Promise.all([
-        writePairs(a, 1, 3000, 10, async (r) => {
-          if (r === 4) info = await nodeA.snapshot(snap);
-        }),
-        writePairs(b, 100000, 1000, 5, async () => {}),
-      ]);
-      assert.ok(info, "snapshot taken");
-      // No torn transaction: every row has its twin.
-      const orphans = await sqlite(
-        snap,
-        "SELECT count(*) FROM pairs p WHERE NOT EXISTS (SELECT 1 FROM pairs q WHERE q.id = p.twin);",
-      );
-      assert.equal(orphans.trim(), "0");
-      assert.equal(
-        (await sqlite(
-          snap,
-          "SELECT count(*) FROM sqlite_master WHERE name LIKE '\\_\\_marmot%' ESCAPE '\\';",
-        )).trim(),
-        "0",
-      );
-      assert.ok(
-        info!.sequences.some((s: number) => s > 0),
-        "the snapshot covers part of the streams",
-      );
-      // A new node restores it and replays the streams from its sequences.
-      await restoreSnapshot(snap, info!, c);
-      const restored = await sqlite(
-        c,
-        "SELECT seq FROM __marmot__applied ORDER BY shard;",
-      );
-      assert.deepStrictEqual(
-        restored.trim().split("\n").map(Number),
-        info!.sequences,
-      );
-      nodeC = new MarmotProcess([
-        "--db-path",
-        c,
-        "--node-id",
-        "3",
-        "--nats-url",
-        server!.clientUrl,
-      ]);
-      await nodeC.waitForLog("Replicating");
-      await sqlite(
-        c,
-        "INSERT INTO pairs VALUES (900000, 900000, 'from the new node');",
-      );
-      const content = await waitConverged([a, b, c]);
-      assert.equal(content.split("\n").length, 2 * 3000 + 2 * 1000 + 1);
-    } finally {
-      await nodeA.close();
-      nodeB.kill();
-      nodeC?.kill();
-      await server!.stop();
-    }
-  },
-});
-
-Deno.test({
-  name:
-    "restoreSnapshot() rejects a corrupt or truncated snapshot and leaves the database unchanged",
-  ...PROCESS_TEST,
-  async fn() {
-    await using dir = await tempDir("marmot_snapshot_bad_");
-    const [server] = await startCluster(`${dir.path}/nats`, 1);
-    const a = `${dir.path}/a.db`, target = `${dir.path}/target.db`;
-    await sqlite(a, SCHEMA + "INSERT INTO pairs VALUES (1, 1, 'x');");
-    await sqlite(
-      target,
-      SCHEMA + "INSERT INTO pairs VALUES (7, 7, 'keep me');",
-    );
-    const before = await Deno.readFile(target);
-    const node = await Marmot.start({
-      dbPath: a,
-      nodeId: 1,
-      nats: { urls: [server!.clientUrl] },
-      logger: silentLogger,
-    });
-    try {
-      const snap = `${dir.path}/snap.db`;
-      const info = await node.snapshot(snap);
-      const bytes = await Deno.readFile(snap);
-      await t(
-        "a flipped byte",
-        bytes.map((v, i) => i === Math.floor(bytes.length / 2) ? v ^ 0xff : v),
-        /SHA-256 is [0-9a-f]{64}, the record says/,
-      );
-      await t(
-        "a truncated file",
-        bytes.subarray(0, bytes.length - 100),
-        /is \d+ bytes, the record says \d+/,
-      );
-      // Bytes that match their record but are not a database.
-      const garbage = crypto.getRandomValues(new Uint8Array(8192));
-      await Deno.writeFile(snap, garbage);
-      const { fileDigest } = await import("../lib/db/snapshot.ts");
-      const digest = await fileDigest(snap);
-      await assert.rejects(
-        restoreSnapshot(snap, {
-          ...info,
-          bytes: digest.size,
-          sha256: digest.sha256,
-        }, target),
-        (e: unknown) =>
-          e instanceof SnapshotError &&
-          /not a database|integrity/.test(e.message),
-      );
-      assert.deepStrictEqual(await Deno.readFile(target), before);
-      async function t(what: string, data: Uint8Array, message: RegExp) {
-        await Deno.writeFile(snap, data);
-        await assert.rejects(
-          restoreSnapshot(snap, info, target),
-          (e: unknown) => {
-            assert.ok(e instanceof SnapshotError, what);
-            assert.match(e.message, message, what);
-            assert.match(e.message, /target\.db/);
-            return true;
-          },
-        );
-        assert.deepStrictEqual(await Deno.readFile(target), before, what);
-      }
-    } finally {
-      await node.close();
-      await server!.stop();
-    }
-  },
-});
-
 /** Makes streams keep only their last `keep` messages, as their limits would. */
 async function truncateStreams(
   url: string,
@@ -239,70 +80,163 @@ async function truncateStreams(
   }
 }
 
-async function cli(args: string[]): Promise<{ code: number; stderr: string }> {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", CLI, ...args],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
-}
+Deno.test({
+  name:
+    "a snapshot taken while the application writes restores to a node that replays the streams and converges",
+  ...PROCESS_TEST,
+  async fn() {
+    await using bed = await testBed("marmot_snapshot_");
+    const [a, b, c] = [bed.db("a"), bed.db("b"), bed.db("c")];
+    await sqlite(a, SCHEMA);
+    await sqlite(b, SCHEMA);
+    await using nodeA = await Marmot.start({
+      dbPath: a,
+      nodeId: 1,
+      nats: { urls: [bed.url] },
+      logger: silentLogger,
+    });
+    await bed.start(b, 2).waitForLog("Replicating");
+    const snap = `${bed.dir}/snap.db`;
+    let info: SnapshotInfo | undefined;
+    await Promise.all([
+      writePairs(a, 1, 3000, 10, async (r) => {
+        if (r === 4) info = await nodeA.snapshot(snap);
+      }),
+      writePairs(b, 100000, 1000, 5, async () => {}),
+    ]);
+    assert.ok(info, "snapshot taken");
+    // No torn transaction: every row has its twin.
+    const orphans = await sqlite(
+      snap,
+      "SELECT count(*) FROM pairs p WHERE NOT EXISTS (SELECT 1 FROM pairs q WHERE q.id = p.twin);",
+    );
+    assert.equal(orphans.trim(), "0");
+    assert.equal(
+      (await sqlite(
+        snap,
+        "SELECT count(*) FROM sqlite_master WHERE name LIKE '\\_\\_marmot%' ESCAPE '\\';",
+      )).trim(),
+      "0",
+    );
+    assert.ok(
+      info.sequences.some((s: number) => s > 0),
+      "the snapshot covers part of the streams",
+    );
+    // A new node restores it and replays the streams from its sequences.
+    await restoreSnapshot(snap, info, c);
+    const restored = await sqlite(
+      c,
+      "SELECT seq FROM __marmot__applied ORDER BY shard;",
+    );
+    assert.deepStrictEqual(
+      restored.trim().split("\n").map(Number),
+      info.sequences,
+    );
+    await bed.start(c, 3).waitForLog("Replicating");
+    await sqlite(
+      c,
+      "INSERT INTO pairs VALUES (900000, 900000, 'from the new node');",
+    );
+    const content = await waitConverged([a, b, c]);
+    assert.equal(content.split("\n").length, 2 * 3000 + 2 * 1000 + 1);
+  },
+});
+
+Deno.test({
+  name:
+    "restoreSnapshot() rejects a corrupt or truncated snapshot and leaves the database unchanged",
+  ...PROCESS_TEST,
+  async fn() {
+    await using bed = await testBed("marmot_snapshot_bad_");
+    const a = bed.db("a"), target = `${bed.dir}/target.db`;
+    await sqlite(a, SCHEMA + "INSERT INTO pairs VALUES (1, 1, 'x');");
+    await sqlite(
+      target,
+      SCHEMA + "INSERT INTO pairs VALUES (7, 7, 'keep me');",
+    );
+    const before = await Deno.readFile(target);
+    await using node = await Marmot.start({
+      dbPath: a,
+      nodeId: 1,
+      nats: { urls: [bed.url] },
+      logger: silentLogger,
+    });
+    const snap = `${bed.dir}/snap.db`;
+    const info = await node.snapshot(snap);
+    const bytes = await Deno.readFile(snap);
+    const rejects = async (what: string, data: Uint8Array, message: RegExp) => {
+      await Deno.writeFile(snap, data);
+      await assert.rejects(
+        restoreSnapshot(snap, info, target),
+        (e: unknown) => {
+          assert.ok(e instanceof SnapshotError, what);
+          assert.match(e.message, message, what);
+          assert.match(e.message, /target\.db/);
+          return true;
+        },
+      );
+      assert.deepStrictEqual(await Deno.readFile(target), before, what);
+    };
+    await rejects(
+      "a flipped byte",
+      bytes.map((v, i) => i === Math.floor(bytes.length / 2) ? v ^ 0xff : v),
+      /SHA-256 is [0-9a-f]{64}, the record says/,
+    );
+    await rejects(
+      "a truncated file",
+      bytes.subarray(0, bytes.length - 100),
+      /is \d+ bytes, the record says \d+/,
+    );
+    // Bytes that match their record but are not a database.
+    await Deno.writeFile(snap, crypto.getRandomValues(new Uint8Array(8192)));
+    const digest = await fileDigest(snap);
+    await assert.rejects(
+      restoreSnapshot(snap, {
+        ...info,
+        bytes: digest.size,
+        sha256: digest.sha256,
+      }, target),
+      (e: unknown) =>
+        e instanceof SnapshotError &&
+        /not a database|integrity/.test(e.message),
+    );
+    assert.deepStrictEqual(await Deno.readFile(target), before);
+  },
+});
 
 Deno.test({
   name:
     "marmot snapshot save and restore bring a node with no database into the cluster (object store)",
   ...PROCESS_TEST,
   async fn() {
-    await using dir = await tempDir("marmot_snapshot_cli_");
-    const [server] = await startCluster(`${dir.path}/nats`, 1);
-    const [a, b, c] = ["a", "b", "c"].map((n) => `${dir.path}/${n}.db`) as [
-      string,
-      string,
-      string,
-    ];
+    await using bed = await testBed("marmot_snapshot_cli_");
+    const [a, b, c] = [bed.db("a"), bed.db("b"), bed.db("c")];
     await sqlite(a, SCHEMA);
     await sqlite(b, SCHEMA);
-    const args = (
-      db: string,
-      id: number,
-    ) => [
-      "--db-path",
-      db,
-      "--node-id",
-      String(id),
-      "--nats-url",
-      server!.clientUrl,
-    ];
-    const nodes = [
-      new MarmotProcess(args(a, 1)),
-      new MarmotProcess(args(b, 2)),
-    ];
-    try {
-      await Promise.all(nodes.map((n) => n.waitForLog("Replicating")));
-      await writePairs(a, 1, 1000, 2, async () => {});
-      await waitConverged([a, b]);
-      const saved = await cli(["snapshot", "save", ...args(a, 1)]);
-      assert.equal(saved.code, 0, saved.stderr);
-      assert.match(
-        saved.stderr,
-        /Snapshot saved .*store="object store marmot-changes-snapshots"/,
-      );
-      // More writes after the snapshot reach the new node through the streams.
-      await writePairs(b, 100000, 200, 1, async () => {});
-      const restored = await cli(["snapshot", "restore", ...args(c, 3)]);
-      assert.equal(restored.code, 0, restored.stderr);
-      nodes.push(new MarmotProcess(args(c, 3)));
-      await nodes[2]!.waitForLog("Replicating");
-      await sqlite(
-        c,
-        "INSERT INTO pairs VALUES (900000, 900000, 'from the new node');",
-      );
-      const content = await waitConverged([a, b, c]);
-      assert.equal(content.split("\n").length, 2 * 1000 + 2 * 200 + 1);
-    } finally {
-      for (const n of nodes) n.kill();
-      await server!.stop();
-    }
+    await Promise.all(
+      [bed.start(a, 1), bed.start(b, 2)].map((n) =>
+        n.waitForLog("Replicating")
+      ),
+    );
+    await writePairs(a, 1, 1000, 2, async () => {});
+    await waitConverged([a, b]);
+    const saved = await cli(["snapshot", "save", ...bed.args(a, 1)]);
+    assert.equal(saved.code, 0, saved.stderr);
+    assert.match(
+      saved.stderr,
+      /Snapshot saved .*store="object store marmot-changes-snapshots"/,
+    );
+    // More writes after the snapshot reach the new node through the streams.
+    await writePairs(b, 100000, 200, 1, async () => {});
+    const restored = await cli(["snapshot", "restore", ...bed.args(c, 3)]);
+    assert.equal(restored.code, 0, restored.stderr);
+    await bed.start(c, 3).waitForLog("Replicating");
+    await sqlite(
+      c,
+      "INSERT INTO pairs VALUES (900000, 900000, 'from the new node');",
+    );
+    const content = await waitConverged([a, b, c]);
+    assert.equal(content.split("\n").length, 2 * 1000 + 2 * 200 + 1);
   },
 });
 
@@ -318,40 +252,24 @@ Deno.test({
       `${dir.path}/m.toml`,
       `[snapshot]\ndir = "${dir.path}/snaps"\n`,
     );
-    const none = await cli([
-      "snapshot",
-      "restore",
+    const node = (
+      db: string,
+      id: number,
+    ) => [
       "--config",
       `${dir.path}/m.toml`,
       "--db-path",
-      c,
+      db,
       "--node-id",
-      "3",
-    ]);
+      String(id),
+    ];
+    const none = await cli(["snapshot", "restore", ...node(c, 3)]);
     assert.equal(none.code, 1);
     assert.match(none.stderr, /no snapshot has been saved yet/);
     await assert.rejects(Deno.stat(c), Deno.errors.NotFound);
-    const saved = await cli([
-      "snapshot",
-      "save",
-      "--config",
-      `${dir.path}/m.toml`,
-      "--db-path",
-      a,
-      "--node-id",
-      "1",
-    ]);
+    const saved = await cli(["snapshot", "save", ...node(a, 1)]);
     assert.equal(saved.code, 0, saved.stderr);
-    const restored = await cli([
-      "snapshot",
-      "restore",
-      "--config",
-      `${dir.path}/m.toml`,
-      "--db-path",
-      c,
-      "--node-id",
-      "3",
-    ]);
+    const restored = await cli(["snapshot", "restore", ...node(c, 3)]);
     assert.equal(restored.code, 0, restored.stderr);
     assert.equal(await sqlite(c, "SELECT v FROM pairs;"), "x\n");
   },
@@ -362,47 +280,28 @@ Deno.test({
     "marmot --bootstrap waits for a snapshot, says why, then restores it and joins the cluster",
   ...PROCESS_TEST,
   async fn() {
-    await using dir = await tempDir("marmot_bootstrap_");
-    const [server] = await startCluster(`${dir.path}/nats`, 1);
-    const a = `${dir.path}/a.db`, c = `${dir.path}/fresh/c.db`;
-    await Deno.mkdir(`${dir.path}/fresh`);
+    await using bed = await testBed("marmot_bootstrap_");
+    const [a, c] = [bed.db("a"), bed.db("c")];
     await sqlite(a, SCHEMA);
-    const args = (
-      db: string,
-      id: number,
-    ) => [
-      "--db-path",
-      db,
-      "--node-id",
-      String(id),
-      "--nats-url",
-      server!.clientUrl,
-    ];
-    const nodeA = new MarmotProcess(args(a, 1));
-    const nodeC = new MarmotProcess([...args(c, 3), "--bootstrap"]);
-    try {
-      await nodeA.waitForLog("Replicating");
-      await writePairs(a, 1, 600, 2, async () => {});
-      await nodeC.waitForLog("Waiting for a snapshot");
-      assert.ok(!nodeC.log.includes("Replicating"));
-      const saved = await cli(["snapshot", "save", ...args(a, 1)]);
-      assert.equal(saved.code, 0, saved.stderr);
-      await writePairs(a, 10000, 100, 1, async () => {});
-      await nodeC.waitForLog(
-        "Bootstrapped the database from the newest snapshot",
-      );
-      await nodeC.waitForLog("Replicating");
-      await sqlite(
-        c,
-        "INSERT INTO pairs VALUES (900000, 900000, 'from the new node');",
-      );
-      const content = await waitConverged([a, c]);
-      assert.equal(content.split("\n").length, 2 * 600 + 2 * 100 + 1);
-    } finally {
-      nodeA.kill();
-      nodeC.kill();
-      await server!.stop();
-    }
+    const nodeA = bed.start(a, 1);
+    const nodeC = bed.start(c, 3, ["--bootstrap"]);
+    await nodeA.waitForLog("Replicating");
+    await writePairs(a, 1, 600, 2, async () => {});
+    await nodeC.waitForLog("Waiting for a snapshot");
+    assert.ok(!nodeC.log.includes("Replicating"));
+    const saved = await cli(["snapshot", "save", ...bed.args(a, 1)]);
+    assert.equal(saved.code, 0, saved.stderr);
+    await writePairs(a, 10000, 100, 1, async () => {});
+    await nodeC.waitForLog(
+      "Bootstrapped the database from the newest snapshot",
+    );
+    await nodeC.waitForLog("Replicating");
+    await sqlite(
+      c,
+      "INSERT INTO pairs VALUES (900000, 900000, 'from the new node');",
+    );
+    const content = await waitConverged([a, c]);
+    assert.equal(content.split("\n").length, 2 * 600 + 2 * 100 + 1);
   },
 });
 
@@ -411,59 +310,33 @@ Deno.test({
     "nodes take scheduled snapshots one at a time, and a new node bootstraps from one",
   ...PROCESS_TEST,
   async fn() {
-    await using dir = await tempDir("marmot_schedule_");
-    const [server] = await startCluster(`${dir.path}/nats`, 1);
-    const [a, b, c] = ["a", "b", "c"].map((n) => `${dir.path}/${n}/app.db`) as [
-      string,
-      string,
-      string,
-    ];
-    for (const db of [a, b, c]) await Deno.mkdir(db.replace(/\/app\.db$/, ""));
-    await sqlite(a, SCHEMA);
-    await sqlite(b, SCHEMA);
-    await Deno.writeTextFile(
-      `${dir.path}/m.toml`,
+    await using bed = await testBed(
+      "marmot_schedule_",
       "[snapshot]\ninterval_seconds = 2\nevery_messages = 0\n",
     );
-    const args = (db: string, id: number) => [
-      "--config",
-      `${dir.path}/m.toml`,
-      "--db-path",
-      db,
-      "--node-id",
-      String(id),
-      "--nats-url",
-      server!.clientUrl,
-    ];
-    const nodes = [
-      new MarmotProcess(args(a, 1)),
-      new MarmotProcess(args(b, 2)),
-    ];
-    try {
-      await Promise.all(nodes.map((n) => n.waitForLog("Replicating")));
-      await Promise.all([
-        writePairs(a, 1, 400, 2, async () => {}),
-        writePairs(b, 100000, 400, 2, async () => {}),
-      ]);
-      // Within a few intervals both nodes have checked; snapshots were taken.
-      const saved = () =>
-        nodes.flatMap((n) =>
-          n.log.split("\n").filter((l) => l.includes("Snapshot saved"))
-        );
-      await waitFor("scheduled snapshots", () => saved().length >= 2, 30000);
-      assert.match(
-        saved()[0]!,
-        /why="(no snapshot exists yet|the newest is \d+ s old)"/,
+    const [a, b, c] = [bed.db("a"), bed.db("b"), bed.db("c")];
+    await sqlite(a, SCHEMA);
+    await sqlite(b, SCHEMA);
+    const nodes = [bed.start(a, 1), bed.start(b, 2)];
+    await Promise.all(nodes.map((n) => n.waitForLog("Replicating")));
+    await Promise.all([
+      writePairs(a, 1, 400, 2, async () => {}),
+      writePairs(b, 100000, 400, 2, async () => {}),
+    ]);
+    // Within a few intervals both nodes have checked; snapshots were taken.
+    const saved = () =>
+      nodes.flatMap((n) =>
+        n.log.split("\n").filter((l) => l.includes("Snapshot saved"))
       );
-      nodes.push(new MarmotProcess([...args(c, 3), "--bootstrap"]));
-      await nodes[2]!.waitForLog(
-        "Bootstrapped the database from the newest snapshot",
-      );
-      await waitConverged([a, b, c]);
-    } finally {
-      for (const n of nodes) n.kill();
-      await server!.stop();
-    }
+    await waitFor("scheduled snapshots", () => saved().length >= 2, 30000);
+    assert.match(
+      saved()[0]!,
+      /why="(no snapshot exists yet|the newest is \d+ s old)"/,
+    );
+    await bed.start(c, 3, ["--bootstrap"]).waitForLog(
+      "Bootstrapped the database from the newest snapshot",
+    );
+    await waitConverged([a, b, c]);
   },
 });
 
@@ -472,79 +345,51 @@ Deno.test({
     "a node whose stream position was truncated away restores the newest snapshot at start (with --exec)",
   ...PROCESS_TEST,
   async fn() {
-    await using dir = await tempDir("marmot_truncated_");
-    const [server] = await startCluster(`${dir.path}/nats`, 1);
-    const [a, b] = ["a", "b"].map((n) => `${dir.path}/${n}/app.db`) as [
-      string,
-      string,
-    ];
-    for (const db of [a, b]) {
-      await Deno.mkdir(db.replace(/\/app\.db$/, ""));
-      await sqlite(db, SCHEMA);
-    }
-    await Deno.writeTextFile(
-      `${dir.path}/m.toml`,
-      "[replication_log]\nshards = 1\nmax_entries = 20\n[snapshot]\ninterval_seconds = 0\nevery_messages = 0\n",
+    await using bed = await testBed(
+      "marmot_truncated_",
+      "[replication_log]\nshards = 1\nmax_entries = 20\n" + NO_SCHEDULE,
     );
-    const args = (db: string, id: number) => [
-      "--config",
-      `${dir.path}/m.toml`,
-      "--db-path",
-      db,
-      "--node-id",
-      String(id),
-      "--nats-url",
-      server!.clientUrl,
-    ];
-    const nodeA = new MarmotProcess(args(a, 1));
-    let nodeB = new MarmotProcess(args(b, 2));
-    try {
-      await Promise.all([nodeA, nodeB].map((n) => n.waitForLog("Replicating")));
-      await writePairs(a, 1, 10, 1, async () => {});
-      await waitConverged([a, b]);
-      assert.equal((await nodeB.stop()).code, 0);
-      // While node 2 is down, node 1 writes in rounds of at least one
-      // message each, and then the stream keeps only the last 3.
-      await writePairs(a, 100, 200, 8, async () => {
-        await waitFor(
-          "node 1 to publish the round",
-          async () =>
-            (await sqlite(a, "SELECT count(*) FROM __marmot__changes;"))
-              .trim() === "0",
-        );
-      });
-      const saved = await cli(["snapshot", "save", ...args(a, 1)]);
-      assert.equal(saved.code, 0, saved.stderr);
-      await truncateStreams(server!.clientUrl, ["marmot-changes-0"], 3);
-      // Without --exec an application may have the file open: marmot says what to do.
-      nodeB = new MarmotProcess(args(b, 2));
-      await nodeB.waitForLog(
-        "stream position was removed by the stream limits: it cannot catch up",
+    const [a, b] = [bed.db("a"), bed.db("b")];
+    await sqlite(a, SCHEMA);
+    await sqlite(b, SCHEMA);
+    const nodeA = bed.start(a, 1);
+    let nodeB = bed.start(b, 2);
+    await Promise.all([nodeA, nodeB].map((n) => n.waitForLog("Replicating")));
+    await writePairs(a, 1, 10, 1, async () => {});
+    await waitConverged([a, b]);
+    assert.equal((await nodeB.stop()).code, 0);
+    // While node 2 is down, node 1 writes in rounds of at least one message
+    // each, and then the stream keeps only the last 3.
+    await writePairs(a, 100, 200, 8, async () => {
+      await waitFor(
+        "node 1 to publish the round",
+        async () =>
+          (await sqlite(a, "SELECT count(*) FROM __marmot__changes;"))
+            .trim() === "0",
       );
-      assert.match(nodeB.log, /shard 0 applied \d+, stream starts at \d+/);
-      await nodeB.stop();
-      // Under marmot with --exec, it restores before starting the application.
-      nodeB = new MarmotProcess([
-        ...args(b, 2),
-        "--bootstrap",
-        "--exec",
-        "sleep 60",
-      ]);
-      await nodeB.waitForLog(
-        "Restoring the newest snapshot: this node's stream position was removed",
-      );
-      await nodeB.waitForLog("started the application");
-      await sqlite(
-        b,
-        "INSERT INTO pairs VALUES (900000, 900000, 'after the restore');",
-      );
-      const content = await waitConverged([a, b]);
-      assert.equal(content.split("\n").length, 2 * 10 + 2 * 200 + 1);
-    } finally {
-      nodeA.kill();
-      nodeB.kill();
-      await server!.stop();
-    }
+    });
+    const saved = await cli(["snapshot", "save", ...bed.args(a, 1)]);
+    assert.equal(saved.code, 0, saved.stderr);
+    await truncateStreams(bed.url, ["marmot-changes-0"], 3);
+    // Without --exec an application may have the file open: marmot says what to do.
+    nodeB = bed.start(b, 2);
+    await nodeB.waitForLog(
+      "stream position was removed by the stream limits: it cannot catch up",
+    );
+    assert.match(nodeB.log, /shard 0 applied \d+, stream starts at \d+/);
+    await nodeB.stop();
+    // Under marmot with --exec, it restores before starting the application.
+    nodeB = bed.start(b, 2, ["--bootstrap", "--exec", "sleep 60"]);
+    await nodeB.waitForLog(
+      "Restoring the newest snapshot: this node's stream position was removed",
+    );
+    await nodeB.waitForLog("started the application");
+    await sqlite(
+      b,
+      "INSERT INTO pairs VALUES (900000, 900000, 'after the restore');",
+    );
+    const content = await waitConverged([a, b]);
+    assert.equal(content.split("\n").length, 2 * 10 + 2 * 200 + 1);
   },
 });
 
@@ -553,59 +398,33 @@ Deno.test({
     "a third node with no database joins two nodes whose streams were truncated below their first change",
   ...PROCESS_TEST,
   async fn() {
-    await using dir = await tempDir("marmot_join_truncated_");
-    const [server] = await startCluster(`${dir.path}/nats`, 1);
-    const [a, b, c] = ["a", "b", "c"].map((n) => `${dir.path}/${n}/app.db`) as [
-      string,
-      string,
-      string,
-    ];
-    for (const db of [a, b, c]) await Deno.mkdir(db.replace(/\/app\.db$/, ""));
+    await using bed = await testBed(
+      "marmot_join_truncated_",
+      "[replication_log]\nshards = 2\n" + NO_SCHEDULE,
+    );
+    const [a, b, c] = [bed.db("a"), bed.db("b"), bed.db("c")];
     await sqlite(a, SCHEMA);
     await sqlite(b, SCHEMA);
-    await Deno.writeTextFile(
-      `${dir.path}/m.toml`,
-      "[replication_log]\nshards = 2\n[snapshot]\ninterval_seconds = 0\nevery_messages = 0\n",
+    await Promise.all(
+      [bed.start(a, 1), bed.start(b, 2)].map((n) =>
+        n.waitForLog("Replicating")
+      ),
     );
-    const args = (db: string, id: number) => [
-      "--config",
-      `${dir.path}/m.toml`,
-      "--db-path",
-      db,
-      "--node-id",
-      String(id),
-      "--nats-url",
-      server!.clientUrl,
-    ];
-    const nodes = [
-      new MarmotProcess(args(a, 1)),
-      new MarmotProcess(args(b, 2)),
-    ];
-    try {
-      await Promise.all(nodes.map((n) => n.waitForLog("Replicating")));
-      await Promise.all([
-        writePairs(a, 1, 1500, 6, async () => {}),
-        writePairs(b, 100000, 1500, 6, async () => {}),
-      ]);
-      await waitConverged([a, b]);
-      const saved = await cli(["snapshot", "save", ...args(a, 1)]);
-      assert.equal(saved.code, 0, saved.stderr);
-      // Truncate the streams below the first changes (as their limits would).
-      await truncateStreams(server!.clientUrl, [
-        "marmot-changes-0",
-        "marmot-changes-1",
-      ], 3);
-      nodes.push(new MarmotProcess([...args(c, 3), "--bootstrap"]));
-      await nodes[2]!.waitForLog("Replicating");
-      // Both directions after the join.
-      await sqlite(c, "INSERT INTO pairs VALUES (900000, 900000, 'from c');");
-      await sqlite(a, "INSERT INTO pairs VALUES (900001, 900001, 'from a');");
-      const content = await waitConverged([a, b, c]);
-      assert.equal(content.split("\n").length, 2 * 1500 * 2 + 2);
-    } finally {
-      for (const n of nodes) n.kill();
-      await server!.stop();
-    }
+    await Promise.all([
+      writePairs(a, 1, 1500, 6, async () => {}),
+      writePairs(b, 100000, 1500, 6, async () => {}),
+    ]);
+    await waitConverged([a, b]);
+    const saved = await cli(["snapshot", "save", ...bed.args(a, 1)]);
+    assert.equal(saved.code, 0, saved.stderr);
+    // Truncate the streams below the first changes (as their limits would).
+    await truncateStreams(bed.url, ["marmot-changes-0", "marmot-changes-1"], 3);
+    await bed.start(c, 3, ["--bootstrap"]).waitForLog("Replicating");
+    // Both directions after the join.
+    await sqlite(c, "INSERT INTO pairs VALUES (900000, 900000, 'from c');");
+    await sqlite(a, "INSERT INTO pairs VALUES (900001, 900001, 'from a');");
+    const content = await waitConverged([a, b, c]);
+    assert.equal(content.split("\n").length, 2 * 1500 * 2 + 2);
   },
 });
 
@@ -614,50 +433,21 @@ Deno.test({
     "marmot --bootstrap --exec restores the newest snapshot over a database with no tables",
   ...PROCESS_TEST,
   async fn() {
-    await using dir = await tempDir("marmot_empty_");
-    const [server] = await startCluster(`${dir.path}/nats`, 1);
-    const [a, c] = ["a", "c"].map((n) => `${dir.path}/${n}/app.db`) as [
-      string,
-      string,
-    ];
-    for (const db of [a, c]) await Deno.mkdir(db.replace(/\/app\.db$/, ""));
+    await using bed = await testBed("marmot_empty_");
+    const [a, c] = [bed.db("a"), bed.db("c")];
     await sqlite(a, SCHEMA);
     await sqlite(c, "PRAGMA journal_mode = WAL;"); // a file, no tables
-    const args = (
-      db: string,
-      id: number,
-    ) => [
-      "--db-path",
-      db,
-      "--node-id",
-      String(id),
-      "--nats-url",
-      server!.clientUrl,
-    ];
-    const nodeA = new MarmotProcess(args(a, 1));
-    let nodeC: MarmotProcess | undefined;
-    try {
-      await nodeA.waitForLog("Replicating");
-      await writePairs(a, 1, 300, 1, async () => {});
-      const saved = await cli(["snapshot", "save", ...args(a, 1)]);
-      assert.equal(saved.code, 0, saved.stderr);
-      nodeC = new MarmotProcess([
-        ...args(c, 3),
-        "--bootstrap",
-        "--exec",
-        "sleep 60",
-      ]);
-      await nodeC.waitForLog(
-        "Restoring the newest snapshot: the database has no tables yet",
-      );
-      await nodeC.waitForLog("started the application");
-      await sqlite(c, "INSERT INTO pairs VALUES (900000, 900000, 'from c');");
-      const content = await waitConverged([a, c]);
-      assert.equal(content.split("\n").length, 2 * 300 + 1);
-    } finally {
-      nodeA.kill();
-      nodeC?.kill();
-      await server!.stop();
-    }
+    await bed.start(a, 1).waitForLog("Replicating");
+    await writePairs(a, 1, 300, 1, async () => {});
+    const saved = await cli(["snapshot", "save", ...bed.args(a, 1)]);
+    assert.equal(saved.code, 0, saved.stderr);
+    const nodeC = bed.start(c, 3, ["--bootstrap", "--exec", "sleep 60"]);
+    await nodeC.waitForLog(
+      "Restoring the newest snapshot: the database has no tables yet",
+    );
+    await nodeC.waitForLog("started the application");
+    await sqlite(c, "INSERT INTO pairs VALUES (900000, 900000, 'from c');");
+    const content = await waitConverged([a, c]);
+    assert.equal(content.split("\n").length, 2 * 300 + 1);
   },
 });
