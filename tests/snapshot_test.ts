@@ -226,10 +226,15 @@ Deno.test({
       saved.stderr,
       /Snapshot saved .*store="object store marmot-changes-snapshots"/,
     );
+    assert.match(
+      saved.stderr,
+      /Uploading snapshot .*done="[\d.]+ MB" total="[\d.]+ MB"/,
+    );
     // More writes after the snapshot reach the new node through the streams.
     await writePairs(b, 100000, 200, 1, async () => {});
     const restored = await cli(["snapshot", "restore", ...bed.args(c, 3)]);
     assert.equal(restored.code, 0, restored.stderr);
+    assert.match(restored.stderr, /Downloading snapshot .*done=/);
     await bed.start(c, 3).waitForLog("Replicating");
     await sqlite(
       c,

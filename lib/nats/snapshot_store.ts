@@ -18,7 +18,10 @@ export type Progress = (
   bytesPerSecond: number,
 ) => void;
 
-/** Counts the bytes of a stream and reports them at most every `everyMs`. */
+/**
+ * Counts the bytes of a stream and reports them at most every `everyMs`, and
+ * once more at its end.
+ */
 function counted(
   total: number,
   onProgress: Progress | undefined,
@@ -36,6 +39,12 @@ function counted(
         onProgress(done, total, done / ((now - started) / 1000));
       }
       controller.enqueue(chunk);
+    },
+    flush() {
+      const now = performance.now();
+      if (onProgress) {
+        onProgress(done, total, done / ((now - started) / 1000));
+      }
     },
   });
 }
@@ -71,18 +80,18 @@ export async function objectStoreSnapshots(
     meta?.info ? JSON.parse(meta.info) as SnapshotInfo : undefined;
   return {
     name: `object store ${bucket}`,
-    async save(path, info) {
+    async save(path, info, onProgress) {
       using file = await Deno.open(path, { read: true });
       await store.put({
         name: OBJECT,
         metadata: { info: JSON.stringify(info) },
-      }, file.readable);
+      }, file.readable.pipeThrough(counted(info.bytes, onProgress)));
     },
     async latest() {
       const info = await store.info(OBJECT);
       return info && !info.deleted ? parse(info.metadata) : undefined;
     },
-    async download(path) {
+    async download(path, onProgress) {
       const result = await store.get(OBJECT);
       if (!result || result.info.deleted) return undefined;
       const info = parse(result.info.metadata);
@@ -91,7 +100,10 @@ export async function objectStoreSnapshots(
         create: true,
         truncate: true,
       });
-      for await (const chunk of result.data) {
+      const data = result.data.pipeThrough(
+        counted(result.info.size, onProgress),
+      );
+      for await (const chunk of data) {
         for (let done = 0; done < chunk.length;) {
           done += await file.write(chunk.subarray(done));
         }
