@@ -6,6 +6,8 @@
  *
  * ```
  * "MR" u8:version u8:flags        flags bit 0: body is zstd-compressed
+ *                                 flags bit 1: the message is one part of a
+ *                                 larger envelope (below)
  * body:
  *   origin node id, origin epoch, shard
  *   table count, then per table: name, schema version, column count, names
@@ -16,6 +18,18 @@
  * ```
  *
  * Strings and blobs are a varint byte length and the bytes (UTF-8 for text).
+ *
+ * An envelope larger than the server's max_payload (a row with a big TEXT or
+ * BLOB) travels as parts. A part's body is never compressed:
+ *
+ * ```
+ *   origin node id, origin epoch, shard, id text, part index, part count,
+ *   then the rest of the message: bytes of the whole envelope
+ * ```
+ *
+ * Concatenated in index order, the parts of one id are the whole envelope.
+ * Decoding refuses anything that would become larger than
+ * {@linkcode MAX_ENVELOPE_BYTES}.
  * The schema version per table is carried so that a node can later tell that
  * a change was made against a schema it does not have yet; this version
  * writes 0.
@@ -26,6 +40,12 @@ import { zstdCompressSync, zstdDecompressSync } from "node:zlib";
 
 /** The envelope format version this code writes and reads. */
 export const FORMAT_VERSION = 1;
+
+/**
+ * The largest envelope, whole or reassembled from parts, and the largest
+ * body a compressed envelope may decompress to: the bound on one row's size.
+ */
+export const MAX_ENVELOPE_BYTES = 64 * 1024 * 1024;
 
 /** A SQLite value as marmot carries it: bigint is INTEGER, number is REAL. */
 export type SqlValue = null | bigint | number | string | Uint8Array;
@@ -87,6 +107,7 @@ export class CodecError extends Error {
 const MAGIC_0 = 0x4d; // "M"
 const MAGIC_1 = 0x52; // "R"
 const FLAG_ZSTD = 1;
+const FLAG_PART = 2;
 const Tag = { Null: 0, Int: 1, Real: 2, Text: 3, Blob: 4 } as const;
 
 const encoder = new TextEncoder();
@@ -375,23 +396,27 @@ export function decodeBatch(
       `Cannot decode batch: not a marmot envelope (${bytes.length} bytes, no "MR" magic)`,
     );
   }
-  if (bytes[2] !== FORMAT_VERSION) {
+  checkVersion(bytes);
+  if (bytes[3]! & FLAG_PART) {
     throw new CodecError(
-      `Cannot decode batch: unsupported format version ${
-        bytes[2]
-      } (this node reads ${FORMAT_VERSION})`,
+      "Cannot decode batch: the message is one part of a larger envelope",
     );
   }
   let body = bytes.subarray(4);
   if (bytes[3]! & FLAG_ZSTD) {
     try {
-      const out = zstdDecompressSync(body);
+      const out = zstdDecompressSync(body, {
+        maxOutputLength: MAX_ENVELOPE_BYTES,
+      });
       // A plain Uint8Array view, so that Reader.bytes() copies (Buffer#slice would not).
       body = new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
     } catch (cause) {
-      throw new CodecError("Cannot decode batch: zstd body is corrupt", {
-        cause,
-      });
+      throw new CodecError(
+        (cause as { code?: string }).code === "ERR_BUFFER_TOO_LARGE"
+          ? `Cannot decode batch: its zstd body decompresses to more than ${MAX_ENVELOPE_BYTES} bytes`
+          : "Cannot decode batch: zstd body is corrupt",
+        { cause },
+      );
     }
   }
   const r = new Reader(body);
@@ -443,4 +468,125 @@ export function decodeBatch(
     );
   }
   return { origin, epoch, shard, tables, changes };
+}
+
+function checkVersion(bytes: Uint8Array): void {
+  if (bytes.length < 4 || bytes[0] !== MAGIC_0 || bytes[1] !== MAGIC_1) {
+    throw new CodecError(
+      `Cannot decode batch: not a marmot envelope (${bytes.length} bytes, no "MR" magic)`,
+    );
+  }
+  if (bytes[2] !== FORMAT_VERSION) {
+    throw new CodecError(
+      `Cannot decode batch: unsupported format version ${
+        bytes[2]
+      } (this node reads ${FORMAT_VERSION})`,
+    );
+  }
+}
+
+/** One part of an envelope too large for one message. */
+export interface Part {
+  /** Tells a part from a {@linkcode Batch}. */
+  readonly kind: "part";
+  /** The origin node id. */
+  origin: number;
+  /** The origin's epoch. */
+  epoch: number;
+  /** The shard. */
+  shard: number;
+  /** Names the whole envelope among the origin's messages. */
+  id: string;
+  /** This part's place, from 0. */
+  index: number;
+  /** How many parts the envelope has. */
+  count: number;
+  /** This part's bytes of the whole envelope. */
+  bytes: Uint8Array;
+}
+
+/** Whether envelope bytes are a {@linkcode Part} (decode them with {@linkcode decodePart}). */
+export function isPart(bytes: Uint8Array): boolean {
+  return bytes.length >= 4 && bytes[0] === MAGIC_0 && bytes[1] === MAGIC_1 &&
+    bytes[2] === FORMAT_VERSION && (bytes[3]! & FLAG_PART) !== 0;
+}
+
+/**
+ * Splits an envelope into part messages of at most `maxBytes` each.
+ *
+ * @throws {RangeError} when the envelope is over {@linkcode MAX_ENVELOPE_BYTES}
+ *   or `maxBytes` leaves no room for data
+ */
+export function splitEnvelope(
+  envelope: Uint8Array,
+  maxBytes: number,
+  from: { origin: number; epoch: number; shard: number; id: string },
+): Uint8Array[] {
+  if (envelope.length > MAX_ENVELOPE_BYTES) {
+    throw new RangeError(
+      `Cannot split envelope: ${envelope.length} bytes is over the ${MAX_ENVELOPE_BYTES} byte limit`,
+    );
+  }
+  const head = (index: number, count: number) => {
+    const w = new Writer();
+    w.buf = new Uint8Array(64 + from.id.length * 3);
+    w.view = new DataView(w.buf.buffer);
+    w.u8(MAGIC_0);
+    w.u8(MAGIC_1);
+    w.u8(FORMAT_VERSION);
+    w.u8(FLAG_PART);
+    w.varint(from.origin);
+    w.varint(from.epoch);
+    w.varint(from.shard);
+    w.text(from.id);
+    w.varint(index);
+    w.varint(count);
+    return w.buf.slice(0, w.pos);
+  };
+  const room = maxBytes - head(1e9, 1e9).length;
+  if (room < 1) {
+    throw new RangeError(
+      `Cannot split envelope into parts of ${maxBytes} bytes`,
+    );
+  }
+  const count = Math.ceil(envelope.length / room);
+  const parts: Uint8Array[] = [];
+  for (let i = 0; i < count; i++) {
+    const h = head(i, count);
+    const data = envelope.subarray(i * room, (i + 1) * room);
+    const out = new Uint8Array(h.length + data.length);
+    out.set(h);
+    out.set(data, h.length);
+    parts.push(out);
+  }
+  return parts;
+}
+
+/**
+ * Decodes a part message.
+ *
+ * @throws {CodecError} when the bytes are not a valid part
+ */
+export function decodePart(bytes: Uint8Array): Part {
+  checkVersion(bytes);
+  if (!(bytes[3]! & FLAG_PART)) {
+    throw new CodecError("Cannot decode part: the message is a whole envelope");
+  }
+  const r = new Reader(bytes.subarray(4));
+  const origin = r.varint();
+  const epoch = r.varint();
+  const shard = r.varint();
+  const id = r.text();
+  const index = r.varint();
+  const count = r.varint();
+  if (count < 1 || index >= count) {
+    throw new CodecError(`Cannot decode part: part ${index} of ${count}`);
+  }
+  const data = bytes.subarray(4 + r.pos);
+  if (count * data.length > MAX_ENVELOPE_BYTES * 2) {
+    throw new CodecError(
+      `Cannot decode part: ${count} parts of ${data.length} bytes would exceed the ${MAX_ENVELOPE_BYTES} byte limit`,
+    );
+  }
+  return { kind: "part", origin, epoch, shard, id, index, count, bytes: data };
 }

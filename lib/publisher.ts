@@ -18,6 +18,7 @@ import {
   type Change,
   encodeBatch,
   Op,
+  splitEnvelope,
   type TableRef,
 } from "./codec.ts";
 import type { PendingChange, ReplicaDb } from "./db/replica_db.ts";
@@ -55,6 +56,8 @@ export interface PublisherStats {
   bytes: number;
   /** Publish attempts that failed and were retried. */
   retries: number;
+  /** Part messages of rows too large for one message. */
+  parts: number;
 }
 
 /** Publishes captured changes; call {@linkcode Publisher.wake} when the database may have changed. */
@@ -64,6 +67,7 @@ export class Publisher {
     changes: 0,
     bytes: 0,
     retries: 0,
+    parts: 0,
   };
   #db: ReplicaDb;
   #js: JetStreamClient;
@@ -169,29 +173,65 @@ export class Publisher {
       },
     );
     // Headroom for the headers (Nats-Msg-Id) that count against max_payload.
-    if (bytes.length > this.#options.maxPayload - 1024) {
-      if (changes.length > 1) {
-        const half = Math.ceil(changes.length / 2);
-        await this.#publishBatch(shard, changes.slice(0, half));
-        await this.#publishBatch(shard, changes.slice(half));
-        return;
-      }
-      throw new RangeError(
-        `Cannot publish change: row ${changes[0]!.key} of table "${
-          changes[0]!.table.name
-        }" is ${bytes.length} bytes, over the server's max_payload of ${this.#options.maxPayload}`,
-      );
+    const room = this.#options.maxPayload - 1024;
+    if (bytes.length > room && changes.length > 1) {
+      const half = Math.ceil(changes.length / 2);
+      await this.#publishBatch(shard, changes.slice(0, half));
+      await this.#publishBatch(shard, changes.slice(half));
+      return;
     }
     const first = changes[0]!.seq;
     const last = changes[changes.length - 1]!.seq;
     const msgID =
       `${this.#options.nodeId}.${this.#db.epoch}.${shard}.${first}.${last}`;
     const subject = this.#options.subject(shard);
+    if (bytes.length <= room) {
+      await this.#publish(subject, bytes, msgID);
+    } else {
+      // One row too large for a message: its envelope goes in parts, one
+      // after another, that every node puts back together.
+      let parts: Uint8Array[];
+      try {
+        parts = splitEnvelope(bytes, room, {
+          origin: this.#options.nodeId,
+          epoch: this.#db.epoch,
+          shard,
+          id: `${first}.${last}`,
+        });
+      } catch (e) {
+        throw new RangeError(
+          `Cannot publish change: row ${changes[0]!.key} of table "${
+            changes[0]!.table.name
+          }": ${(e as Error).message}`,
+        );
+      }
+      for (const [i, part] of parts.entries()) {
+        await this.#publish(subject, part, `${msgID}.p${i}`);
+      }
+      this.stats.parts += parts.length;
+    }
+    this.#options.log.debug("Published batch", {
+      subject,
+      msgID,
+      changes: changes.length,
+      bytes: bytes.length,
+    });
+    this.stats.messages++;
+    this.stats.changes += changes.length;
+    this.stats.bytes += bytes.length;
+  }
+
+  /** Publishes one message, retrying until JetStream acknowledges it. */
+  async #publish(
+    subject: string,
+    bytes: Uint8Array,
+    msgID: string,
+  ): Promise<void> {
     for (let attempt = 1;; attempt++) {
       this.#abort.signal.throwIfAborted();
       try {
         await this.#js.publish(subject, bytes, { msgID, timeout: 5000 });
-        break;
+        return;
       } catch (e) {
         if (this.#abort.signal.aborted) throw e;
         this.stats.retries++;
@@ -211,15 +251,6 @@ export class Publisher {
         );
       }
     }
-    this.#options.log.debug("Published batch", {
-      subject,
-      msgID,
-      changes: changes.length,
-      bytes: bytes.length,
-    });
-    this.stats.messages++;
-    this.stats.changes += changes.length;
-    this.stats.bytes += bytes.length;
   }
 }
 

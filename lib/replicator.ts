@@ -42,6 +42,7 @@ import {
 } from "./nats/streams.ts";
 import { Publisher, type PublisherStats } from "./publisher.ts";
 import { Subscriber, type SubscriberStats } from "./subscriber.ts";
+import { VerifyResponder } from "./verify_responder.ts";
 
 /** Everything {@linkcode Marmot.start} accepts: a config with every part optional but the database path. */
 export type MarmotOptions =
@@ -165,6 +166,7 @@ export class Marmot implements AsyncDisposable {
   #publisher: Publisher;
   #subscriber: Subscriber;
   #scheduler: SnapshotScheduler | undefined;
+  #verify: VerifyResponder | undefined;
   #closing = false;
   #closed: Promise<void> | undefined;
   #watcher: FileWatcher | undefined;
@@ -382,6 +384,7 @@ export class Marmot implements AsyncDisposable {
         scheduler,
       );
       marmot.#run(options.scanInterval ?? 1000);
+      marmot.#verify = VerifyResponder.start(nc, config, log);
       log.info("Replicating", {
         db: config.dbPath,
         tables: db.tables.size,
@@ -537,6 +540,7 @@ export class Marmot implements AsyncDisposable {
       );
     }
     this.#closing = true;
+    await this.#verify?.close();
     await this.#scheduler?.close();
     await this.#publisher.close();
     await this.#subscriber.close();
@@ -709,7 +713,8 @@ async function startEmbedded(
     ...(routes.length > 0
       ? { clusterAddr: config.nats.clusterAddr!, routes }
       : {}),
-    maxPayload: 64 * 1024 * 1024,
+    // Rows larger than this travel in parts (see lib/codec.ts).
+    maxPayload: 8 * 1024 * 1024,
     binary: config.nats.serverPath,
     onLog: (line) => log.debug(line, { source: "nats-server" }),
   }, signal);

@@ -14,7 +14,13 @@ import {
   type JetStreamClient,
   type JsMsg,
 } from "@nats-io/jetstream";
-import { type Batch, decodeBatch } from "./codec.ts";
+import {
+  type Batch,
+  decodeBatch,
+  decodePart,
+  isPart,
+  type Part,
+} from "./codec.ts";
 import type { IncomingMessage, ReplicaDb } from "./db/replica_db.ts";
 import type { Logger } from "./log.ts";
 
@@ -216,7 +222,9 @@ export class Subscriber {
       this.#expected.set(shard, msg.seq + 1);
       let batch;
       try {
-        batch = decodeBatch(msg.data, { values: this.#valuesFor });
+        batch = isPart(msg.data)
+          ? decodePart(msg.data)
+          : decodeBatch(msg.data, { values: this.#valuesFor });
       } catch (e) {
         batch = e instanceof Error ? e : new Error(String(e));
       }
@@ -257,7 +265,7 @@ export class Subscriber {
     }
   }
 
-  #isOwn(b: Batch): boolean {
+  #isOwn(b: Batch | Part): boolean {
     return b.origin === this.#options.nodeId && b.epoch === this.#db.epoch;
   }
 

@@ -132,6 +132,11 @@ export class MarmotProcess {
     });
   }
 
+  /** The process id. */
+  get pid(): number {
+    return this.#child.pid;
+  }
+
   /** Everything the process printed so far. */
   get log(): string {
     return this.#log.join("");

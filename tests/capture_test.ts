@@ -6,8 +6,10 @@ import { DatabaseSync } from "node:sqlite";
 import {
   type Batch,
   decodeBatch,
+  decodePart,
   encodeBatch,
   Op,
+  splitEnvelope,
   type SqlValue,
 } from "../lib/codec.ts";
 import { parseKey } from "../lib/db/_sql.ts";
@@ -1119,3 +1121,72 @@ Deno.test({
       assert.equal(result.applied, 1);
     }),
 });
+
+Deno.test(
+  "applyMessages() keeps the parts of a large envelope across calls and reopenings, and drops parts that can no longer complete",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/b.db`;
+      const big = "v".repeat(50_000);
+      const batch = (seq: number, key: string): Batch => ({
+        origin: 3,
+        epoch: 1,
+        shard: 0,
+        tables: [{ name: "wr", schemaVersion: 0, columns: ["k", "v'al"] }],
+        changes: [{
+          table: 0,
+          seq,
+          key: `'${key}'`,
+          op: Op.Upsert,
+          values: [key, big + key],
+        }],
+      });
+      const parts = (b: Batch, id: string) =>
+        splitEnvelope(encodeBatch(b, { compressAbove: false }), 20_000, {
+          origin: 3,
+          epoch: 1,
+          shard: 0,
+          id,
+        }).map((data, i): IncomingMessage => ({
+          shard: 0,
+          stream: "marmot-changes-0",
+          seq: 0,
+          batch: decodePart(data),
+          data,
+        }));
+      const at = (m: IncomingMessage, seq: number) => ({ ...m, seq });
+      const rows = () =>
+        query(path, `SELECT k, length("v'al") AS n FROM wr ORDER BY k;`);
+      // An envelope of 3 parts, the last arriving after a restart.
+      const first = parts(batch(1, "a"), "1.1");
+      assert.equal(first.length, 3);
+      {
+        using b = await openNew(path);
+        assert.equal(b.applyMessages([at(first[0]!, 1)], 2).applied, 0);
+        assert.equal(b.applyMessages([at(first[1]!, 2)], 2).applied, 0);
+        assert.equal(b.appliedSeq(0), 2);
+      }
+      {
+        using b = ReplicaDb.open(path);
+        assert.deepEqual(await rows(), []);
+        assert.equal(b.applyMessages([at(first[2]!, 3)], 2).applied, 1);
+        assert.deepEqual(await rows(), [{ k: "a", n: 50_001 }]);
+        // An envelope its origin never finished, then that origin's next
+        // message: the unfinished parts are dropped, not kept forever.
+        const unfinished = parts(batch(2, "b"), "2.2");
+        b.applyMessages([at(unfinished[0]!, 4)], 2);
+        const next = parts(batch(3, "c"), "3.3");
+        b.applyMessages(next.map((m, i) => at(m, 5 + i)), 2);
+        assert.deepEqual(await rows(), [
+          { k: "a", n: 50_001 },
+          { k: "c", n: 50_001 },
+        ]);
+        assert.deepEqual(
+          await query(path, "SELECT count(*) AS n FROM __marmot__parts;"),
+          [{ n: 0 }],
+        );
+        assert.deepEqual(b.parked(), []);
+      }
+    }),
+);

@@ -6,11 +6,16 @@ import {
   type Batch,
   CodecError,
   decodeBatch,
+  decodePart,
   encodeBatch,
   FORMAT_VERSION,
+  isPart,
+  MAX_ENVELOPE_BYTES,
   Op,
+  splitEnvelope,
   type SqlValue,
 } from "../lib/codec.ts";
+import { zstdCompressSync } from "node:zlib";
 
 function randomBytes(n: number): Uint8Array {
   const out = new Uint8Array(n);
@@ -477,4 +482,60 @@ Deno.test("decodeBatch() skips the row images of the origins it is told to, and 
       decodeBatch(bytes.subarray(0, bytes.length - 3), { values: () => false }),
     CodecError,
   );
+});
+
+Deno.test("splitEnvelope() cuts an envelope into parts that decodePart() puts back together", () => {
+  const blob = randomBytes(100_000);
+  const whole = encodeBatch({
+    origin: 3,
+    epoch: 9,
+    shard: 2,
+    tables: [{ name: "big", schemaVersion: 0, columns: ["id", "b"] }],
+    changes: [{
+      table: 0,
+      seq: 5,
+      key: "1",
+      op: Op.Upsert,
+      values: [1n, blob],
+    }],
+  });
+  const from = { origin: 3, epoch: 9, shard: 2, id: "5.5" };
+  const parts = splitEnvelope(whole, 30_000, from);
+  assert.equal(parts.length, 4);
+  const joined: Uint8Array[] = [];
+  for (const [i, bytes] of parts.entries()) {
+    assert.ok(bytes.length <= 30_000);
+    assert.ok(isPart(bytes));
+    const p = decodePart(bytes);
+    assert.deepEqual(
+      { ...p, bytes: undefined },
+      { kind: "part", ...from, index: i, count: 4, bytes: undefined },
+    );
+    joined.push(p.bytes);
+  }
+  const back = new Uint8Array(joined.reduce((n, b) => n + b.length, 0));
+  let at = 0;
+  for (const b of joined) back.set(b, (at += b.length) - b.length);
+  assert.deepEqual(back, whole);
+  assert.deepEqual(decodeBatch(back).changes[0]!.values![1], blob);
+  // A whole envelope is not a part, and a part is not a batch.
+  assert.ok(!isPart(whole));
+  assertCodecError(parts[0]!, /one part of a larger envelope/);
+  assert.throws(() => decodePart(whole), /is a whole envelope/);
+  assert.throws(
+    () => splitEnvelope(new Uint8Array(MAX_ENVELOPE_BYTES + 1), 1 << 20, from),
+    RangeError,
+  );
+});
+
+Deno.test("decodeBatch() refuses a body that decompresses past MAX_ENVELOPE_BYTES", () => {
+  const bomb = new Uint8Array([
+    0x4d,
+    0x52,
+    FORMAT_VERSION,
+    1,
+    ...zstdCompressSync(new Uint8Array(MAX_ENVELOPE_BYTES + 1)),
+  ]);
+  assert.ok(bomb.length < 10_000);
+  assertCodecError(bomb, /decompresses to more than 67108864 bytes/);
 });

@@ -24,8 +24,12 @@ import { DatabaseSync, type StatementSync } from "node:sqlite";
 import {
   type Batch,
   type Change,
+  CodecError,
+  decodeBatch,
   encodeBatch,
+  MAX_ENVELOPE_BYTES,
   Op,
+  type Part,
   type SqlValue,
   type TableRef,
 } from "../codec.ts";
@@ -38,6 +42,7 @@ const T = {
   applied: quoteIdent(`${MARMOT_PREFIX}applied`),
   origins: quoteIdent(`${MARMOT_PREFIX}origins`),
   parked: quoteIdent(`${MARMOT_PREFIX}parked`),
+  parts: quoteIdent(`${MARMOT_PREFIX}parts`),
   meta: quoteIdent(`${MARMOT_PREFIX}meta`),
 };
 
@@ -56,6 +61,11 @@ CREATE TABLE IF NOT EXISTS ${T.parked}(
   id INTEGER PRIMARY KEY, at TEXT NOT NULL DEFAULT (datetime('now')),
   stream TEXT NOT NULL, stream_seq INTEGER NOT NULL, tbl TEXT, k TEXT,
   reason TEXT NOT NULL, data BLOB);
+CREATE TABLE IF NOT EXISTS ${T.parts}(
+  origin INTEGER NOT NULL, epoch INTEGER NOT NULL, shard INTEGER NOT NULL,
+  id TEXT NOT NULL, idx INTEGER NOT NULL, count INTEGER NOT NULL,
+  stream_seq INTEGER NOT NULL, data BLOB NOT NULL,
+  PRIMARY KEY(origin, epoch, shard, id, idx));
 CREATE TABLE IF NOT EXISTS ${T.meta}(key TEXT PRIMARY KEY, value);
 DELETE FROM ${T.apply};
 `;
@@ -90,8 +100,11 @@ export interface IncomingMessage {
   stream: string;
   /** The stream sequence. */
   seq: number;
-  /** The decoded batch, or the error that decoding raised. */
-  batch: Batch | Error;
+  /**
+   * The decoded batch, one part of a larger one (kept until all its parts
+   * are here), or the error that decoding raised.
+   */
+  batch: Batch | Part | Error;
   /** The raw bytes, kept when the message is parked. */
   data: Uint8Array;
 }
@@ -429,7 +442,40 @@ export class ReplicaDb implements Disposable {
             );
             continue;
           }
-          const b = m.batch;
+          // An origin publishes a shard's messages one after another: once
+          // anything else of it arrives, parts of an envelope it never
+          // finished (it crashed, and published those changes again
+          // differently) cannot complete.
+          const from = m.batch;
+          this.#stmt(
+            "parts.stale",
+            () =>
+              `DELETE FROM ${T.parts} WHERE origin = ? AND epoch = ? AND shard = ? AND id <> ?`,
+          ).run(
+            from.origin,
+            from.epoch,
+            from.shard,
+            "kind" in from ? from.id : "",
+          );
+          let b: Batch;
+          if ("kind" in from) {
+            let whole: Uint8Array | undefined;
+            try {
+              whole = this.#addPart(from, m.seq);
+              if (!whole) continue;
+              b = decodeBatch(whole);
+            } catch (e) {
+              if (!this.db.isTransaction) throw e;
+              park({
+                stream: m.stream,
+                seq: m.seq,
+                reason: `${
+                  (e as Error).message
+                } (an envelope of ${from.count} parts)`,
+              }, whole);
+              continue;
+            }
+          } else b = from;
           if (b.shard !== m.shard) {
             park({
               stream: m.stream,
@@ -538,6 +584,51 @@ export class ReplicaDb implements Disposable {
     });
     for (const [id, o] of originUpdates) this.#origins.set(id, o.seq);
     return result;
+  }
+
+  /**
+   * Keeps a part until all of its envelope's parts are here, then returns
+   * the whole envelope (and forgets the parts).
+   */
+  #addPart(p: Part, seq: number): Uint8Array | undefined {
+    this.#stmt(
+      "parts.insert",
+      () =>
+        `INSERT OR REPLACE INTO ${T.parts}(origin, epoch, shard, id, idx, count, stream_seq, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+    ).run(p.origin, p.epoch, p.shard, p.id, p.index, p.count, seq, p.bytes);
+    const where = "origin = ? AND epoch = ? AND shard = ? AND id = ?";
+    const key = [p.origin, p.epoch, p.shard, p.id] as const;
+    const have = this.#stmt(
+      "parts.count",
+      () => `SELECT count(*) AS n FROM ${T.parts} WHERE ${where} AND count = ?`,
+    ).get(...key, p.count) as { n: number };
+    if (Number(have.n) < p.count) return undefined;
+    const { size } = this.#stmt(
+      "parts.size",
+      () =>
+        `SELECT sum(length(data)) AS size FROM ${T.parts} WHERE ${where} AND count = ?`,
+    ).get(...key, p.count) as { size: number };
+    if (Number(size) > MAX_ENVELOPE_BYTES) {
+      this.#stmt("parts.delete", () => `DELETE FROM ${T.parts} WHERE ${where}`)
+        .run(...key);
+      throw new CodecError(
+        `Cannot apply batch: its parts add up to ${size} bytes, over the ${MAX_ENVELOPE_BYTES} byte limit`,
+      );
+    }
+    const rows = this.#stmt(
+      "parts.read",
+      () =>
+        `SELECT data FROM ${T.parts} WHERE ${where} AND count = ? ORDER BY idx`,
+    ).all(...key, p.count) as { data: Uint8Array }[];
+    this.#stmt("parts.delete", () => `DELETE FROM ${T.parts} WHERE ${where}`)
+      .run(...key);
+    const whole = new Uint8Array(Number(size));
+    let at = 0;
+    for (const r of rows) {
+      whole.set(r.data, at);
+      at += r.data.length;
+    }
+    return whole;
   }
 
   #applyChange(ref: TableRef, c: Change): void {

@@ -63,8 +63,13 @@ export async function takeSnapshot(
   let sequences: number[];
   let origins: [number, number, number, number][];
   try {
+    // Parts of an envelope still incomplete are not in the snapshot (it
+    // keeps user tables only): a restored node reads the shard again from
+    // the first of them, and skips what it already has by origin sequence.
     const seq = copy.prepare(
-      "SELECT seq FROM __marmot__applied WHERE shard = ?",
+      `SELECT min(a.seq, coalesce((SELECT min(p.stream_seq) - 1
+         FROM __marmot__parts p WHERE p.shard = a.shard), a.seq)) AS seq
+       FROM __marmot__applied a WHERE a.shard = ?`,
     );
     sequences = Array.from({ length: shards }, (_, shard) => {
       const row = seq.get(shard) as { seq: number } | undefined;
