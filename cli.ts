@@ -6,10 +6,12 @@
  * marmot --db-path app.db --cluster-addr 127.0.0.1:4248 \
  *        --cluster-peers nats://127.0.0.1:4249,dns://app.internal:4248
  * marmot cleanup --db-path app.db        # remove marmot's triggers and tables
+ * marmot verify --config marmot.toml     # compare the tables of every running node
  * ```
  *
  * Exit codes: 0 after a clean stop, 1 on a runtime failure, 2 for bad usage,
- * configuration or database path (nothing is modified then).
+ * configuration or database path (nothing is modified then). `verify`: 0 when
+ * the cluster agrees, 1 when it differs or cannot be compared, 2 for bad usage.
  *
  * @module
  */
@@ -27,6 +29,7 @@ import { DatabaseError, removeMarmot } from "./lib/db/replica_db.ts";
 import { createLogger } from "./lib/log.ts";
 import { Marmot } from "./lib/replicator.ts";
 import { snapshotRestore, snapshotSave } from "./lib/snapshot_command.ts";
+import { verifyCommand, type VerifyFlags } from "./lib/verify_command.ts";
 
 const USAGE =
   `marmot ${denoJson.version}: multi-primary SQLite replication over NATS JetStream
@@ -38,6 +41,8 @@ Usage:
   marmot snapshot restore [options]
                                    replace the database with the newest snapshot
                                    (stop the application and marmot first)
+  marmot verify [options]          compare the tables of every running node; exit 0
+                                   when they agree, 1 when they differ
 
 Options (override the config file):
   -c, --config FILE          TOML config file
@@ -53,6 +58,9 @@ Options (override the config file):
       --exec COMMAND         run the application once the database is ready
                              (exec); marmot forwards signals and exits with its code
   -v, --verbose              debug logging ([logging] verbose)
+      --expect N             verify: the number of nodes that must answer
+      --timeout S            verify: seconds without an answer after which a node
+                             counts as missing (default 3)
   -h, --help                 this text
       --version              the version
 `;
@@ -71,6 +79,7 @@ type Command =
   | "cleanup"
   | "snapshot-save"
   | "snapshot-restore"
+  | "verify"
   | "help"
   | "version";
 
@@ -91,6 +100,8 @@ const OPTIONS = {
   exec: { type: "string" },
   bootstrap: { type: "boolean" },
   verbose: { type: "boolean", short: "v" },
+  expect: { type: "string" },
+  timeout: { type: "string" },
   help: { type: "boolean", short: "h" },
   version: { type: "boolean" },
 } as const;
@@ -109,12 +120,12 @@ function integerFlag(name: string, value: string): number {
 /**
  * Builds the configuration from the command line and the config file it names.
  *
- * @returns the command ("run" or "cleanup") and the validated config
+ * @returns the command, the validated config, and `verify`'s flags
  * @throws {UsageError | ConfigError} for bad usage or configuration
  */
 export async function parseCommandLine(
   args: string[],
-): Promise<{ command: Command; config: MarmotConfig }> {
+): Promise<{ command: Command; config: MarmotConfig; verify?: VerifyFlags }> {
   let parsed;
   try {
     parsed = parseArgs({
@@ -137,7 +148,8 @@ export async function parseCommandLine(
     : undefined;
   if (
     !snapshotVerb &&
-    (rest.length > 0 || (sub !== undefined && sub !== "cleanup"))
+    (rest.length > 0 ||
+      (sub !== undefined && sub !== "cleanup" && sub !== "verify"))
   ) {
     throw new UsageError(
       `Unknown command: ${JSON.stringify(positionals.join(" "))} (try --help)`,
@@ -199,13 +211,48 @@ export async function parseCommandLine(
   if (values.exec !== undefined) flag("", "exec", values.exec, "exec");
   if (values.bootstrap) config.snapshot.bootstrap = true;
   if (values.verbose) config.logging.verbose = true;
-  validateConfig(config);
   const command = snapshotVerb
     ? `snapshot-${snapshotVerb}` as const
-    : sub === "cleanup"
-    ? "cleanup"
+    : sub === "cleanup" || sub === "verify"
+    ? sub
     : "run";
-  return { command, config };
+  if (command !== "verify") {
+    for (const name of ["expect", "timeout"] as const) {
+      if (values[name] !== undefined) {
+        throw new UsageError(`Invalid flag: --${name} is for marmot verify`);
+      }
+    }
+    validateConfig(config);
+    return { command, config };
+  }
+  if (!config.dbPath && config.nats.urls.length === 0) {
+    throw new ConfigError(
+      "Invalid config: marmot verify needs --nats-url, or db_path to find the embedded nats-server of the node running here",
+    );
+  }
+  // verify reads no database: db_path only locates the embedded server.
+  validateConfig({ ...config, dbPath: config.dbPath || "(unused)" });
+  const verify: VerifyFlags = { timeout: 3000 };
+  if (values.expect !== undefined) {
+    verify.expect = integerFlag("expect", values.expect);
+    if (verify.expect < 1) {
+      throw new ConfigError(
+        `Invalid flag: --expect must be at least 1, got ${verify.expect}`,
+      );
+    }
+  }
+  if (values.timeout !== undefined) {
+    const seconds = Number(values.timeout);
+    if (!/^\d+(\.\d+)?$/.test(values.timeout) || seconds <= 0) {
+      throw new ConfigError(
+        `Invalid flag: --timeout must be a positive number of seconds, got ${
+          JSON.stringify(values.timeout)
+        }`,
+      );
+    }
+    verify.timeout = Math.max(100, Math.round(seconds * 1000));
+  }
+  return { command, config, verify };
 }
 
 /**
@@ -214,9 +261,9 @@ export async function parseCommandLine(
  * @param args the arguments after the program name
  */
 export async function main(args: string[]): Promise<number> {
-  let command, config;
+  let command, config, verify;
   try {
-    ({ command, config } = await parseCommandLine(args));
+    ({ command, config, verify } = await parseCommandLine(args));
   } catch (e) {
     if (e instanceof UsageError || e instanceof ConfigError) {
       console.error(`marmot: ${e.message}`);
@@ -242,6 +289,18 @@ export async function main(args: string[]): Promise<number> {
     } catch (e) {
       console.error(`marmot: ${e instanceof Error ? e.message : e}`);
       return e instanceof DatabaseError ? 2 : 1;
+    }
+  }
+  if (command === "verify") {
+    const log = createLogger({
+      verbose: config.logging.verbose,
+      format: config.logging.format,
+    });
+    try {
+      return await verifyCommand(config, verify!, log);
+    } catch (e) {
+      console.error(`marmot: ${e instanceof Error ? e.message : e}`);
+      return e instanceof ConfigError ? 2 : 1;
     }
   }
   if (command === "snapshot-save" || command === "snapshot-restore") {

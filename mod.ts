@@ -24,6 +24,15 @@
  * });
  * ```
  *
+ * and check that every running node holds the same rows:
+ *
+ * ```ts ignore
+ * import { verify } from "@x/marmot";
+ *
+ * const result = await verify(["nats://127.0.0.1:4222"], { expect: 3 });
+ * console.log(result.agree ? "agree" : result.problem ?? result.differences);
+ * ```
+ *
  * @module
  */
 export {
@@ -53,6 +62,18 @@ export {
   type LoggerOptions,
   type LogLevel,
 } from "./lib/log.ts";
+export {
+  type KeyDifference,
+  type NodeRows,
+  type RangeDifference,
+  type TableDifference,
+  verify,
+  VerifyError,
+  type VerifyNode,
+  type VerifyOptions,
+  VerifyProblem,
+  type VerifyResult,
+} from "./lib/verify.ts";
 export type { PublisherStats } from "./lib/publisher.ts";
 export type { SubscriberStats } from "./lib/subscriber.ts";
 export { main } from "./cli.ts";

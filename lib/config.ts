@@ -62,6 +62,24 @@ export interface MarmotConfig {
     serverPath: string;
     /** Directory of the embedded server's store. @default "<db_path>-nats" */
     storeDir: string | undefined;
+    /** User name for NATS (clients and, embedded, routes); needs a password. */
+    user: string | undefined;
+    /** Password of `user` (prefer `passwordFile` or `MARMOT_NATS_PASSWORD`). */
+    password: string | undefined;
+    /** A file holding the password. */
+    passwordFile: string | undefined;
+    /** Token (prefer `tokenFile` or `MARMOT_NATS_TOKEN`). */
+    token: string | undefined;
+    /** A file holding the token. */
+    tokenFile: string | undefined;
+    /** A file holding an nkey user seed ("SU…"). */
+    nkeySeedFile: string | undefined;
+    /** CA certificate (PEM) that signed the servers' certificates. */
+    tlsCa: string | undefined;
+    /** This node's certificate (PEM): the embedded server's, and the client's. */
+    tlsCert: string | undefined;
+    /** The key of `tlsCert` (PEM). */
+    tlsKey: string | undefined;
   };
   /** Snapshots. */
   snapshot: {
@@ -123,6 +141,15 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
       subjectPrefix: "marmot-change-log",
       serverPath: "nats-server",
       storeDir: undefined,
+      user: undefined,
+      password: undefined,
+      passwordFile: undefined,
+      token: undefined,
+      tokenFile: undefined,
+      nkeySeedFile: undefined,
+      tlsCa: undefined,
+      tlsCert: undefined,
+      tlsKey: undefined,
     },
     snapshot: {
       dir: undefined,
@@ -140,8 +167,11 @@ interface Key {
   kind: Kind;
   set: Setter;
   check?: (v: never) => string | undefined;
+  /** Never shown in an error. */
+  secret?: true;
 }
 
+const nonEmpty = (v: string) => v ? undefined : "must not be empty";
 const positive = (v: number) => v >= 1 ? undefined : "must be at least 1";
 const natsSubjectToken = (v: string) =>
   /^[A-Za-z0-9_-]+$/.test(v)
@@ -248,6 +278,53 @@ const KEYS: Record<string, Record<string, Key>> = {
       set: (c, v: string) => c.nats.serverPath = v,
     },
     store_dir: { kind: "string", set: (c, v: string) => c.nats.storeDir = v },
+    user: {
+      kind: "string",
+      set: (c, v: string) => c.nats.user = v,
+      check: nonEmpty,
+    },
+    password: {
+      kind: "string",
+      set: (c, v: string) => c.nats.password = v,
+      check: nonEmpty,
+      secret: true,
+    },
+    password_file: {
+      kind: "string",
+      set: (c, v: string) => c.nats.passwordFile = v,
+      check: nonEmpty,
+    },
+    token: {
+      kind: "string",
+      set: (c, v: string) => c.nats.token = v,
+      check: nonEmpty,
+      secret: true,
+    },
+    token_file: {
+      kind: "string",
+      set: (c, v: string) => c.nats.tokenFile = v,
+      check: nonEmpty,
+    },
+    nkey_seed_file: {
+      kind: "string",
+      set: (c, v: string) => c.nats.nkeySeedFile = v,
+      check: nonEmpty,
+    },
+    tls_ca: {
+      kind: "string",
+      set: (c, v: string) => c.nats.tlsCa = v,
+      check: nonEmpty,
+    },
+    tls_cert: {
+      kind: "string",
+      set: (c, v: string) => c.nats.tlsCert = v,
+      check: nonEmpty,
+    },
+    tls_key: {
+      kind: "string",
+      set: (c, v: string) => c.nats.tlsKey = v,
+      check: nonEmpty,
+    },
   },
   snapshot: {
     dir: { kind: "string", set: (c, v: string) => c.snapshot.dir = v },
@@ -292,9 +369,10 @@ function checkHostPort(v: string, allowRandom: boolean): string | undefined {
   return "port must be from 0 to 65535 (or -1 for random)";
 }
 
-function checkNatsUrl(v: string): string | undefined {
+function checkNatsUrl(raw: string): string | undefined {
+  const v = redactUserInfo(raw);
   try {
-    const url = new URL(v);
+    const url = new URL(raw);
     if (!["nats:", "tls:", "ws:", "wss:"].includes(url.protocol)) {
       return `"${v}" must use nats://, tls://, ws:// or wss://`;
     }
@@ -343,14 +421,23 @@ const KIND_NAMES: Record<Kind, string> = {
   strings: "an array of strings",
 };
 
+/** A value for an error message; credentials in URLs are hidden. */
 function show(v: unknown): string {
-  if (typeof v === "string") return JSON.stringify(v);
-  if (typeof v === "bigint") return v.toString();
-  try {
-    return JSON.stringify(v) ?? String(v);
-  } catch {
-    return String(v);
+  let text: string;
+  if (typeof v === "bigint") text = v.toString();
+  else {
+    try {
+      text = JSON.stringify(v) ?? String(v);
+    } catch {
+      text = String(v);
+    }
   }
+  return redactUserInfo(text);
+}
+
+/** Replaces the user info of every URL in `text` with `***`. */
+export function redactUserInfo(text: string): string {
+  return text.replace(/([a-z][a-z0-9+.-]*:\/\/)[^@/\s"]*@/gi, "$1***@");
 }
 
 /**
@@ -372,18 +459,20 @@ export function applySetting(
   if (!spec) {
     throw new ConfigError(`Invalid ${source}: unknown key "${name}"`);
   }
+  const shown = () =>
+    spec.secret ? "a value (not shown: a secret)" : show(value);
   if (!typeOk(spec.kind, value)) {
     throw new ConfigError(
-      `Invalid ${source}: "${name}" must be ${KIND_NAMES[spec.kind]}, got ${
-        show(value)
-      }`,
+      `Invalid ${source}: "${name}" must be ${
+        KIND_NAMES[spec.kind]
+      }, got ${shown()}`,
     );
   }
   const v = typeof value === "bigint" ? Number(value) : value;
   const problem = spec.check?.(v as never);
   if (problem) {
     throw new ConfigError(
-      `Invalid ${source}: "${name}" ${problem}, got ${show(value)}`,
+      `Invalid ${source}: "${name}" ${problem}, got ${shown()}`,
     );
   }
   spec.set(config, v as never);

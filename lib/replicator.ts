@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { guardDiscardedSockets } from "./nats/socket_guard.ts";
 import {
   jetstream,
   type JetStreamManager,
@@ -33,7 +34,15 @@ import {
 import { SnapshotScheduler } from "./snapshot_scheduler.ts";
 import { type FileWatcher, watchDatabase } from "./file_watcher.ts";
 import { createLogger, type Logger } from "./log.ts";
-import { NatsServer } from "./nats/nats_server.ts";
+import { type NatsAuthorization, NatsServer } from "./nats/nats_server.ts";
+import {
+  clientOptions,
+  loadSecurity,
+  type NatsSecurity,
+  redactSecrets,
+  redactUserInfo,
+  routeCredentials,
+} from "./nats/auth.ts";
 import {
   delay,
   ensureStreams,
@@ -225,16 +234,17 @@ export class Marmot implements AsyncDisposable {
     let server: NatsServer | undefined;
     let nc: NatsConnection | undefined;
     try {
+      const security = await loadSecurity(config);
       let urls = config.nats.urls;
       let clusterSize = 1;
       if (urls.length === 0) {
         const routes = await resolvePeers(config.nats.clusterPeers);
         clusterSize = 1 +
           routes.filter((r) => !isOwnRoute(r, config.nats.clusterAddr)).length;
-        server = await startEmbedded(config, routes, log, signal);
+        server = await startEmbedded(config, routes, security, log, signal);
         urls = [server.clientUrl];
       }
-      nc = await connectWithRetry(urls, log, signal);
+      nc = await connectWithRetry(urls, security, log, signal);
       if (config.nats.urls.length > 0) {
         clusterSize = Math.max(1, new Set(nc.info?.connect_urls ?? []).size);
       }
@@ -390,7 +400,10 @@ export class Marmot implements AsyncDisposable {
         tables: db.tables.size,
         shards: config.replicationLog.shards,
         replicas,
-        nats: server ? `embedded ${server.clientUrl}` : urls.join(","),
+        nats: server
+          ? `embedded ${server.clientUrl}`
+          : redactUserInfo(urls.join(",")),
+        auth: describeSecurity(security),
       });
       return marmot;
     } catch (e) {
@@ -697,12 +710,41 @@ async function bootstrap(
   }
 }
 
+function describeSecurity(s: NatsSecurity): string {
+  const parts = [
+    s.user
+      ? `user ${s.user}`
+      : s.token
+      ? "token"
+      : s.nkeyPublic
+      ? `nkey ${s.nkeyPublic}`
+      : "none",
+  ];
+  if (s.tls) parts.push("tls");
+  return parts.join(", ");
+}
+
 async function startEmbedded(
   config: MarmotConfig,
   routes: string[],
+  security: NatsSecurity,
   log: Logger,
   signal?: AbortSignal,
 ): Promise<NatsServer> {
+  const routeAuth = routeCredentials(security);
+  const authorization: NatsAuthorization | undefined = security.user
+    ? { user: security.user, password: security.password! }
+    : security.token
+    ? { token: security.token }
+    : security.nkeyPublic
+    ? { nkeys: [security.nkeyPublic] }
+    : undefined;
+  const tls = security.tls;
+  if (tls && !tls.cert) {
+    throw new ConfigError(
+      "Invalid config: the embedded nats-server needs nats.tls_cert and nats.tls_key to serve TLS (nats.tls_ca alone is for external servers)",
+    );
+  }
   const m = /^(.*):(-?\d+)$/.exec(config.nats.bindAddress)!;
   const storeDir = config.nats.storeDir ?? `${config.dbPath}-nats`;
   return await NatsServer.start({
@@ -716,19 +758,28 @@ async function startEmbedded(
     // Rows larger than this travel in parts (see lib/codec.ts).
     maxPayload: 8 * 1024 * 1024,
     binary: config.nats.serverPath,
-    onLog: (line) => log.debug(line, { source: "nats-server" }),
+    ...(authorization ? { authorization } : {}),
+    ...(routeAuth ? { routeAuth } : {}),
+    ...(tls?.cert ? { tls: { ...tls, cert: tls.cert, key: tls.key! } } : {}),
+    onLog: (line) =>
+      log.debug(redactSecrets(security, redactUserInfo(line)), {
+        source: "nats-server",
+      }),
   }, signal);
 }
 
 async function connectWithRetry(
   urls: string[],
+  security: NatsSecurity,
   log: Logger,
   signal?: AbortSignal,
 ): Promise<NatsConnection> {
   for (let attempt = 1;; attempt++) {
     signal?.throwIfAborted();
     try {
+      guardDiscardedSockets();
       return await connect({
+        ...clientOptions(security),
         servers: urls,
         name: "marmot",
         maxReconnectAttempts: -1,
@@ -740,7 +791,7 @@ async function connectWithRetry(
         attempt % 10 === 1 ? "warn" : "debug",
         "Cannot connect to NATS yet, retrying",
         {
-          servers: urls.join(","),
+          servers: redactUserInfo(urls.join(",")),
           attempt,
           error: e,
         },

@@ -4,6 +4,8 @@
  *
  * @module
  */
+import { guardDiscardedSockets } from "./nats/socket_guard.ts";
+import { clientOptions, loadSecurity, redactUserInfo } from "./nats/auth.ts";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import type { MarmotConfig } from "./config.ts";
 import { ReplicaDb } from "./db/replica_db.ts";
@@ -58,18 +60,21 @@ async function withStore<T>(
     }
     urls = [url];
   }
+  const security = clientOptions(await loadSecurity(config));
   let nc: NatsConnection;
   try {
+    guardDiscardedSockets();
     nc = await connect({
+      ...security,
       servers: urls,
       name: "marmot-snapshot",
       timeout: 5000,
     });
   } catch (cause) {
     throw new Error(
-      `Cannot reach the snapshot store: NATS at ${urls.join(",")}: ${
-        cause instanceof Error ? cause.message : cause
-      }`,
+      `Cannot reach the snapshot store: NATS at ${
+        redactUserInfo(urls.join(","))
+      }: ${cause instanceof Error ? cause.message : cause}`,
       {
         cause,
       },

@@ -109,10 +109,11 @@ export class MarmotProcess {
   readonly args: string[];
   readonly status: Promise<Deno.CommandStatus>;
 
-  constructor(args: string[]) {
+  constructor(args: string[], env?: Record<string, string>) {
     this.args = args;
     this.#child = new Deno.Command(Deno.execPath(), {
       args: ["run", V8_FLAGS, "-A", CLI, ...args],
+      ...(env ? { env } : {}),
       stdout: "piped",
       stderr: "piped",
     }).spawn();

@@ -1148,7 +1148,7 @@ Deno.test(
           epoch: 1,
           shard: 0,
           id,
-        }).map((data, i): IncomingMessage => ({
+        }).map((data): IncomingMessage => ({
           shard: 0,
           stream: "marmot-changes-0",
           seq: 0,

@@ -12,6 +12,8 @@ import {
   nodeIdFromHost,
   validateConfig,
 } from "../lib/config.ts";
+import { createUser } from "@nats-io/nkeys";
+import { loadSecurity, routeCredentials } from "../lib/nats/auth.ts";
 
 const FULL_TOML = `
 # Every key marmot reads.
@@ -41,6 +43,15 @@ stream_prefix = "my-changes"
 subject_prefix = "my.change_log"
 server_path = "/usr/local/bin/nats-server"
 store_dir = "/data/nats"
+user = "marmot"
+password = "pw"
+password_file = "/run/secrets/nats-password"
+token = "tk"
+token_file = "/run/secrets/nats-token"
+nkey_seed_file = "/run/secrets/nats.nk"
+tls_ca = "/etc/marmot/ca.pem"
+tls_cert = "/etc/marmot/node.pem"
+tls_key = "/etc/marmot/node.key"
 
 [snapshot]
 dir = "/data/snapshots"
@@ -77,6 +88,15 @@ const FULL: MarmotConfig = {
     subjectPrefix: "my.change_log",
     serverPath: "/usr/local/bin/nats-server",
     storeDir: "/data/nats",
+    user: "marmot",
+    password: "pw",
+    passwordFile: "/run/secrets/nats-password",
+    token: "tk",
+    tokenFile: "/run/secrets/nats-token",
+    nkeySeedFile: "/run/secrets/nats.nk",
+    tlsCa: "/etc/marmot/ca.pem",
+    tlsCert: "/etc/marmot/node.pem",
+    tlsKey: "/etc/marmot/node.key",
   },
   snapshot: {
     dir: "/data/snapshots",
@@ -538,4 +558,121 @@ Deno.test("applyToml() reads exec and catch_up_timeout, and rejects an empty exe
     () => applyToml(defaultConfig("x"), "catch_up_timeout = -1", "app.toml"),
     /"catch_up_timeout" must be 0 or more seconds, got -1/,
   );
+});
+
+Deno.test("config errors never show a secret: a password or token of the wrong type, credentials in a URL", () => {
+  for (
+    const [toml, hidden] of [
+      ["[nats]\npassword = 12345678", "12345678"],
+      ['[nats]\ntoken = ""', '""'],
+      [
+        '[nats]\nurls = ["nats://me:hunter2@host:4222", "http://x:hunter3@y"]',
+        "hunter",
+      ],
+      ['[nats]\nurls = "nats://me:hunter2@host:4222"', "hunter2"],
+    ]
+  ) {
+    assert.throws(() => applyToml(defaultConfig(), toml!, "s.toml"), (e) => {
+      assert.ok(e instanceof ConfigError);
+      assert.ok(!e.message.includes(hidden!), e.message);
+      assert.match(e.message, /nats\.(password|token|urls)/);
+      return true;
+    });
+  }
+});
+
+Deno.test("loadSecurity() reads secrets from files and the environment, and names the key and path of what is wrong", async (t) => {
+  const dir = await Deno.makeTempDir({ prefix: "marmot_secrets_" });
+  try {
+    const config = (nats: Partial<MarmotConfig["nats"]>) => {
+      const c = defaultConfig("x.db");
+      Object.assign(c.nats, nats);
+      return c;
+    };
+    const noEnv = () => undefined;
+    await t.step("a password file, trimmed", async () => {
+      await Deno.writeTextFile(`${dir}/pw`, "  s3cret \n");
+      const s = await loadSecurity(
+        config({ user: "u", passwordFile: `${dir}/pw` }),
+        noEnv,
+      );
+      assert.equal(s.password, "s3cret");
+      assert.deepEqual(routeCredentials(s), { user: "u", password: "s3cret" });
+    });
+    await t.step(
+      "MARMOT_NATS_TOKEN, and a route password derived from it",
+      async () => {
+        const s = await loadSecurity(
+          config({}),
+          (n) => n === "MARMOT_NATS_TOKEN" ? "tok" : undefined,
+        );
+        assert.equal(s.token, "tok");
+        const route = routeCredentials(s)!;
+        assert.equal(route.user, "marmot-route");
+        assert.match(route.password, /^[0-9a-f]{64}$/);
+      },
+    );
+    await t.step("an nkey seed file gives the public key", async () => {
+      const user = createUser();
+      await Deno.writeTextFile(
+        `${dir}/u.nk`,
+        new TextDecoder().decode(user.getSeed()),
+      );
+      const s = await loadSecurity(
+        config({ nkeySeedFile: `${dir}/u.nk` }),
+        noEnv,
+      );
+      assert.equal(s.nkeyPublic, user.getPublicKey());
+    });
+    const bad: [string, Partial<MarmotConfig["nats"]>, RegExp][] = [
+      [
+        "a user without a password",
+        { user: "u" },
+        /nats\.user "u" needs a password/,
+      ],
+      [
+        "a missing password file",
+        { user: "u", passwordFile: `${dir}/nope` },
+        new RegExp(`nats\\.password_file "${dir}/nope": NotFound`),
+      ],
+      [
+        "an empty token file",
+        { tokenFile: `${dir}/empty` },
+        /nats\.token_file ".*empty" is empty/,
+      ],
+      [
+        "a seed file without a seed",
+        { nkeySeedFile: `${dir}/pw` },
+        /nats\.nkey_seed_file ".*pw" does not hold an nkey seed/,
+      ],
+      [
+        "a user and a token",
+        { user: "u", password: "p", token: "t" },
+        /use one of .* got user and token/,
+      ],
+      [
+        "a certificate without its key",
+        { tlsCert: `${dir}/pw` },
+        /tls_cert and nats\.tls_key go together/,
+      ],
+      [
+        "a missing CA file",
+        { tlsCa: `${dir}/ca.pem` },
+        /nats\.tls_ca ".*ca\.pem" is not a readable file/,
+      ],
+    ];
+    await Deno.writeTextFile(`${dir}/empty`, "\n");
+    for (const [what, nats, message] of bad) {
+      await t.step(what, async () => {
+        await assert.rejects(loadSecurity(config(nats), noEnv), (e) => {
+          assert.ok(e instanceof ConfigError, String(e));
+          assert.match(e.message, message);
+          assert.ok(!e.message.includes("s3cret"));
+          return true;
+        });
+      });
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -6,7 +6,7 @@
  */
 
 import { jetstreamManager } from "@nats-io/jetstream";
-import { connect } from "@nats-io/transport-node";
+import { connect, type ConnectionOptions } from "@nats-io/transport-node";
 
 /** Options for {@linkcode NatsServer.start}. */
 export interface NatsServerOptions {
@@ -35,13 +35,37 @@ export interface NatsServerOptions {
   maxPayload?: number;
   /** Path of the nats-server binary. @default {"nats-server"} (looked up on PATH) */
   binary?: string;
-  /** Extra lines appended verbatim to the generated config (used later for auth/TLS). */
+  /** Extra lines appended verbatim to the generated config. */
   extraConfig?: string;
+  /** Client authentication: one user and password, a token, or nkey public keys. */
+  authorization?: NatsAuthorization;
+  /**
+   * The user and password routes authenticate with: required by this
+   * server's cluster port, and added to every route URL.
+   */
+  routeAuth?: { user: string; password: string };
+  /**
+   * TLS for the client port and the routes. Routes always verify their peer
+   * against `ca`, so the certificate must serve as client and server.
+   */
+  tls?: { ca?: string; cert: string; key: string };
   /**
    * Called with each line the server writes to stderr/stdout (for debug
    * logging). Errors thrown by the callback are ignored.
    */
   onLog?: (line: string) => void;
+}
+
+/** Client authentication of a server; see {@linkcode NatsServerOptions.authorization}. */
+export interface NatsAuthorization {
+  /** User name, with `password`. */
+  user?: string;
+  /** Password of `user`. */
+  password?: string;
+  /** A token. */
+  token?: string;
+  /** Public nkeys ("U…") allowed to connect. */
+  nkeys?: string[];
 }
 
 /**
@@ -228,6 +252,14 @@ export interface StartClusterOptions {
   onLog?: (name: string, line: string) => void;
   /** Aborts starting; servers already started are stopped. */
   signal?: AbortSignal;
+  /** Client authentication of every server. */
+  authorization?: NatsAuthorization;
+  /** Route credentials of every server. */
+  routeAuth?: { user: string; password: string };
+  /** TLS of every server (client port and routes). */
+  tls?: { ca?: string; cert: string; key: string };
+  /** Options of the client that waits for JetStream (credentials, TLS). */
+  connectOptions?: Partial<ConnectionOptions>;
 }
 
 /**
@@ -264,7 +296,7 @@ export async function startCluster(
       `Cannot start cluster: size must be a positive integer, got ${size}`,
     );
   }
-  const { maxPayload, onLog, signal } = options;
+  const { maxPayload, onLog, signal, authorization, routeAuth, tls } = options;
   const routeAddrs = pickFreePorts(size).map((port) => `127.0.0.1:${port}`);
   const results = await Promise.allSettled(routeAddrs.map((addr, i) => {
     const name = `n${i}`;
@@ -279,6 +311,9 @@ export async function startCluster(
         .map((other) => `nats-route://${other}`);
     }
     if (maxPayload !== undefined) serverOptions.maxPayload = maxPayload;
+    if (authorization) serverOptions.authorization = authorization;
+    if (routeAuth) serverOptions.routeAuth = routeAuth;
+    if (tls) serverOptions.tls = tls;
     if (onLog !== undefined) {
       serverOptions.onLog = (line) => onLog(name, line);
     }
@@ -290,7 +325,12 @@ export async function startCluster(
   try {
     const failure = results.find((r) => r.status === "rejected");
     if (failure !== undefined) throw failure.reason;
-    await waitForJetStream(servers[0]!.clientUrl, 20_000, signal);
+    await waitForJetStream(
+      servers[0]!.clientUrl,
+      20_000,
+      signal,
+      options.connectOptions,
+    );
     return servers;
   } catch (error) {
     await Promise.all(servers.map((s) => s.stop()));
@@ -302,9 +342,10 @@ async function waitForJetStream(
   url: string,
   timeoutMs: number,
   signal: AbortSignal | undefined,
+  connectOptions: Partial<ConnectionOptions> = {},
 ): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  const nc = await connect({ servers: url });
+  const nc = await connect({ ...connectOptions, servers: url });
   try {
     while (true) {
       signal?.throwIfAborted();
@@ -338,10 +379,13 @@ async function launch(
   const binary = options.binary ?? "nats-server";
   const configPath = `${storeDir}/${CONFIG_FILE}`;
   await killStale(storeDir, configPath);
+  // It may hold credentials.
   await Deno.writeTextFile(
     configPath,
     renderConfig(options, storeDir, clientPort, clusterPort),
+    { mode: 0o600 },
   );
+  await Deno.chmod(configPath, 0o600);
 
   let child: Deno.ChildProcess;
   try {
@@ -455,14 +499,54 @@ function renderConfig(
     `  store_dir: ${q(storeDir)}`,
     "}",
   ];
+  const tls = options.tls
+    ? [
+      `  cert_file: ${q(options.tls.cert)}`,
+      `  key_file: ${q(options.tls.key)}`,
+      ...(options.tls.ca ? [`  ca_file: ${q(options.tls.ca)}`] : []),
+      "  timeout: 5",
+    ]
+    : [];
+  if (options.tls) lines.push("tls {", ...tls, "}");
+  const auth = options.authorization;
+  if (auth?.user !== undefined) {
+    lines.push(
+      "authorization {",
+      `  user: ${q(auth.user)}`,
+      `  password: ${q(auth.password ?? "")}`,
+      "}",
+    );
+  } else if (auth?.token !== undefined) {
+    lines.push("authorization {", `  token: ${q(auth.token)}`, "}");
+  } else if (auth?.nkeys !== undefined) {
+    lines.push(
+      "authorization {",
+      "  users: [",
+      ...auth.nkeys.map((k) => `    { nkey: ${q(k)} }`),
+      "  ]",
+      "}",
+    );
+  }
   if (options.clusterAddr !== undefined && clusterPort !== undefined) {
     const { host } = splitHostPort(options.clusterAddr);
+    const routeAuth = options.routeAuth;
     lines.push(
       "cluster {",
       `  name: ${q(options.clusterName ?? "marmot")}`,
       `  listen: ${q(`${host}:${clusterPort}`)}`,
+      ...(routeAuth
+        ? [
+          "  authorization {",
+          `    user: ${q(routeAuth.user)}`,
+          `    password: ${q(routeAuth.password)}`,
+          "  }",
+        ]
+        : []),
+      ...(options.tls ? ["  tls {", ...tls.map((l) => `  ${l}`), "  }"] : []),
       "  routes: [",
-      ...(options.routes ?? []).map((route) => `    ${q(toRouteUrl(route))}`),
+      ...(options.routes ?? []).map((route) =>
+        `    ${q(withUserInfo(toRouteUrl(route), routeAuth))}`
+      ),
       "  ]",
       "}",
     );
@@ -513,6 +597,17 @@ function splitHostPort(addr: string): { host: string; port: number } {
 
 function randomToMinusOne(port: number): number {
   return port === 0 ? -1 : port;
+}
+
+function withUserInfo(
+  url: string,
+  auth: { user: string; password: string } | undefined,
+): string {
+  if (!auth) return url;
+  const m = /^([a-z-]+:\/\/)(?:[^@/]*@)?(.*)$/.exec(url)!;
+  return `${m[1]}${encodeURIComponent(auth.user)}:${
+    encodeURIComponent(auth.password)
+  }@${m[2]}`;
 }
 
 function toRouteUrl(route: string): string {
