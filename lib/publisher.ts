@@ -17,6 +17,7 @@ import {
   type Batch,
   type Change,
   encodeBatch,
+  MAX_ENVELOPE_BYTES,
   Op,
   splitEnvelope,
   type TableRef,
@@ -58,6 +59,8 @@ export interface PublisherStats {
   retries: number;
   /** Part messages of rows too large for one message. */
   parts: number;
+  /** Local changes set aside because no message can carry them. */
+  parked: number;
 }
 
 /** Publishes captured changes; call {@linkcode Publisher.wake} when the database may have changed. */
@@ -68,6 +71,7 @@ export class Publisher {
     bytes: 0,
     retries: 0,
     parts: 0,
+    parked: 0,
   };
   #db: ReplicaDb;
   #js: JetStreamClient;
@@ -166,6 +170,16 @@ export class Publisher {
   }
 
   async #publishBatch(shard: number, changes: PendingChange[]): Promise<void> {
+    // A row larger than any node accepts (even compressed, it would not
+    // decompress there) is set aside before it is encoded.
+    if (changes.length === 1 && estimateSize(changes[0]!) > MAX_ROW_BYTES) {
+      return this.#parkLocal(
+        changes[0]!,
+        `it is about ${
+          estimateSize(changes[0]!)
+        } bytes, over the ${MAX_ROW_BYTES} byte limit of a row`,
+      );
+    }
     const bytes = encodeBatch(
       toBatch(this.#options.nodeId, this.#db.epoch, shard, changes),
       {
@@ -199,11 +213,7 @@ export class Publisher {
           id: `${first}.${last}`,
         });
       } catch (e) {
-        throw new RangeError(
-          `Cannot publish change: row ${changes[0]!.key} of table "${
-            changes[0]!.table.name
-          }": ${(e as Error).message}`,
-        );
+        return this.#parkLocal(changes[0]!, (e as Error).message);
       }
       for (const [i, part] of parts.entries()) {
         await this.#publish(subject, part, `${msgID}.p${i}`);
@@ -219,6 +229,23 @@ export class Publisher {
     this.stats.messages++;
     this.stats.changes += changes.length;
     this.stats.bytes += bytes.length;
+  }
+
+  /**
+   * Sets aside a change no message can carry. Blocking on it would hold back
+   * every later change of this node, so it is parked, loudly, and the rest
+   * goes on; the row stays on this node only.
+   */
+  #parkLocal(c: PendingChange, why: string): void {
+    const reason =
+      `Cannot publish change: row ${c.key} of table "${c.table.name}": ${why}; the row stays on this node only`;
+    this.#db.parkLocal(c.table.name, c.key, c.seq, reason);
+    this.stats.parked++;
+    this.#options.log.error("Parked a local change that cannot be published", {
+      table: c.table.name,
+      key: c.key,
+      reason,
+    });
   }
 
   /** Publishes one message, retrying until JetStream acknowledges it. */
@@ -253,6 +280,9 @@ export class Publisher {
     }
   }
 }
+
+/** The largest row published: what a node accepts, less room for the envelope. */
+const MAX_ROW_BYTES = MAX_ENVELOPE_BYTES - 64 * 1024;
 
 function estimateSize(c: PendingChange): number {
   let n = 16 + c.key.length;

@@ -292,3 +292,55 @@ Deno.test({
     for (const p of peaks) assert.ok(p < 200, `peak RSS ${p} MB`);
   },
 });
+
+Deno.test({
+  name:
+    "a row over the 64 MiB limit is parked on its own node, said once, and the node's later changes still replicate",
+  ...PROCESS_TEST,
+  async fn() {
+    await using bed = await testBed("marmot_too_big_");
+    const [a, b] = [bed.db("a"), bed.db("b")];
+    const schema = "CREATE TABLE big(id INTEGER PRIMARY KEY, b BLOB);";
+    await sqlite(a, schema);
+    await sqlite(b, schema);
+    const nodeA = bed.start(a, 1);
+    await Promise.all(
+      [nodeA, bed.start(b, 2)].map((n) => n.waitForLog("Replicating")),
+    );
+    await sqlite(
+      a,
+      `INSERT INTO big VALUES (1, randomblob(${65 * 1024 * 1024}));
+       INSERT INTO big VALUES (2, x'00');`,
+    );
+    await sqlite(a, "INSERT INTO big VALUES (3, x'01');");
+    await waitFor(
+      "rows 2 and 3 on node 2",
+      async () =>
+        (await sqlite(b, "SELECT group_concat(id) FROM big;")) === "2,3\n",
+    );
+    await nodeA.waitForLog("Parked a local change that cannot be published");
+    assert.equal(
+      await sqlite(
+        a,
+        "SELECT stream, stream_seq, tbl, k, reason FROM __marmot__parked;",
+      ),
+      `|0|big|1|Cannot publish change: row 1 of table "big": it is about ${
+        65 * 1024 * 1024 + 2 + 9 + 16 + 1
+      } bytes, over the ${
+        64 * 1024 * 1024 - 64 * 1024
+      } byte limit of a row; the row stays on this node only\n`,
+    );
+    // Nothing is left waiting in node 1's change log.
+    await waitFor(
+      "node 1's change log to empty",
+      async () =>
+        (await sqlite(a, "SELECT count(*) FROM __marmot__changes;")).trim() ===
+          "0",
+    );
+    assert.equal(
+      nodeA.log.split("\n").filter((l) => l.includes("Parked a local change"))
+        .length,
+      1,
+    );
+  },
+});

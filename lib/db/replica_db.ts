@@ -319,6 +319,26 @@ export class ReplicaDb implements Disposable {
     return Number(row.n);
   }
 
+  /**
+   * Sets aside a local change that cannot be published (a row too large for
+   * any message): its change log entries up to `seq` go, and a parked entry
+   * (stream `""`, sequence 0) keeps the table, key and reason. The row stays
+   * in the table; the other nodes do not get this change.
+   */
+  parkLocal(table: string, key: string, seq: number, reason: string): void {
+    this.#transaction("IMMEDIATE", () => {
+      this.#stmt(
+        "changes.ack",
+        () => `DELETE FROM ${T.changes} WHERE tbl = ? AND k = ? AND seq <= ?`,
+      ).run(table, key, seq);
+      this.#stmt(
+        "parked.insert",
+        () =>
+          `INSERT INTO ${T.parked}(stream, stream_seq, tbl, k, reason, data) VALUES (?, ?, ?, ?, ?, ?)`,
+      ).run("", 0, table, key, reason, null);
+    });
+  }
+
   /** The parked messages and changes, oldest first. */
   parked(): Parked[] {
     return (this.db.prepare(
