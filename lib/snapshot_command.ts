@@ -4,9 +4,7 @@
  *
  * @module
  */
-import { guardDiscardedSockets } from "./nats/socket_guard.ts";
-import { clientOptions, loadSecurity, redactUserInfo } from "./nats/auth.ts";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { connectCommand } from "./nats/command_connection.ts";
 import type { MarmotConfig } from "./config.ts";
 import { ReplicaDb } from "./db/replica_db.ts";
 import {
@@ -22,26 +20,6 @@ import {
   type SnapshotStore,
 } from "./nats/snapshot_store.ts";
 
-/**
- * The client URL of the embedded nats-server of a running marmot, from the
- * ports file the server writes into its store directory.
- */
-export async function embeddedClientUrl(
-  storeDir: string,
-): Promise<string | undefined> {
-  try {
-    for await (const entry of Deno.readDir(storeDir)) {
-      if (!entry.isFile || !entry.name.endsWith(".ports")) continue;
-      const ports = JSON.parse(
-        await Deno.readTextFile(`${storeDir}/${entry.name}`),
-      );
-      const url = ports?.nats?.[0];
-      if (typeof url === "string") return url;
-    }
-  } catch { /* no store directory: marmot is not running here */ }
-  return undefined;
-}
-
 async function withStore<T>(
   config: MarmotConfig,
   fn: (store: SnapshotStore) => Promise<T>,
@@ -49,37 +27,12 @@ async function withStore<T>(
   if (config.snapshot.dir) {
     return await fn(directorySnapshots(config.snapshot.dir));
   }
-  let urls = config.nats.urls;
-  if (urls.length === 0) {
-    const storeDir = config.nats.storeDir ?? `${config.dbPath}-nats`;
-    const url = await embeddedClientUrl(storeDir);
-    if (!url) {
-      throw new Error(
-        `Cannot reach the snapshot store: no [nats] urls, and no running embedded nats-server in "${storeDir}" (start marmot first, or set [snapshot] dir)`,
-      );
-    }
-    urls = [url];
-  }
-  const security = clientOptions(await loadSecurity(config));
-  let nc: NatsConnection;
-  try {
-    guardDiscardedSockets();
-    nc = await connect({
-      ...security,
-      servers: urls,
-      name: "marmot-snapshot",
-      timeout: 5000,
-    });
-  } catch (cause) {
-    throw new Error(
-      `Cannot reach the snapshot store: NATS at ${
-        redactUserInfo(urls.join(","))
-      }: ${cause instanceof Error ? cause.message : cause}`,
-      {
-        cause,
-      },
-    );
-  }
+  const nc = await connectCommand(
+    config,
+    "marmot-snapshot",
+    "Cannot reach the snapshot store",
+    "start marmot first, or set [snapshot] dir",
+  );
   try {
     const replicas = config.replicationLog.replicas ??
       Math.min(3, Math.max(1, new Set(nc.info?.connect_urls ?? []).size));

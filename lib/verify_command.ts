@@ -4,12 +4,9 @@
  *
  * @module
  */
-import { guardDiscardedSockets } from "./nats/socket_guard.ts";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
-import type { MarmotConfig } from "./config.ts";
+import { ConfigError, type MarmotConfig } from "./config.ts";
 import type { Logger } from "./log.ts";
-import { clientOptions, loadSecurity, redactUserInfo } from "./nats/auth.ts";
-import { embeddedClientUrl } from "./snapshot_command.ts";
+import { connectCommand } from "./nats/command_connection.ts";
 import { formatVerifyResult, verifyOver } from "./verify.ts";
 
 /** The flags of `marmot verify`. */
@@ -32,34 +29,17 @@ export async function verifyCommand(
   flags: VerifyFlags,
   log: Logger,
 ): Promise<number> {
-  let urls = config.nats.urls;
-  if (urls.length === 0) {
-    const storeDir = config.nats.storeDir ?? `${config.dbPath}-nats`;
-    const url = await embeddedClientUrl(storeDir);
-    if (!url) {
-      console.error(
-        `marmot: cannot reach the cluster: no [nats] urls, and no running embedded nats-server in "${storeDir}" (run verify where a node runs, or pass --nats-url)`,
-      );
-      return 1;
-    }
-    urls = [url];
-  }
-  const security = clientOptions(await loadSecurity(config));
-  let nc: NatsConnection;
+  let nc;
   try {
-    guardDiscardedSockets();
-    nc = await connect({
-      ...security,
-      servers: urls,
-      name: "marmot-verify",
-      timeout: 5000,
-    });
-  } catch (e) {
-    console.error(
-      `marmot: cannot reach the cluster: NATS at ${
-        redactUserInfo(urls.join(","))
-      }: ${e instanceof Error ? e.message : e}`,
+    nc = await connectCommand(
+      config,
+      "marmot-verify",
+      "cannot reach the cluster",
+      "run verify where a node runs, or pass --nats-url",
     );
+  } catch (e) {
+    if (e instanceof ConfigError) throw e;
+    console.error(`marmot: ${e instanceof Error ? e.message : e}`);
     return 1;
   }
   let result;
