@@ -325,14 +325,22 @@ export async function testBed(
   };
 }
 
-/** Runs the marmot CLI to completion. */
+/** Runs `deno run -A cli.ts ...args` (in `cwd`) to completion. */
 export async function cli(
   args: string[],
-): Promise<{ code: number; stderr: string }> {
+  cwd?: string,
+): Promise<{ code: number; stdout: string; stderr: string }> {
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", CLI, ...args],
+    args: ["run", "-A", "--quiet", CLI, ...args],
+    ...(cwd ? { cwd } : {}),
+    stdin: "null",
     stdout: "piped",
     stderr: "piped",
+    env: { NO_COLOR: "1" },
   }).output();
-  return { code: out.code, stderr: decoder.decode(out.stderr) };
+  return {
+    code: out.code,
+    stdout: decoder.decode(out.stdout),
+    stderr: decoder.decode(out.stderr),
+  };
 }

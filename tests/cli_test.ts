@@ -4,8 +4,8 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
+import { cli } from "./_helpers.ts";
 
-const CLI = fileURLToPath(new URL("../cli.ts", import.meta.url));
 const DENO_JSON = fileURLToPath(new URL("../deno.json", import.meta.url));
 const PROCESS_TEST = { sanitizeResources: false, sanitizeOps: false };
 const decoder = new TextDecoder();
@@ -17,20 +17,8 @@ interface Run {
 }
 
 /** Runs `deno run -A cli.ts ...args` in `cwd`. */
-async function marmot(args: string[], cwd: string): Promise<Run> {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "--quiet", CLI, ...args],
-    cwd,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    env: { NO_COLOR: "1" },
-  }).output();
-  return {
-    code: out.code,
-    stdout: decoder.decode(out.stdout),
-    stderr: decoder.decode(out.stderr),
-  };
+function marmot(args: string[], cwd: string): Promise<Run> {
+  return cli(args, cwd);
 }
 
 async function sqlite(path: string, sql: string): Promise<string> {

@@ -14,6 +14,7 @@ import { listTables, type TableInfo } from "../lib/db/schema.ts";
 import { verify } from "../lib/verify.ts";
 import {
   CLI,
+  cli,
   MarmotProcess,
   PROCESS_TEST,
   sqlite,
@@ -224,21 +225,8 @@ function behindMarmotsBack(sql: string): string {
 
 const decoder = new TextDecoder();
 
-async function marmotVerify(
-  args: string[],
-): Promise<{ code: number; stdout: string; stderr: string }> {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "--quiet", CLI, "verify", ...args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    env: { NO_COLOR: "1" },
-  }).output();
-  return {
-    code: out.code,
-    stdout: decoder.decode(out.stdout),
-    stderr: decoder.decode(out.stderr),
-  };
+function marmotVerify(args: string[]) {
+  return cli(["verify", ...args]);
 }
 
 Deno.test({
