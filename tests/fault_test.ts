@@ -142,7 +142,7 @@ Deno.test({
       assert.equal(kills, 3);
       await checkAll(dbs, new Map([[1, 2000], [2, 1000], [3, 1000]]));
     } finally {
-      for (const m of marmots) m.kill();
+      await Promise.all(marmots.map((m) => m.dispose()));
       await Promise.all(servers.map((s) => s.stop()));
     }
   },
@@ -173,7 +173,7 @@ Deno.test({
       ]);
       await checkAll(dbs, new Map([[1, 1500], [2, 1500], [3, 1500]]));
     } finally {
-      for (const m of marmots) m.kill();
+      await Promise.all(marmots.map((m) => m.dispose()));
       await Promise.all(servers.map((s) => s.stop()));
     }
   },
@@ -211,7 +211,7 @@ Deno.test({
       ]);
       await checkAll(dbs, new Map([[1, 1000], [2, 1000]]));
     } finally {
-      for (const m of marmots) m.kill();
+      await Promise.all(marmots.map((m) => m.dispose()));
     }
   },
 });

@@ -187,7 +187,7 @@ Deno.test({
         );
       }
     } finally {
-      for (const m of marmots) m.kill();
+      await Promise.all(marmots.map((m) => m.dispose()));
       await Promise.all(servers.map((s) => s.stop()));
     }
   },
@@ -218,7 +218,7 @@ Deno.test({
       }
       assert.equal(await dump(dbs[0]!), await dump(dbs[2]!));
     } finally {
-      for (const m of marmots) m.kill();
+      await Promise.all(marmots.map((m) => m.dispose()));
     }
   },
 });

@@ -71,7 +71,7 @@ async function replicateTwo(
     assert.equal(content.split("\n").length, 2);
     return nodes;
   } catch (e) {
-    for (const n of nodes) n.kill();
+    await Promise.all(nodes.map((n) => n.dispose()));
     throw e;
   }
 }
@@ -108,8 +108,8 @@ Deno.test({
       assert.equal((await Deno.stat(conf)).mode! & 0o077, 0);
       assertNoSecret(nodes, password);
     } finally {
-      for (const n of nodes) n.kill();
-      await Promise.all(nodes.map((n) => n.status));
+      // SIGTERM first: marmot stops its embedded nats-server.
+      await Promise.all(nodes.map((n) => n.dispose()));
     }
   },
 });
@@ -194,8 +194,8 @@ Deno.test({
       );
       assertNoSecret(nodes, token);
     } finally {
-      for (const n of nodes) n.kill();
-      await Promise.all(nodes.map((n) => n.status));
+      // SIGTERM first: marmot stops its embedded nats-server.
+      await Promise.all(nodes.map((n) => n.dispose()));
     }
   },
 });
@@ -244,8 +244,8 @@ Deno.test({
       );
       assertNoSecret(nodes, seed);
     } finally {
-      for (const n of nodes) n.kill();
-      await Promise.all(nodes.map((n) => n.status));
+      // SIGTERM first: marmot stops its embedded nats-server.
+      await Promise.all(nodes.map((n) => n.dispose()));
       await Promise.all(servers.map((s) => s.stop()));
     }
   },
