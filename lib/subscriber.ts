@@ -54,6 +54,10 @@ export interface SubscriberStats {
   parked: number;
 }
 
+/** How long a shard consumer may go without a message or heartbeat. */
+const STALL_MS = 10_000;
+const STALLED = Symbol("stalled");
+
 interface Queued {
   shard: number;
   msg: JsMsg;
@@ -129,22 +133,40 @@ export class Subscriber {
     const limit = this.#options.queueBytes ?? 8 * 1024 * 1024;
     let next = from;
     while (!this.#abort.signal.aborted) {
+      const watchdog = this.#watch(messages);
       try {
-        for await (const msg of messages) {
+        const it = messages[Symbol.asyncIterator]();
+        while (true) {
+          const r = await Promise.race([it.next(), watchdog.stalled]);
+          if (r === STALLED) {
+            this.#options.log.warn(
+              "Shard consumer stalled (no message or heartbeat); re-creating it",
+              { shard, seconds: STALL_MS / 1000 },
+            );
+            messages.close().catch(() => {});
+            break;
+          }
+          if (r.done) break;
+          const msg = r.value;
+          watchdog.touch();
           next = msg.seq + 1;
           this.#queue.push({ shard, msg });
           this.#queuedBytes += msg.data.length;
           this.#wakeApplier?.();
+          watchdog.pause();
           while (this.#queuedBytes >= limit && !this.#abort.signal.aborted) {
             await new Promise<void>((resolve) =>
               this.#wakeConsumers.push(resolve)
             );
           }
+          watchdog.touch();
           if (this.#abort.signal.aborted) return;
         }
       } catch (e) {
         if (this.#abort.signal.aborted) return;
         this.#options.log.warn("Shard consumer failed", { shard, error: e });
+      } finally {
+        watchdog.stop();
       }
       // The library gives up on an ordered consumer after repeated failures
       // (a long JetStream outage); start a new one where this one stopped.
@@ -172,6 +194,41 @@ export class Subscriber {
         }
       }
     }
+  }
+
+  /**
+   * Resolves `stalled` when `messages` delivers neither a message nor an
+   * idle heartbeat for {@linkcode STALL_MS} (not counting time the pump waits
+   * for the applier). After its server dies, the library's ordered consumer
+   * can stop pulling for good without ending or throwing; `#pump` then
+   * starts a new consumer where this one stopped.
+   */
+  #watch(messages: ConsumerMessages) {
+    let last = Date.now();
+    let paused = false;
+    let fire: (v: typeof STALLED) => void = () => {};
+    const stalled = new Promise<typeof STALLED>((r) => fire = r);
+    (async () => {
+      for await (const s of messages.status()) {
+        if (s.type === "heartbeat") last = Date.now();
+      }
+    })().catch(() => {});
+    const timer = setInterval(() => {
+      if (!paused && Date.now() - last >= STALL_MS) fire(STALLED);
+    }, 1000);
+    return {
+      stalled,
+      touch() {
+        last = Date.now();
+        paused = false;
+      },
+      pause() {
+        paused = true;
+      },
+      stop() {
+        clearInterval(timer);
+      },
+    };
   }
 
   async #applyLoop(): Promise<void> {
