@@ -158,6 +158,11 @@ export class ReplicaDb implements Disposable {
   #schemaVersion = -1;
   #options: ReplicaDbOptions;
   #origins = new Map<string, number>();
+  /**
+   * Whether `__marmot__parts` may hold rows: the check for stale parts
+   * then runs per message; with none (the usual case) it is skipped.
+   */
+  #partsHeld = true;
 
   private constructor(
     path: string,
@@ -467,16 +472,19 @@ export class ReplicaDb implements Disposable {
           // finished (it crashed, and published those changes again
           // differently) cannot complete.
           const from = m.batch;
-          this.#stmt(
-            "parts.stale",
-            () =>
-              `DELETE FROM ${T.parts} WHERE origin = ? AND epoch = ? AND shard = ? AND id <> ?`,
-          ).run(
-            from.origin,
-            from.epoch,
-            from.shard,
-            "kind" in from ? from.id : "",
-          );
+          if ("kind" in from) this.#partsHeld = true;
+          if (this.#partsHeld) {
+            this.#stmt(
+              "parts.stale",
+              () =>
+                `DELETE FROM ${T.parts} WHERE origin = ? AND epoch = ? AND shard = ? AND id <> ?`,
+            ).run(
+              from.origin,
+              from.epoch,
+              from.shard,
+              "kind" in from ? from.id : "",
+            );
+          }
           let b: Batch;
           if ("kind" in from) {
             let whole: Uint8Array | undefined;
@@ -603,6 +611,13 @@ export class ReplicaDb implements Disposable {
       }
     });
     for (const [id, o] of originUpdates) this.#origins.set(id, o.seq);
+    // Cleared only after a commit, so a rolled-back call cannot hide parts.
+    if (this.#partsHeld) {
+      this.#partsHeld = this.#stmt(
+        "parts.any",
+        () => `SELECT 1 FROM ${T.parts} LIMIT 1`,
+      ).get() !== undefined;
+    }
     return result;
   }
 
