@@ -4,8 +4,9 @@
 //   _writer.ts bulk DB ROWS TXN ROW_BYTES       one transaction per TXN rows
 //   _writer.ts steady DB NODE RATE SECONDS ROW_BYTES   single-row commits at RATE/s
 //
-// Each row records its commit time (ms since the epoch, sub-millisecond) so
-// the observer can compute the replication lag.
+// Each row records when its INSERT started (ms since the epoch,
+// sub-millisecond); `steady` also prints when each commit returned, which is
+// what the replication lag is measured from.
 import { DatabaseSync } from "node:sqlite";
 
 const now = () => performance.timeOrigin + performance.now();
@@ -39,13 +40,16 @@ if (mode === "bulk") {
   const interval = 1000 / rate;
   const start = now();
   let n = 0;
+  // When each commit returned: the lag is measured from there.
+  const committed: number[] = [];
   while (now() - start < seconds * 1000) {
     const due = start + n * interval;
     const wait = due - now();
     if (wait > 1) await new Promise((r) => setTimeout(r, wait - 0.5));
     insert.run(node * 10_000_000 + n, node, now(), payload);
+    committed.push(now());
     n++;
   }
-  console.log(JSON.stringify({ start, end: now(), rows: n }));
+  console.log(JSON.stringify({ start, end: now(), rows: n, committed }));
 }
 db.close();

@@ -16,6 +16,7 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import { DatabaseSync } from "node:sqlite";
 import { parseArgs } from "node:util";
+import { decodeBatch, isPart } from "../lib/codec.ts";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
 import { type NatsServer, startCluster } from "../lib/nats/nats_server.ts";
 import { V8_FLAGS } from "../cli.ts";
@@ -174,7 +175,7 @@ function rssKb(pid: number): number {
   }
 }
 
-async function runWriter(args: string[]): Promise<Record<string, number>> {
+async function runWriter(args: string[]): Promise<Record<string, unknown>> {
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", WRITER, ...args],
     stdout: "piped",
@@ -257,22 +258,45 @@ async function main() {
       }
       await sleep(10);
     }
-    const w = await writer;
+    const w = await writer as { start: number; end: number };
     const bulk = {
       rows: opt.rows,
-      writerSeconds: (w.end! - w.start!) / 1000,
-      node2Seconds: (done[1]! - w.start!) / 1000,
-      node3Seconds: (done[2]! - w.start!) / 1000,
+      writerSeconds: (w.end - w.start) / 1000,
+      node2Seconds: (done[1]! - w.start) / 1000,
+      node3Seconds: (done[2]! - w.start) / 1000,
       rowsPerSecond: opt.rows /
-        ((Math.max(done[1]!, done[2]!) - w.start!) / 1000),
+        ((Math.max(done[1]!, done[2]!) - w.start) / 1000),
     };
     const bulkRss = nodes.map((n) => n.rssPeakKb);
 
     // Lag: single-row commits at a fixed rate spread over all nodes.
     log(`lag: ${opt.rate} commits/s for ${opt.duration} s over 3 nodes`);
     const seen = [new Set<number>(), new Set<number>(), new Set<number>()];
-    const samples: { at: number; lag: number; from: number; to: number }[] = [];
+    // `at`: when the INSERT started (the row's ts); `seenAt`: when the
+    // observer saw the row on node `to`.
+    const samples: {
+      id: number;
+      at: number;
+      seenAt: number;
+      from: number;
+      to: number;
+    }[] = [];
     const lastVersion = [-1, -1, -1];
+    // The lag split in two: when each row's message reached nats-server (a
+    // plain subscription on the shard subjects, on server 1) against its
+    // commit, and against its arrival on the other nodes.
+    const onNats = new Map<number, number>();
+    const tap = await connect({ servers: servers[0]!.clientUrl });
+    tap.subscribe("marmot-change-log.>", {
+      callback: (_err, msg) => {
+        const t = now();
+        if (isPart(msg.data)) return;
+        for (const c of decodeBatch(msg.data).changes) {
+          onNats.set(Number(c.key), t);
+        }
+      },
+    });
+    await tap.flush();
     let observing = true;
     const observe = (async () => {
       const versions = readers.map((r) => r.prepare("PRAGMA data_version"));
@@ -301,7 +325,13 @@ async function main() {
             for (const r of rows) {
               if (seen[to]!.has(r.id)) continue;
               seen[to]!.add(r.id);
-              samples.push({ at: r.ts, lag: t - r.ts, from, to: to + 1 });
+              samples.push({
+                id: r.id,
+                at: r.ts,
+                seenAt: t,
+                from,
+                to: to + 1,
+              });
             }
             while (seen[to]!.has(base + watermark[to]![from - 1]!)) {
               watermark[to]![from - 1]!++;
@@ -323,7 +353,7 @@ async function main() {
         ])
       ),
     );
-    const expected = steady.reduce((s, r) => s + r.rows!, 0) * 2;
+    const expected = steady.reduce((s, r) => s + (r.rows as number), 0) * 2;
     const lagDeadline = Date.now() + 60_000;
     while (samples.length < expected && Date.now() < lagDeadline) {
       await sleep(50);
@@ -334,17 +364,46 @@ async function main() {
     for (const n of nodes) {
       n.rssPeakKb = Math.max(n.rssPeakKb, rssKb(n.child.pid));
     }
-    const lags = samples.map((s) => s.lag).sort((a, b) => a - b);
+    // The lag of a row: from when its commit returned on the origin to when
+    // it is visible on another node. Also reported from when its INSERT
+    // started, which adds the writer's own time (its fsync, waits for locks).
+    const committed = new Map<number, number>();
+    for (const [i, r] of steady.entries()) {
+      const node = i + 1;
+      for (const [n, t] of (r.committed as number[]).entries()) {
+        committed.set(node * 10_000_000 + n, t);
+      }
+    }
+    const lagOf = (s: (typeof samples)[number]) =>
+      s.seenAt - (committed.get(s.id) ?? s.at);
+    const stats = (v: number[]) => {
+      v.sort((a, b) => a - b);
+      return {
+        p50: percentile(v, 50),
+        p95: percentile(v, 95),
+        p99: percentile(v, 99),
+        max: v[v.length - 1] ?? NaN,
+      };
+    };
     const lag = {
-      commits: steady.reduce((s, r) => s + r.rows!, 0),
+      commits: steady.reduce((s, r) => s + (r.rows as number), 0),
       observed: samples.length,
       expected,
-      p50: percentile(lags, 50),
-      p95: percentile(lags, 95),
-      p99: percentile(lags, 99),
-      max: lags[lags.length - 1] ?? NaN,
+      ...stats(samples.map(lagOf)),
+      fromInsertStart: stats(samples.map((s) => s.seenAt - s.at)),
     };
     for (const r of readers) r.close();
+    await tap.close();
+    const toNats: number[] = [];
+    const fromNats: number[] = [];
+    for (const s of samples) {
+      const t = onNats.get(s.id);
+      if (t === undefined) continue;
+      const c = committed.get(s.id) ?? s.at;
+      if (s.to === (s.from === 1 ? 2 : 1)) toNats.push(t - c); // once per commit
+      fromNats.push(s.seenAt - t);
+    }
+    const lagSplit = { toNats: stats(toNats), fromNats: stats(fromNats) };
 
     const result = {
       date: new Date().toISOString(),
@@ -367,6 +426,7 @@ async function main() {
           (raw.bytesPerSecond / (opt.rowBytes + 40)),
       },
       lagMs: lag,
+      lagSplitMs: lagSplit,
       memory: {
         bulkPeakRssMb: bulkRss.map((k) => k / 1024),
         peakRssMb: nodes.map((n) => n.rssPeakKb / 1024),
@@ -378,7 +438,12 @@ async function main() {
       `${flags.out}/${stamp}.json`,
       JSON.stringify(result, null, 2) + "\n",
     );
-    await Deno.writeTextFile(`${flags.out}/${stamp}-lag.svg`, lagSvg(samples));
+    await Deno.writeTextFile(
+      `${flags.out}/${stamp}-lag.svg`,
+      lagSvg(
+        samples.map((s) => ({ at: s.at, lag: lagOf(s) })),
+      ),
+    );
     printTable(result);
     console.log(
       `\nwrote ${flags.out}/${stamp}.json and ${flags.out}/${stamp}-lag.svg`,
@@ -438,6 +503,22 @@ function printTable(r: any) {
       `${f(r.lagMs.p50, 1)} / ${f(r.lagMs.p95, 1)} / ${f(r.lagMs.p99, 1)} / ${
         f(r.lagMs.max, 1)
       }`,
+    ],
+    [
+      "  from the INSERT's start instead of its commit",
+      `${f(r.lagMs.fromInsertStart.p50, 1)} / ${
+        f(r.lagMs.fromInsertStart.p95, 1)
+      } / ${f(r.lagMs.fromInsertStart.p99, 1)} / ${
+        f(r.lagMs.fromInsertStart.max, 1)
+      }`,
+    ],
+    [
+      "  commit to nats-server, p50 / p99 (ms)",
+      `${f(r.lagSplitMs.toNats.p50, 1)} / ${f(r.lagSplitMs.toNats.p99, 1)}`,
+    ],
+    [
+      "  nats-server to other node, p50 / p99 (ms)",
+      `${f(r.lagSplitMs.fromNats.p50, 1)} / ${f(r.lagSplitMs.fromNats.p99, 1)}`,
     ],
     [
       "  commits, observations (expected)",
