@@ -5,7 +5,10 @@
  *
  * Per shard, batches are published one at a time, each retried with the same
  * `Nats-Msg-Id` until acknowledged, so one origin's changes to a shard land
- * in the stream in change log order. Shards publish in parallel. The change
+ * in the stream in change log order. Shards publish independently: the log
+ * is read into a queue per shard without waiting for acknowledgements, so a
+ * commit waits only for its own shard's message in flight, if any, and what
+ * queued meanwhile goes out together in the next batch. The change
  * log keeps every change until this node applies its own published copy back
  * from the stream (see `ReplicaDb.applyMessages`), so a crash at any point
  * re-publishes, and never loses, what was not yet applied back.
@@ -81,6 +84,12 @@ export class Publisher {
   #again = false;
   #abort = new AbortController();
   #error: unknown;
+  /** Per shard: changes read from the log, not yet acknowledged, in log order. */
+  #queues = new Map<number, PendingChange[]>();
+  #senders = new Map<number, Promise<void>>();
+  #queued = 0;
+  #queuedBytes = 0;
+  #drained: (() => void)[] = [];
 
   constructor(db: ReplicaDb, js: JetStreamClient, options: PublisherOptions) {
     this.#db = db;
@@ -101,21 +110,28 @@ export class Publisher {
   /** Resolves when everything captured so far is published. */
   async flush(): Promise<void> {
     this.wake();
-    while (this.#running) await this.#running;
+    while (this.#running || this.#senders.size > 0) {
+      await this.#running;
+      await Promise.all(this.#senders.values());
+    }
     if (this.#error) throw this.#error;
   }
 
   /** Stops publishing; changes not yet published stay in the change log. */
   async close(): Promise<void> {
     this.#abort.abort(new Error("Publisher closed"));
-    while (this.#running) await this.#running.catch(() => {});
+    this.#wakeReader();
+    while (this.#running || this.#senders.size > 0) {
+      await this.#running?.catch(() => {});
+      await Promise.allSettled(this.#senders.values());
+    }
   }
 
   async #loop(): Promise<void> {
     do {
       this.#again = false;
       try {
-        while (await this.#pass()) { /* more to read */ }
+        while (await this.#read()) { /* more to read */ }
         this.#error = undefined;
       } catch (e) {
         if (this.#abort.signal.aborted) return;
@@ -127,45 +143,102 @@ export class Publisher {
     } while (this.#again && !this.#abort.signal.aborted);
   }
 
-  /** Publishes one read of the change log; returns whether it read anything. */
-  async #pass(): Promise<boolean> {
+  /**
+   * Reads the change log past what is queued and hands each change to its
+   * shard's sender; returns whether it read anything. It does not wait for
+   * acknowledgements, only for room: at most `readLimit` changes (or 8 MiB
+   * of them) wait in the queues.
+   */
+  async #read(): Promise<boolean> {
+    const limit = this.#options.readLimit ?? 5000;
+    while (
+      (this.#queued >= limit || this.#queuedBytes >= QUEUE_BYTES) &&
+      !this.#abort.signal.aborted
+    ) {
+      await new Promise<void>((resolve) => this.#drained.push(resolve));
+    }
+    if (this.#abort.signal.aborted) return false;
     // A table created or altered since the last pass gets its triggers and
     // its current columns before anything of it is read.
     this.#db.refreshSchema();
-    const limit = this.#options.readLimit ?? 5000;
-    const { changes, lastSeq } = this.#db.readPending(this.#cursor, limit);
+    const { changes, lastSeq } = this.#db.readPending(
+      this.#cursor,
+      limit - this.#queued,
+    );
     if (lastSeq === this.#cursor) return false;
+
     this.#options.log.debug("Read pending changes", {
       after: this.#cursor,
       lastSeq,
       rows: changes.length,
     });
-    const byShard = new Map<number, PendingChange[]>();
     for (const c of changes) {
       const shard = shardFor(c.table.name, c.key, this.#options.shards);
-      let list = byShard.get(shard);
-      if (!list) byShard.set(shard, list = []);
-      list.push(c);
+      let queue = this.#queues.get(shard);
+      if (!queue) this.#queues.set(shard, queue = []);
+      queue.push(c);
+      this.#queued++;
+      this.#queuedBytes += estimateSize(c);
     }
-    await Promise.all(
-      [...byShard].map(([shard, list]) => this.#publishShard(shard, list)),
-    );
     this.#cursor = lastSeq;
+    for (const shard of this.#queues.keys()) {
+      if (!this.#senders.has(shard)) {
+        this.#senders.set(shard, this.#send(shard));
+      }
+    }
     return true;
   }
 
-  async #publishShard(shard: number, changes: PendingChange[]): Promise<void> {
+  #wakeReader(): void {
+    for (const wake of this.#drained.splice(0)) wake();
+  }
+
+  /**
+   * Publishes a shard's queue one batch at a time, in log order, each
+   * retried until acknowledged; what queues up meanwhile goes in the next
+   * batch. Ends when the queue is empty (or the publisher closes).
+   */
+  async #send(shard: number): Promise<void> {
+    // Registered in #senders before anything below runs.
+    await Promise.resolve();
     const target = this.#options.batchBytes ?? 262144;
-    let start = 0;
-    while (start < changes.length) {
-      let end = start;
+    const queue = this.#queues.get(shard)!;
+    try {
+      await this.#sendQueue(shard, queue, target);
+    } finally {
+      // Both in the same tick: a read that queues for this shard after this
+      // point starts a new sender.
+      this.#senders.delete(shard);
+      if (queue.length === 0) this.#queues.delete(shard);
+    }
+  }
+
+  async #sendQueue(
+    shard: number,
+    queue: PendingChange[],
+    target: number,
+  ): Promise<void> {
+    while (queue.length > 0 && !this.#abort.signal.aborted) {
+      let end = 0;
       let size = 0;
-      while (end < changes.length && (end === start || size < target)) {
-        size += estimateSize(changes[end]!);
+      while (end < queue.length && (end === 0 || size < target)) {
+        size += estimateSize(queue[end]!);
         end++;
       }
-      await this.#publishBatch(shard, changes.slice(start, end));
-      start = end;
+      try {
+        await this.#publishBatch(shard, queue.slice(0, end));
+      } catch (e) {
+        if (this.#abort.signal.aborted) return;
+        // Only local bookkeeping throws here (parking a row on a full disk):
+        // the batch stays first in line.
+        this.#options.log.error("Cannot publish changes", { shard, error: e });
+        await delay(1000, this.#abort.signal).catch(() => {});
+        continue;
+      }
+      queue.splice(0, end);
+      this.#queued -= end;
+      this.#queuedBytes -= size;
+      this.#wakeReader();
     }
   }
 
@@ -280,6 +353,9 @@ export class Publisher {
     }
   }
 }
+
+/** Bytes of read changes that may wait in the shard queues. */
+const QUEUE_BYTES = 8 * 1024 * 1024;
 
 /** The largest row published: what a node accepts, less room for the envelope. */
 const MAX_ROW_BYTES = MAX_ENVELOPE_BYTES - 64 * 1024;

@@ -1,0 +1,105 @@
+// The publisher (lib/publisher.ts) against a real nats-server and a SQLite
+// file written by the sqlite3 command.
+import assert from "node:assert/strict";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
+import { decodeBatch } from "../lib/codec.ts";
+import { ReplicaDb } from "../lib/db/replica_db.ts";
+import { silentLogger } from "../lib/log.ts";
+import { startCluster } from "../lib/nats/nats_server.ts";
+import { Publisher } from "../lib/publisher.ts";
+import { shardFor } from "../lib/shard.ts";
+import { PROCESS_TEST, sqlite, tempDir, waitFor } from "./_helpers.ts";
+
+const SHARDS = 4;
+
+Deno.test({
+  name:
+    "Publisher: a shard that cannot publish does not hold back the others, and its changes go out in log order once it can",
+  ...PROCESS_TEST,
+  fn: async () => {
+    await using dir = await tempDir("marmot_publisher_test_");
+    const [server] = await startCluster(`${dir.path}/nats`, 1);
+    const nc = await connect({ servers: server!.clientUrl });
+    try {
+      const path = `${dir.path}/app.db`;
+      await sqlite(
+        path,
+        "PRAGMA journal_mode = WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);",
+      );
+      using db = ReplicaDb.open(path, { nodeId: 1 });
+      const insert = (from: number, to: number) =>
+        sqlite(
+          path,
+          Array.from(
+            { length: to - from + 1 },
+            (_, i) => `INSERT INTO t VALUES (${from + i}, 'v${from + i}');`,
+          ).join("\n"),
+        );
+      const keysOf = new Map<number, string[]>();
+      for (let id = 1; id <= 80; id++) {
+        const shard = shardFor("t", String(id), SHARDS);
+        keysOf.set(shard, [...(keysOf.get(shard) ?? []), String(id)]);
+      }
+      assert.equal(keysOf.size, SHARDS, "80 rows fall on every shard");
+      // `stuck` has no stream yet, so its publishes fail (no responders) and
+      // are retried.
+      const stuck = shardFor("t", "1", SHARDS);
+      const jsm = await jetstreamManager(nc);
+      const addStream = (shard: number) =>
+        jsm.streams.add({ name: `pt-${shard}`, subjects: [`pt.${shard}`] });
+      for (let s = 0; s < SHARDS; s++) if (s !== stuck) await addStream(s);
+      const publisher = new Publisher(db, jetstream(nc), {
+        nodeId: 1,
+        shards: SHARDS,
+        subject: (s) => `pt.${s}`,
+        maxPayload: 1024 * 1024,
+        log: silentLogger,
+      });
+      /** The keys in a shard stream, in stream order. */
+      const published = async (shard: number) => {
+        const keys: string[] = [];
+        const { state } = await jsm.streams.info(`pt-${shard}`);
+        if (state.messages === 0) return keys;
+        for (let seq = state.first_seq; seq <= state.last_seq; seq++) {
+          const m = await jsm.streams.getMessage(`pt-${shard}`, { seq });
+          keys.push(...decodeBatch(m!.data).changes.map((c) => c.key));
+        }
+        return keys;
+      };
+      try {
+        // Rows on every shard, committed while `stuck` is failing and again
+        // after: the others publish both.
+        await insert(1, 40);
+        publisher.wake();
+        await waitFor(
+          `shard ${stuck} retried`,
+          () => publisher.stats.retries >= 2,
+          10_000,
+        );
+        await insert(41, 80);
+        publisher.wake();
+        for (let s = 0; s < SHARDS; s++) {
+          if (s === stuck) continue;
+          await waitFor(
+            `shard ${s} published while shard ${stuck} cannot`,
+            async () => (await published(s)).join() === keysOf.get(s)!.join(),
+            10_000,
+          );
+        }
+        await addStream(stuck);
+        await publisher.flush();
+        assert.deepEqual(await published(stuck), keysOf.get(stuck));
+        for (let s = 0; s < SHARDS; s++) {
+          assert.deepEqual(await published(s), keysOf.get(s), `shard ${s}`);
+        }
+        assert.equal(publisher.stats.changes, 80);
+      } finally {
+        await publisher.close();
+      }
+    } finally {
+      await nc.close();
+      await server!.stop();
+    }
+  },
+});
