@@ -1190,3 +1190,99 @@ Deno.test(
       }
     }),
 );
+
+/**
+ * Another process (a Deno child with its own connection) takes the write
+ * lock and holds it for `ms`; resolves once it holds it.
+ */
+async function holdWriteLock(path: string, ms: number) {
+  const code = `
+    import { DatabaseSync } from "node:sqlite";
+    const db = new DatabaseSync(${JSON.stringify(path)});
+    db.exec("BEGIN IMMEDIATE");
+    console.log("locked");
+    await new Promise((r) => setTimeout(r, ${ms}));
+    db.exec("INSERT INTO t VALUES (100, 'app')");
+    db.exec("COMMIT");
+  `;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--ext=ts", code],
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  const { value } = await reader.read();
+  assert.equal(value?.trim(), "locked");
+  return {
+    async done() {
+      reader.releaseLock();
+      await child.stdout.cancel().catch(() => {});
+      assert.ok((await child.status).success);
+    },
+  };
+}
+
+function oneRow(seq: number, id: bigint, v: string): Batch {
+  return {
+    origin: 1,
+    epoch: 7,
+    shard: 0,
+    tables: [{ name: "t", schemaVersion: 0, columns: ["id", "v"] }],
+    changes: [{
+      table: 0,
+      seq,
+      key: String(id),
+      op: Op.Upsert,
+      values: [id, v],
+    }],
+  };
+}
+
+Deno.test({
+  name:
+    "applyMessages() waits for a write lock another process holds longer than the fast retries, then applies",
+  ...PROCESS_TEST,
+  fn: () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/b.db`;
+      await appWrite(path, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);");
+      using b = ReplicaDb.open(path, { nodeId: 2 });
+      // 300 ms: past the 0.1 ms retries (10 ms), inside the busy timeout.
+      const lock = await holdWriteLock(path, 300);
+      const result = b.applyMessages([message(oneRow(1, 1n, "remote"), 1)], 2);
+      assert.equal(result.applied, 1);
+      await lock.done();
+      assert.deepEqual(await query(path, "SELECT id, v FROM t ORDER BY id;"), [
+        { id: 1, v: "remote" },
+        { id: 100, v: "app" },
+      ]);
+    }),
+});
+
+Deno.test({
+  name:
+    "applyMessages() gives up with 'database is locked' after the busy timeout, applies nothing, and applies on the next call",
+  ...PROCESS_TEST,
+  fn: () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/b.db`;
+      await appWrite(path, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);");
+      using b = ReplicaDb.open(path, { nodeId: 2, busyTimeout: 200 });
+      const lock = await holdWriteLock(path, 1500);
+      assert.throws(
+        () => b.applyMessages([message(oneRow(1, 1n, "remote"), 1)], 2),
+        /database is locked/,
+      );
+      assert.equal(b.appliedSeq(0), 0);
+      await lock.done();
+      const result = b.applyMessages([message(oneRow(1, 1n, "remote"), 1)], 2);
+      assert.equal(result.applied, 1);
+      assert.equal(b.appliedSeq(0), 1);
+      // The busy timeout is back in force for everything else.
+      assert.equal(
+        (b.db.prepare("PRAGMA busy_timeout").get() as { timeout: number })
+          .timeout,
+        200,
+      );
+    }),
+});
