@@ -785,6 +785,9 @@ async function connectWithRetry(
         maxReconnectAttempts: -1,
         reconnectTimeWait: 250,
         timeout: 5000,
+        // Every publish is a request; a stack trace captured for each one
+        // costs CPU on the hot path, and marmot logs its own context.
+        noAsyncTraces: true,
       });
     } catch (e) {
       log.log(
