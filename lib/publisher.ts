@@ -204,41 +204,37 @@ export class Publisher {
     const target = this.#options.batchBytes ?? 262144;
     const queue = this.#queues.get(shard)!;
     try {
-      await this.#sendQueue(shard, queue, target);
+      while (queue.length > 0 && !this.#abort.signal.aborted) {
+        let end = 0;
+        let size = 0;
+        while (end < queue.length && (end === 0 || size < target)) {
+          size += estimateSize(queue[end]!);
+          end++;
+        }
+        try {
+          await this.#publishBatch(shard, queue.slice(0, end));
+        } catch (e) {
+          if (this.#abort.signal.aborted) return;
+          // Only local bookkeeping throws here (parking a row on a full
+          // disk): the batch stays first in line.
+          this.#options.log.error("Cannot publish changes", {
+            shard,
+            error: e,
+          });
+          await delay(1000, this.#abort.signal).catch(() => {});
+          continue;
+        }
+        queue.splice(0, end);
+        this.#queued -= end;
+        this.#queuedBytes -= size;
+        this.#wakeReader();
+      }
     } finally {
-      // Both in the same tick: a read that queues for this shard after this
-      // point starts a new sender.
+      // No await between the loop's last check of the queue and this: a read
+      // that queues for this shard from here on finds no sender and starts
+      // one.
       this.#senders.delete(shard);
       if (queue.length === 0) this.#queues.delete(shard);
-    }
-  }
-
-  async #sendQueue(
-    shard: number,
-    queue: PendingChange[],
-    target: number,
-  ): Promise<void> {
-    while (queue.length > 0 && !this.#abort.signal.aborted) {
-      let end = 0;
-      let size = 0;
-      while (end < queue.length && (end === 0 || size < target)) {
-        size += estimateSize(queue[end]!);
-        end++;
-      }
-      try {
-        await this.#publishBatch(shard, queue.slice(0, end));
-      } catch (e) {
-        if (this.#abort.signal.aborted) return;
-        // Only local bookkeeping throws here (parking a row on a full disk):
-        // the batch stays first in line.
-        this.#options.log.error("Cannot publish changes", { shard, error: e });
-        await delay(1000, this.#abort.signal).catch(() => {});
-        continue;
-      }
-      queue.splice(0, end);
-      this.#queued -= end;
-      this.#queuedBytes -= size;
-      this.#wakeReader();
     }
   }
 

@@ -103,3 +103,72 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "Publisher: one transaction of many times the read limit is published whole, each shard in log order",
+  ...PROCESS_TEST,
+  fn: async () => {
+    await using dir = await tempDir("marmot_publisher_test_");
+    const [server] = await startCluster(`${dir.path}/nats`, 1);
+    const nc = await connect({ servers: server!.clientUrl });
+    try {
+      const path = `${dir.path}/app.db`;
+      await sqlite(
+        path,
+        `PRAGMA journal_mode = WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
+         WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 20000)
+         INSERT INTO t SELECT i, 'v' || i FROM s;`,
+      );
+      using db = ReplicaDb.open(path, { nodeId: 1 });
+      const jsm = await jetstreamManager(nc);
+      for (let s = 0; s < SHARDS; s++) {
+        await jsm.streams.add({ name: `pt-${s}`, subjects: [`pt.${s}`] });
+      }
+      // The triggers were installed after the rows went in: log them now.
+      await sqlite(path, "UPDATE t SET v = v || '!';");
+      // Reads of 5,000 changes, each shard's part of a read one batch: every
+      // acknowledgement empties a shard's queue while the reader waits for
+      // room, so reads keep landing as senders finish.
+      const publisher = new Publisher(db, jetstream(nc), {
+        nodeId: 1,
+        shards: SHARDS,
+        subject: (s) => `pt.${s}`,
+        maxPayload: 1024 * 1024,
+        readLimit: 5000,
+        log: silentLogger,
+      });
+      try {
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([
+          publisher.flush(),
+          new Promise((_, reject) =>
+            timer = setTimeout(
+              () => reject(new Error("flush() did not finish in 30 s")),
+              30_000,
+            )
+          ),
+        ]).finally(() => clearTimeout(timer));
+        assert.equal(publisher.stats.changes, 20000);
+        for (let s = 0; s < SHARDS; s++) {
+          const keys: number[] = [];
+          const { state } = await jsm.streams.info(`pt-${s}`);
+          for (let seq = state.first_seq; seq <= state.last_seq; seq++) {
+            const m = await jsm.streams.getMessage(`pt-${s}`, { seq });
+            for (const c of decodeBatch(m!.data).changes) {
+              assert.equal(shardFor("t", c.key, SHARDS), s);
+              keys.push(Number(c.key));
+            }
+          }
+          assert.deepEqual(keys, [...keys].sort((a, b) => a - b), `shard ${s}`);
+          assert.ok(keys.length > 3000, `shard ${s} has ${keys.length} rows`);
+        }
+      } finally {
+        await publisher.close();
+      }
+    } finally {
+      await nc.close();
+      await server!.stop();
+    }
+  },
+});
