@@ -1,8 +1,8 @@
 /**
- * Notices commits to the database within milliseconds, without polling an
+ * Notices commits to the database within a millisecond, without polling an
  * idle database: a watcher child process (see `watch_main.ts`) reports the
- * first change, then marmot checks `PRAGMA data_version` every millisecond
- * until the child has armed its watch again.
+ * first change from a file watch, then polls `PRAGMA data_version` every
+ * half millisecond and reports each commit until the database is quiet.
  *
  * @module
  */
@@ -13,12 +13,6 @@ import type { Logger } from "./log.ts";
 export interface FileWatcher {
   /** Stops watching and polling. */
   close(): Promise<void>;
-}
-
-/** Options for {@linkcode watchDatabase}. */
-export interface WatchOptions {
-  /** Milliseconds between `check` calls while the database is busy. @default 1 */
-  pollMs?: number;
 }
 
 /** The command that runs the watcher child for this runtime. */
@@ -39,48 +33,62 @@ function watcherCommand(dir: string, names: string[]): [string, string[]] {
 }
 
 /**
- * Calls `check` whenever the database or its `-wal` may have changed: once
- * for the change the watcher child reports, then every `pollMs` until the
- * child is armed again, then once more. `check` should be cheap (compare
- * `PRAGMA data_version`). When the child cannot run or dies, it is restarted
- * after a pause with a log line; marmot's interval scan covers the gap.
+ * Calls `check` whenever the database or its `-wal` may have changed: for
+ * every line of the watcher child (each commit it sees while the database
+ * is busy, and when it arms its watch again). `check` should be cheap
+ * (compare `PRAGMA data_version`); it is also called for marmot's own
+ * commits. When the child cannot run or dies, it is restarted after a pause
+ * with a log line; marmot's interval scan covers the gap. When the child
+ * cannot poll, marmot does, every event loop timer tick (about 2 ms), from
+ * the change the child reports until it arms its watch again.
  */
 export function watchDatabase(
   dbPath: string,
   check: () => void,
   log: Logger,
-  options: WatchOptions = {},
 ): FileWatcher {
-  const pollMs = options.pollMs ?? 1;
   let dir = dirname(dbPath);
   try {
     dir = Deno.realPathSync(dir);
   } catch { /* reported by the child */ }
   const name = basename(dbPath);
   let closed = false;
+  let childPolls = true;
   let polling = false;
   let timer: ReturnType<typeof setTimeout> | undefined;
   const poll = () => {
     timer = undefined;
     if (!polling || closed) return;
     check();
-    timer = setTimeout(poll, pollMs);
+    timer = setTimeout(poll, 1);
+  };
+  const startPolling = () => {
+    if (polling) return;
+    polling = true;
+    timer = setTimeout(poll, 1);
   };
   const onLine = (line: string) => {
     if (closed) return;
-    check();
-    if (line === "c" && !polling) {
-      polling = true;
-      timer = setTimeout(poll, pollMs);
-    } else if (line === "a") {
-      polling = false; // the check above covered the time until the watch was armed
+    if (line.startsWith("e ")) {
+      childPolls = false;
+      log.warn(
+        "The file watcher cannot poll the database; marmot polls it instead (about 1 ms more lag)",
+        { error: line.slice(2) },
+      );
+      startPolling();
+      return;
     }
+    check();
+    if (childPolls) return;
+    if (line === "c") startPolling();
+    else if (line === "a") polling = false; // the check above covered the time until the watch was armed
   };
   let child: Deno.ChildProcess | undefined;
   const run = async () => {
     for (let attempt = 1; !closed; attempt++) {
       try {
         const [cmd, args] = watcherCommand(dir, [name, `${name}-wal`]);
+        childPolls = true;
         child = new Deno.Command(cmd, {
           args,
           stdin: "null",

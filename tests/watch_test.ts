@@ -1,0 +1,66 @@
+// Commit detection (lib/file_watcher.ts and its child, lib/watch_main.ts)
+// on real SQLite files written by the sqlite3 command.
+import assert from "node:assert/strict";
+import { watchDatabase } from "../lib/file_watcher.ts";
+import { createLogger } from "../lib/log.ts";
+import { PROCESS_TEST, sqlite, tempDir, waitFor } from "./_helpers.ts";
+
+function watch(path: string) {
+  const lines: string[] = [];
+  const log = createLogger({ write: (l) => lines.push(l) });
+  const state = { checks: 0, lines };
+  const watcher = watchDatabase(path, () => state.checks++, log);
+  return Object.assign(state, {
+    [Symbol.asyncDispose]: () => watcher.close(),
+  });
+}
+
+Deno.test({
+  name:
+    "watchDatabase() calls check for every commit of another process while the database is busy",
+  ...PROCESS_TEST,
+  fn: async () => {
+    await using dir = await tempDir("marmot_watch_test_");
+    const path = `${dir.path}/app.db`;
+    await sqlite(path, "PRAGMA journal_mode = WAL; CREATE TABLE t(x);");
+    await using w = watch(path);
+    await new Promise((r) => setTimeout(r, 500)); // the child armed its watch
+    const before = w.checks;
+    // Commits closer together than the quiet period: after the first, the
+    // child sees them by polling, not through the file watch.
+    for (let i = 0; i < 20; i++) {
+      await sqlite(path, `INSERT INTO t VALUES (${i});`);
+    }
+    await waitFor("a check per commit", () => w.checks - before >= 20);
+    assert.deepEqual(w.lines.filter((l) => /WARN|ERROR/.test(l)), []);
+  },
+});
+
+Deno.test({
+  name:
+    "watchDatabase() says when its child cannot poll the database, and polls it itself",
+  ...PROCESS_TEST,
+  fn: async () => {
+    await using dir = await tempDir("marmot_watch_test_");
+    // Not a database: the child's connection cannot read data_version.
+    const path = `${dir.path}/app.db`;
+    await Deno.writeTextFile(path, "not a database\n".repeat(100));
+    await using w = watch(path);
+    await new Promise((r) => setTimeout(r, 500));
+    await Deno.writeTextFile(path, "still not\n", { append: true });
+    await waitFor(
+      "the warning",
+      () => w.lines.some((l) => l.includes("cannot poll the database")),
+    );
+    assert.match(
+      w.lines.find((l) => l.includes("cannot poll the database"))!,
+      /WARN .*marmot polls it instead.*error="file is not a database"/,
+    );
+    // Polled on the event loop until the child arms its watch again.
+    const before = w.checks;
+    await waitFor(
+      "checks by marmot's own polling",
+      () => w.checks > before + 5,
+    );
+  },
+});
