@@ -2,7 +2,7 @@
  * Notices commits to the database within a millisecond, without polling an
  * idle database: a watcher child process (see `watch_main.ts`) reports the
  * first change from a file watch, then polls `PRAGMA data_version` every
- * half millisecond and reports each commit until the database is quiet.
+ * millisecond and reports each commit until the database is quiet.
  *
  * @module
  */

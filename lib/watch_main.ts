@@ -13,12 +13,13 @@
  *   then only pauses for {@linkcode QUIET_MS} after each change, and the
  *   parent polls instead.
  *
- * An idle database costs nothing, and a busy one is polled at a fraction of
- * a millisecond: a 1 ms `setTimeout` waits 2.1 ms in Deno, while
- * `Atomics.wait` sleeps close to what it is asked. The parent wakes on the
- * line, not on a timer. The child's connection counts marmot's own commits
- * as changes too; the parent compares its own `data_version`, which they do
- * not move.
+ * An idle database costs nothing, and a busy one is polled every
+ * millisecond (about 3 % of a core): a 1 ms `setTimeout` waits 2.1 ms in
+ * Deno, while `Atomics.wait` sleeps close to what it is asked. (Every 0.5 ms
+ * cost 5 % of a core, which on a saturated machine cost more lag than it
+ * saved.) The parent wakes on the line, not on a timer. The child's
+ * connection counts marmot's own commits as changes too; the parent compares
+ * its own `data_version`, which they do not move.
  *
  * It is a separate process because `Deno.watchFs` opens and closes a file
  * when reporting its change, and on POSIX systems closing any descriptor of
@@ -33,7 +34,7 @@ import { DatabaseSync } from "node:sqlite";
 /** Milliseconds without a change after which polling stops and the watch is armed again. */
 export const QUIET_MS = 200;
 /** Milliseconds between `data_version` checks while polling. */
-export const POLL_MS = 0.5;
+export const POLL_MS = 1;
 
 const PAUSE = new Int32Array(new SharedArrayBuffer(4));
 const encoder = new TextEncoder();
