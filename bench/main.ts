@@ -17,6 +17,7 @@ import { connect } from "@nats-io/transport-node";
 import { DatabaseSync } from "node:sqlite";
 import { parseArgs } from "node:util";
 import { decodeBatch, isPart } from "../lib/codec.ts";
+import type { ObserverStart, Sample } from "./_observer.ts";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
 import { type NatsServer, startCluster } from "../lib/nats/nats_server.ts";
 import { V8_FLAGS } from "../cli.ts";
@@ -50,6 +51,8 @@ const WRITER = new URL("./_writer.ts", import.meta.url).pathname;
 const SCHEMA =
   "CREATE TABLE bench(id INTEGER PRIMARY KEY, node INTEGER, ts REAL, payload TEXT)";
 const now = () => performance.timeOrigin + performance.now();
+/** Milliseconds between the observer's checks of every node. */
+const OBSERVE_MS = 0.5;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const log = (m: string) => console.error(`bench: ${m}`);
 
@@ -271,17 +274,6 @@ async function main() {
 
     // Lag: single-row commits at a fixed rate spread over all nodes.
     log(`lag: ${opt.rate} commits/s for ${opt.duration} s over 3 nodes`);
-    const seen = [new Set<number>(), new Set<number>(), new Set<number>()];
-    // `at`: when the INSERT started (the row's ts); `seenAt`: when the
-    // observer saw the row on node `to`.
-    const samples: {
-      id: number;
-      at: number;
-      seenAt: number;
-      from: number;
-      to: number;
-    }[] = [];
-    const lastVersion = [-1, -1, -1];
     // The lag split in two: when each row's message reached nats-server (a
     // plain subscription on the shard subjects, on server 1) against its
     // commit, and against its arrival on the other nodes.
@@ -297,50 +289,25 @@ async function main() {
       },
     });
     await tap.flush();
-    let observing = true;
-    const observe = (async () => {
-      const versions = readers.map((r) => r.prepare("PRAGMA data_version"));
-      const fresh = readers.map((r) =>
-        r.prepare("SELECT id, ts FROM bench WHERE id >= ? AND id < ?")
-      );
-      // Per destination and origin: the lowest commit number not yet seen.
-      // Rows of one origin can arrive out of order across shards, so rows
-      // above it may already be seen (kept in `seen`).
-      const watermark = [[0, 0, 0], [0, 0, 0], [0, 0, 0]];
-      while (observing) {
-        for (let to = 0; to < 3; to++) {
-          const v = Number(
-            (versions[to]!.get() as { data_version: number }).data_version,
-          );
-          if (v === lastVersion[to]) continue;
-          lastVersion[to] = v;
-          const t = now();
-          for (let from = 1; from <= 3; from++) {
-            if (from === to + 1) continue;
-            const base = from * 10_000_000;
-            const rows = fresh[to]!.all(
-              base + watermark[to]![from - 1]!,
-              base + 10_000_000,
-            ) as { id: number; ts: number }[];
-            for (const r of rows) {
-              if (seen[to]!.has(r.id)) continue;
-              seen[to]!.add(r.id);
-              samples.push({
-                id: r.id,
-                at: r.ts,
-                seenAt: t,
-                from,
-                to: to + 1,
-              });
-            }
-            while (seen[to]!.has(base + watermark[to]![from - 1]!)) {
-              watermark[to]![from - 1]!++;
-            }
-          }
-        }
-        await sleep(1);
-      }
-    })();
+    // The observer, in a worker: see _observer.ts.
+    const control = new Int32Array(new SharedArrayBuffer(8));
+    control[0] = 1;
+    const observer = new Worker(new URL("./_observer.ts", import.meta.url), {
+      type: "module",
+    });
+    const observed = new Promise<Sample[]>((resolve, reject) => {
+      observer.onmessage = (e) => resolve(e.data);
+      observer.onerror = (e) => {
+        e.preventDefault();
+        reject(new Error(`observer: ${e.message}`));
+      };
+    });
+    const start: ObserverStart = {
+      dbs,
+      control: control.buffer,
+      intervalMs: OBSERVE_MS,
+    };
+    observer.postMessage(start);
     const steady = await Promise.all(
       dbs.map((db, i) =>
         runWriter([
@@ -354,12 +321,11 @@ async function main() {
       ),
     );
     const expected = steady.reduce((s, r) => s + (r.rows as number), 0) * 2;
-    const lagDeadline = Date.now() + 60_000;
-    while (samples.length < expected && Date.now() < lagDeadline) {
-      await sleep(50);
-    }
-    observing = false;
-    await observe;
+    Atomics.store(control, 1, expected);
+    const lagDeadline = setTimeout(() => Atomics.store(control, 0, 0), 60_000);
+    const samples = await observed;
+    clearTimeout(lagDeadline);
+    observer.terminate();
     clearInterval(sampler);
     for (const n of nodes) {
       n.rssPeakKb = Math.max(n.rssPeakKb, rssKb(n.child.pid));
