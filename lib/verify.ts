@@ -16,6 +16,7 @@
 import { guardDiscardedSockets } from "./nats/socket_guard.ts";
 import {
   connect,
+  type ConnectionOptions,
   type NatsConnection,
   NoRespondersError,
 } from "@nats-io/transport-node";
@@ -57,6 +58,11 @@ export interface VerifyOptions {
   maxRanges?: number;
   /** Receives progress lines. @default a logger that writes nothing */
   log?: Logger;
+  /**
+   * Options of {@linkcode verify}'s NATS connection: credentials (`user` and
+   * `pass`, `token`, an nkey `authenticator`) and `tls`.
+   */
+  connectOptions?: Partial<ConnectionOptions>;
   /** Stops the comparison between requests. */
   signal?: AbortSignal;
 }
@@ -163,6 +169,7 @@ const silent = createLogger({ write: () => {} });
  * Compares the tables of every running marmot node of a cluster.
  *
  * @param servers NATS URLs of the cluster
+ * @param options what to expect, and the connection's credentials
  * @returns the nodes, and each difference narrowed down to a key range
  * @throws {VerifyError} when NATS cannot be reached
  *
@@ -180,7 +187,12 @@ export async function verify(
   let nc: NatsConnection;
   try {
     guardDiscardedSockets();
-    nc = await connect({ servers, name: "marmot-verify", timeout: 5000 });
+    nc = await connect({
+      ...options.connectOptions,
+      servers,
+      name: "marmot-verify",
+      timeout: 5000,
+    });
   } catch (cause) {
     throw new VerifyError(
       `Cannot reach NATS at ${redactUserInfo(servers.join(","))}: ${

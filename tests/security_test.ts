@@ -7,6 +7,7 @@ import { connect } from "@nats-io/transport-node";
 import { createUser } from "@nats-io/nkeys";
 import { startCluster } from "../lib/nats/nats_server.ts";
 import { guardDiscardedSockets } from "../lib/nats/socket_guard.ts";
+import { verify, VerifyError } from "../lib/verify.ts";
 import {
   embeddedArgs,
   MarmotProcess,
@@ -103,6 +104,21 @@ Deno.test({
         embeddedUrl(nodes[0]!.log),
         /Authorization Violation|AUTHORIZATION_VIOLATION/i,
       );
+      // verify() reaches the nodes with the credentials, and is refused
+      // without them, never saying the password.
+      const url = embeddedUrl(nodes[0]!.log);
+      const result = await verify([url], {
+        expect: 2,
+        connectOptions: { user: "marmot", pass: password },
+      });
+      assert.ok(result.agree, JSON.stringify(result.problem));
+      const refused = await verify([url], { expect: 2 }).then(
+        () => assert.fail("verify() without credentials connected"),
+        (e: unknown) => e as Error,
+      );
+      assert.ok(refused instanceof VerifyError, String(refused));
+      assert.match(refused.message, /Authorization|AUTHORIZATION/i);
+      assert.ok(!refused.message.includes(password), refused.message);
       // The server's config file holds the password: only its owner reads it.
       const conf = `${dir.path}/node1/app.db-nats/nats-server.conf`;
       assert.equal((await Deno.stat(conf)).mode! & 0o077, 0);
