@@ -68,6 +68,7 @@ export {
   type RangeDifference,
   type TableDifference,
   verify,
+  type VerifyAuth,
   VerifyError,
   type VerifyNode,
   type VerifyOptions,

@@ -16,7 +16,6 @@
 import { guardDiscardedSockets } from "./nats/socket_guard.ts";
 import {
   connect,
-  type ConnectionOptions,
   type NatsConnection,
   NoRespondersError,
 } from "@nats-io/transport-node";
@@ -26,7 +25,7 @@ import {
   type RowsDigest,
 } from "./db/checksum.ts";
 import { createLogger, type Logger } from "./log.ts";
-import { redactUserInfo } from "./nats/auth.ts";
+import { clientOptions, redactUserInfo } from "./nats/auth.ts";
 import { delay } from "./nats/streams.ts";
 import {
   type NodeState,
@@ -58,13 +57,24 @@ export interface VerifyOptions {
   maxRanges?: number;
   /** Receives progress lines. @default a logger that writes nothing */
   log?: Logger;
-  /**
-   * Options of {@linkcode verify}'s NATS connection: credentials (`user` and
-   * `pass`, `token`, an nkey `authenticator`) and `tls`.
-   */
-  connectOptions?: Partial<ConnectionOptions>;
+  /** Credentials and TLS of {@linkcode verify}'s NATS connection. */
+  auth?: VerifyAuth;
   /** Stops the comparison between requests. */
   signal?: AbortSignal;
+}
+
+/** NATS credentials and TLS, as in the `[nats]` section of the config. */
+export interface VerifyAuth {
+  /** User name (with `password`). */
+  user?: string;
+  /** Password (with `user`). */
+  password?: string;
+  /** Token. */
+  token?: string;
+  /** An nkey user seed ("SU…"), e.g. the bytes of a seed file. */
+  nkeySeed?: Uint8Array;
+  /** PEM files: the CA of the servers' certificates, and a client certificate and key. */
+  tls?: { ca?: string; cert?: string; key?: string };
 }
 
 /** Why a comparison could not be made. */
@@ -188,7 +198,7 @@ export async function verify(
   try {
     guardDiscardedSockets();
     nc = await connect({
-      ...options.connectOptions,
+      ...clientOptions(options.auth ?? {}),
       servers,
       name: "marmot-verify",
       timeout: 5000,

@@ -109,7 +109,7 @@ Deno.test({
       const url = embeddedUrl(nodes[0]!.log);
       const result = await verify([url], {
         expect: 2,
-        connectOptions: { user: "marmot", pass: password },
+        auth: { user: "marmot", password },
       });
       assert.ok(result.agree, JSON.stringify(result.problem));
       const refused = await verify([url], { expect: 2 }).then(
