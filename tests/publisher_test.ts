@@ -1,36 +1,88 @@
 // The publisher (lib/publisher.ts) against a real nats-server and a SQLite
 // file written by the sqlite3 command.
 import assert from "node:assert/strict";
-import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import {
+  jetstream,
+  type JetStreamManager,
+  jetstreamManager,
+} from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import { decodeBatch } from "../lib/codec.ts";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
 import { silentLogger } from "../lib/log.ts";
 import { startCluster } from "../lib/nats/nats_server.ts";
-import { Publisher } from "../lib/publisher.ts";
+import { Publisher, type PublisherOptions } from "../lib/publisher.ts";
 import { shardFor } from "../lib/shard.ts";
 import { PROCESS_TEST, sqlite, tempDir, waitFor } from "./_helpers.ts";
 
 const SHARDS = 4;
 
+interface Bed {
+  path: string;
+  db: ReplicaDb;
+  jsm: JetStreamManager;
+  /** A publisher of `db` onto subjects `pt.<shard>`. */
+  publisher(options?: Partial<PublisherOptions>): Publisher;
+  /** A stream `pt-<shard>` for a shard's subject. */
+  addStream(shard: number): Promise<unknown>;
+  /** The keys in a shard's stream, in stream order. */
+  published(shard: number): Promise<string[]>;
+}
+
+/** One nats-server and a WAL database made with `sql`, for `fn`. */
+async function withBed(
+  sql: string,
+  fn: (bed: Bed) => Promise<void>,
+): Promise<void> {
+  await using dir = await tempDir("marmot_publisher_test_");
+  const [server] = await startCluster(`${dir.path}/nats`, 1);
+  const nc = await connect({ servers: server!.clientUrl });
+  try {
+    const path = `${dir.path}/app.db`;
+    await sqlite(path, `PRAGMA journal_mode = WAL; ${sql}`);
+    using db = ReplicaDb.open(path, { nodeId: 1 });
+    const jsm = await jetstreamManager(nc);
+    await fn({
+      path,
+      db,
+      jsm,
+      publisher: (options) =>
+        new Publisher(db, jetstream(nc), {
+          nodeId: 1,
+          shards: SHARDS,
+          subject: (s) => `pt.${s}`,
+          maxPayload: 1024 * 1024,
+          log: silentLogger,
+          ...options,
+        }),
+      addStream: (shard) =>
+        jsm.streams.add({ name: `pt-${shard}`, subjects: [`pt.${shard}`] }),
+      published: async (shard) => {
+        const keys: string[] = [];
+        const { state } = await jsm.streams.info(`pt-${shard}`);
+        if (state.messages === 0) return keys;
+        for (let seq = state.first_seq; seq <= state.last_seq; seq++) {
+          const m = await jsm.streams.getMessage(`pt-${shard}`, { seq });
+          keys.push(...decodeBatch(m!.data).changes.map((c) => c.key));
+        }
+        return keys;
+      },
+    });
+  } finally {
+    await nc.close();
+    await server!.stop();
+  }
+}
+
 Deno.test({
   name:
     "Publisher: a shard that cannot publish does not hold back the others, and its changes go out in log order once it can",
   ...PROCESS_TEST,
-  fn: async () => {
-    await using dir = await tempDir("marmot_publisher_test_");
-    const [server] = await startCluster(`${dir.path}/nats`, 1);
-    const nc = await connect({ servers: server!.clientUrl });
-    try {
-      const path = `${dir.path}/app.db`;
-      await sqlite(
-        path,
-        "PRAGMA journal_mode = WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);",
-      );
-      using db = ReplicaDb.open(path, { nodeId: 1 });
+  fn: () =>
+    withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
       const insert = (from: number, to: number) =>
         sqlite(
-          path,
+          bed.path,
           Array.from(
             { length: to - from + 1 },
             (_, i) => `INSERT INTO t VALUES (${from + i}, 'v${from + i}');`,
@@ -45,28 +97,8 @@ Deno.test({
       // `stuck` has no stream yet, so its publishes fail (no responders) and
       // are retried.
       const stuck = shardFor("t", "1", SHARDS);
-      const jsm = await jetstreamManager(nc);
-      const addStream = (shard: number) =>
-        jsm.streams.add({ name: `pt-${shard}`, subjects: [`pt.${shard}`] });
-      for (let s = 0; s < SHARDS; s++) if (s !== stuck) await addStream(s);
-      const publisher = new Publisher(db, jetstream(nc), {
-        nodeId: 1,
-        shards: SHARDS,
-        subject: (s) => `pt.${s}`,
-        maxPayload: 1024 * 1024,
-        log: silentLogger,
-      });
-      /** The keys in a shard stream, in stream order. */
-      const published = async (shard: number) => {
-        const keys: string[] = [];
-        const { state } = await jsm.streams.info(`pt-${shard}`);
-        if (state.messages === 0) return keys;
-        for (let seq = state.first_seq; seq <= state.last_seq; seq++) {
-          const m = await jsm.streams.getMessage(`pt-${shard}`, { seq });
-          keys.push(...decodeBatch(m!.data).changes.map((c) => c.key));
-        }
-        return keys;
-      };
+      for (let s = 0; s < SHARDS; s++) if (s !== stuck) await bed.addStream(s);
+      const publisher = bed.publisher();
       try {
         // Rows on every shard, committed while `stuck` is failing and again
         // after: the others publish both.
@@ -83,92 +115,67 @@ Deno.test({
           if (s === stuck) continue;
           await waitFor(
             `shard ${s} published while shard ${stuck} cannot`,
-            async () => (await published(s)).join() === keysOf.get(s)!.join(),
+            async () =>
+              (await bed.published(s)).join() === keysOf.get(s)!.join(),
             10_000,
           );
         }
-        await addStream(stuck);
+        await bed.addStream(stuck);
         await publisher.flush();
-        assert.deepEqual(await published(stuck), keysOf.get(stuck));
         for (let s = 0; s < SHARDS; s++) {
-          assert.deepEqual(await published(s), keysOf.get(s), `shard ${s}`);
+          assert.deepEqual(await bed.published(s), keysOf.get(s), `shard ${s}`);
         }
         assert.equal(publisher.stats.changes, 80);
       } finally {
         await publisher.close();
       }
-    } finally {
-      await nc.close();
-      await server!.stop();
-    }
-  },
+    }),
 });
 
 Deno.test({
   name:
     "Publisher: one transaction of many times the read limit is published whole, each shard in log order",
   ...PROCESS_TEST,
-  fn: async () => {
-    await using dir = await tempDir("marmot_publisher_test_");
-    const [server] = await startCluster(`${dir.path}/nats`, 1);
-    const nc = await connect({ servers: server!.clientUrl });
-    try {
-      const path = `${dir.path}/app.db`;
-      await sqlite(
-        path,
-        `PRAGMA journal_mode = WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
-         WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 20000)
-         INSERT INTO t SELECT i, 'v' || i FROM s;`,
-      );
-      using db = ReplicaDb.open(path, { nodeId: 1 });
-      const jsm = await jetstreamManager(nc);
-      for (let s = 0; s < SHARDS; s++) {
-        await jsm.streams.add({ name: `pt-${s}`, subjects: [`pt.${s}`] });
-      }
-      // The triggers were installed after the rows went in: log them now.
-      await sqlite(path, "UPDATE t SET v = v || '!';");
-      // Reads of 5,000 changes, each shard's part of a read one batch: every
-      // acknowledgement empties a shard's queue while the reader waits for
-      // room, so reads keep landing as senders finish.
-      const publisher = new Publisher(db, jetstream(nc), {
-        nodeId: 1,
-        shards: SHARDS,
-        subject: (s) => `pt.${s}`,
-        maxPayload: 1024 * 1024,
-        readLimit: 5000,
-        log: silentLogger,
-      });
-      try {
-        let timer: ReturnType<typeof setTimeout> | undefined;
-        await Promise.race([
-          publisher.flush(),
-          new Promise((_, reject) =>
-            timer = setTimeout(
-              () => reject(new Error("flush() did not finish in 30 s")),
-              30_000,
-            )
-          ),
-        ]).finally(() => clearTimeout(timer));
-        assert.equal(publisher.stats.changes, 20000);
-        for (let s = 0; s < SHARDS; s++) {
-          const keys: number[] = [];
-          const { state } = await jsm.streams.info(`pt-${s}`);
-          for (let seq = state.first_seq; seq <= state.last_seq; seq++) {
-            const m = await jsm.streams.getMessage(`pt-${s}`, { seq });
-            for (const c of decodeBatch(m!.data).changes) {
-              assert.equal(shardFor("t", c.key, SHARDS), s);
-              keys.push(Number(c.key));
+  fn: () =>
+    withBed(
+      `CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
+       WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 20000)
+       INSERT INTO t SELECT i, 'v' || i FROM s;`,
+      async (bed) => {
+        for (let s = 0; s < SHARDS; s++) await bed.addStream(s);
+        // The triggers were installed after the rows went in: log them now.
+        await sqlite(bed.path, "UPDATE t SET v = v || '!';");
+        // Reads of 5,000 changes, each shard's part of a read one batch:
+        // every acknowledgement empties a shard's queue while the reader
+        // waits for room, so reads keep landing as senders finish.
+        const publisher = bed.publisher({ readLimit: 5000 });
+        try {
+          let timer: ReturnType<typeof setTimeout> | undefined;
+          await Promise.race([
+            publisher.flush(),
+            new Promise((_, reject) =>
+              timer = setTimeout(
+                () => reject(new Error("flush() did not finish in 30 s")),
+                30_000,
+              )
+            ),
+          ]).finally(() => clearTimeout(timer));
+          assert.equal(publisher.stats.changes, 20000);
+          for (let s = 0; s < SHARDS; s++) {
+            const keys = (await bed.published(s)).map(Number);
+            for (const k of keys) {
+              assert.equal(shardFor("t", `${k}`, SHARDS), s);
             }
+            assert.deepEqual(
+              keys,
+              keys.toSorted((a, b) => a - b),
+              `shard ${s}`,
+            );
+            assert.ok(keys.length > 3000, `shard ${s} has ${keys.length} rows`);
           }
-          assert.deepEqual(keys, [...keys].sort((a, b) => a - b), `shard ${s}`);
-          assert.ok(keys.length > 3000, `shard ${s} has ${keys.length} rows`);
+        } finally {
+          await publisher.close();
         }
-      } finally {
-        await publisher.close();
-      }
-    } finally {
-      await nc.close();
-      await server!.stop();
-    }
-  },
+      },
+    ),
 });
