@@ -8,7 +8,10 @@
  * in the stream in change log order. Shards publish independently: the log
  * is read into a queue per shard without waiting for acknowledgements, so a
  * commit waits only for its own shard's message in flight, if any, and what
- * queued meanwhile goes out together in the next batch. The change
+ * queued meanwhile goes out together in the next batch. The queues share
+ * one budget (`readLimit` changes, 8 MiB): a shard that cannot publish for
+ * long (its stream has no leader) holds back the others once its own
+ * backlog fills it. The change
  * log keeps every change until this node applies its own published copy back
  * from the stream (see `ReplicaDb.applyMessages`), so a crash at any point
  * re-publishes, and never loses, what was not yet applied back.
@@ -104,7 +107,7 @@ export class Publisher {
       this.#again = true;
       return;
     }
-    this.#running = this.#loop().finally(() => this.#running = undefined);
+    this.#running = this.#loop();
   }
 
   /** Resolves when everything captured so far is published. */
@@ -128,19 +131,27 @@ export class Publisher {
   }
 
   async #loop(): Promise<void> {
-    do {
-      this.#again = false;
-      try {
-        while (await this.#read()) { /* more to read */ }
-        this.#error = undefined;
-      } catch (e) {
-        if (this.#abort.signal.aborted) return;
-        this.#error = e;
-        this.#options.log.error("Cannot publish changes", { error: e });
-        await delay(1000, this.#abort.signal).catch(() => {});
-        this.#again = true;
-      }
-    } while (this.#again && !this.#abort.signal.aborted);
+    // Registered in #running before anything below runs.
+    await Promise.resolve();
+    try {
+      do {
+        this.#again = false;
+        try {
+          while (await this.#read()) { /* more to read */ }
+          this.#error = undefined;
+        } catch (e) {
+          if (this.#abort.signal.aborted) return;
+          this.#error = e;
+          this.#options.log.error("Cannot publish changes", { error: e });
+          await delay(1000, this.#abort.signal).catch(() => {});
+          this.#again = true;
+        }
+      } while (this.#again && !this.#abort.signal.aborted);
+    } finally {
+      // In the tick of the last look at #again: a wake() after this starts
+      // a new loop instead of setting a flag nobody reads.
+      this.#running = undefined;
+    }
   }
 
   /**
