@@ -198,7 +198,7 @@ export async function verify(
   try {
     guardDiscardedSockets();
     nc = await connect({
-      ...clientOptions(options.auth ?? {}),
+      ...clientOptions(authOf(options.auth)),
       servers,
       name: "marmot-verify",
       timeout: 5000,
@@ -216,6 +216,13 @@ export async function verify(
   } finally {
     await nc.close().catch(() => {});
   }
+}
+
+/** `auth` with an nkey seed read from a file trimmed (seed files end in a newline). */
+function authOf(auth: VerifyAuth = {}): VerifyAuth {
+  if (!auth.nkeySeed) return auth;
+  const seed = new TextDecoder().decode(auth.nkeySeed).trim();
+  return { ...auth, nkeySeed: new TextEncoder().encode(seed) };
 }
 
 /** {@linkcode verify} on a connection the caller opened (and closes). */

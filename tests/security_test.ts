@@ -224,7 +224,7 @@ Deno.test({
     await using dir = await tempDir("marmot_auth_nkey_");
     const user = createUser();
     const seed = new TextDecoder().decode(user.getSeed());
-    await Deno.writeTextFile(`${dir.path}/user.nk`, seed);
+    await Deno.writeTextFile(`${dir.path}/user.nk`, seed + "\n");
     const servers = await startCluster(`${dir.path}/nats`, 1, {
       authorization: { nkeys: [user.getPublicKey()] },
       connectOptions: {
@@ -259,6 +259,12 @@ Deno.test({
         /Authorization Violation|AUTHORIZATION_VIOLATION/i,
       );
       assertNoSecret(nodes, seed);
+      // verify() with the seed file's bytes, newline and all.
+      const result = await verify([url], {
+        expect: 2,
+        auth: { nkeySeed: await Deno.readFile(`${dir.path}/user.nk`) },
+      });
+      assert.ok(result.agree, JSON.stringify(result.problem));
     } finally {
       // SIGTERM first: marmot stops its embedded nats-server.
       await Promise.all(nodes.map((n) => n.dispose()));
