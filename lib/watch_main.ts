@@ -80,9 +80,19 @@ export async function watchMain(args: string[]): Promise<void> {
     }
     watcher.close();
     say("c");
-    if (!poller.pollUntilQuiet()) {
+    // The connection is open only while polling: the file watch opens and
+    // closes the files it reports, which drops the POSIX locks this process
+    // holds on them, SQLite's included. Opening takes about a millisecond,
+    // so "c" went out first; the second "c" covers the commits until the
+    // first read, and polling every one after it.
+    const version = poller.open();
+    if (version === undefined) {
       await new Promise((r) => setTimeout(r, QUIET_MS));
+      continue;
     }
+    say("c");
+    poller.pollUntilQuiet(version);
+    poller.close();
   }
 }
 
@@ -90,6 +100,7 @@ export async function watchMain(args: string[]): Promise<void> {
 class Poller {
   #path: string;
   #parent: number;
+  #conn: DatabaseSync | undefined;
   #version: (() => number) | undefined;
   #failed = false;
 
@@ -99,41 +110,62 @@ class Poller {
   }
 
   /**
-   * Says `c` for every change until none for {@linkcode QUIET_MS}; returns
-   * false (having said `e` the first time) when the database cannot be read.
+   * Opens the connection and returns the database's `data_version`, or
+   * undefined when it cannot (then and for good: the first time, it says
+   * `e`).
    */
-  pollUntilQuiet(): boolean {
-    if (this.#failed) return false;
+  open(): number | undefined {
+    if (this.#failed) return undefined;
     try {
-      if (!this.#version) {
-        const conn = new DatabaseSync(this.#path, { readOnly: true });
-        conn.exec("PRAGMA busy_timeout = 1000");
-        const stmt = conn.prepare("PRAGMA data_version");
-        this.#version = () =>
-          (stmt.get() as { data_version: number }).data_version;
-      }
-      let last = this.#version();
-      let changed = performance.now();
-      let checks = 0;
-      while (performance.now() - changed < QUIET_MS) {
-        Atomics.wait(PAUSE, 0, 0, POLL_MS);
-        const now = this.#version();
-        if (now !== last) {
-          last = now;
-          changed = performance.now();
-          say("c");
-        }
-        // The event loop (and its parent check) does not run in here.
-        if (++checks % 1000 === 0 && Deno.ppid !== this.#parent) Deno.exit(0);
-      }
-      return true;
+      this.#conn = new DatabaseSync(this.#path, { readOnly: true });
+      this.#conn.exec("PRAGMA busy_timeout = 1000");
+      const stmt = this.#conn.prepare("PRAGMA data_version");
+      this.#version = () =>
+        (stmt.get() as { data_version: number }).data_version;
+      return this.#version();
     } catch (e) {
-      this.#failed = true;
-      const message = (e instanceof Error ? e.message : String(e))
-        .replaceAll("\n", " ");
-      say(`e ${message}`);
-      return false;
+      this.#fail(e);
+      return undefined;
     }
+  }
+
+  close(): void {
+    this.#version = undefined;
+    try {
+      this.#conn?.close();
+    } catch { /* already closed */ }
+    this.#conn = undefined;
+  }
+
+  /** Says `c` for every change after `last` until none for {@linkcode QUIET_MS}. */
+  pollUntilQuiet(last: number): void {
+    let changed = performance.now();
+    let checks = 0;
+    while (performance.now() - changed < QUIET_MS) {
+      Atomics.wait(PAUSE, 0, 0, POLL_MS);
+      let now: number;
+      try {
+        now = this.#version!();
+      } catch (e) {
+        this.#fail(e);
+        return;
+      }
+      if (now !== last) {
+        last = now;
+        changed = performance.now();
+        say("c");
+      }
+      // The event loop (and its parent check) does not run in here.
+      if (++checks % 1000 === 0 && Deno.ppid !== this.#parent) Deno.exit(0);
+    }
+  }
+
+  #fail(e: unknown): void {
+    this.close();
+    this.#failed = true;
+    const message = (e instanceof Error ? e.message : String(e))
+      .replaceAll("\n", " ");
+    say(`e ${message}`);
   }
 }
 

@@ -32,6 +32,13 @@ Deno.test({
       await sqlite(path, `INSERT INTO t VALUES (${i});`);
     }
     await waitFor("a check per commit", () => w.checks - before >= 20);
+    // Quiet, so the child arms its watch again; then another busy period.
+    await new Promise((r) => setTimeout(r, 500));
+    const again = w.checks;
+    for (let i = 20; i < 30; i++) {
+      await sqlite(path, `INSERT INTO t VALUES (${i});`);
+    }
+    await waitFor("a check per commit, again", () => w.checks - again >= 10);
     assert.deepEqual(w.lines.filter((l) => /WARN|ERROR/.test(l)), []);
   },
 });
