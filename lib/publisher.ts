@@ -9,9 +9,10 @@
  * is read into a queue per shard without waiting for acknowledgements, so a
  * commit waits only for its own shard's message in flight, if any, and what
  * queued meanwhile goes out together in the next batch. The queues share
- * one budget (`readLimit` changes, 8 MiB): a shard that cannot publish for
- * long (its stream has no leader) holds back the others once its own
- * backlog fills it. The change
+ * one budget (`readLimit` changes, 8 MiB). A shard that has not published
+ * for 2 s (its stream has no leader) while its backlog fills half of that
+ * is set aside: the others are read on past it, and once its queue drains
+ * it is read up from where it was set aside, in log order. The change
  * log keeps every change until this node applies its own published copy back
  * from the stream (see `ReplicaDb.applyMessages`), so a crash at any point
  * re-publishes, and never loses, what was not yet applied back.
@@ -93,6 +94,14 @@ export class Publisher {
   #queued = 0;
   #queuedBytes = 0;
   #drained: (() => void)[] = [];
+  /**
+   * Shards set aside because their queue filled half the budget (they cannot
+   * publish): the change log sequence up to which each was read. The main
+   * read skips them; once a queue drains, it is read up from there.
+   */
+  #behind = new Map<number, number>();
+  /** Per shard with a queue: when it last published, or got its queue. */
+  #progress = new Map<number, number>();
 
   constructor(db: ReplicaDb, js: JetStreamClient, options: PublisherOptions) {
     this.#db = db;
@@ -113,9 +122,11 @@ export class Publisher {
   /** Resolves when everything captured so far is published. */
   async flush(): Promise<void> {
     this.wake();
-    while (this.#running || this.#senders.size > 0) {
+    while (this.#running || this.#senders.size > 0 || this.#behind.size > 0) {
       await this.#running;
       await Promise.all(this.#senders.values());
+      if (this.#behind.size > 0 && !this.#running) this.wake();
+      if (this.#abort.signal.aborted) break;
     }
     if (this.#error) throw this.#error;
   }
@@ -158,46 +169,117 @@ export class Publisher {
    * Reads the change log past what is queued and hands each change to its
    * shard's sender; returns whether it read anything. It does not wait for
    * acknowledgements, only for room: at most `readLimit` changes (or 8 MiB
-   * of them) wait in the queues.
+   * of them) wait in the queues of shards that are not set aside.
    */
   async #read(): Promise<boolean> {
     const limit = this.#options.readLimit ?? 5000;
-    while (
-      (this.#queued >= limit || this.#queuedBytes >= QUEUE_BYTES) &&
-      !this.#abort.signal.aborted
-    ) {
-      await new Promise<void>((resolve) => this.#drained.push(resolve));
+    while (!this.#abort.signal.aborted) {
+      this.#setAside(limit);
+      const active = this.#activeLoad();
+      if (active.changes < limit && active.bytes < QUEUE_BYTES) break;
+      // Woken when a batch goes out, or in time to set a stuck shard aside.
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await new Promise<void>((resolve) => {
+        this.#drained.push(resolve);
+        timer = setTimeout(resolve, STUCK_MS);
+      });
+      clearTimeout(timer);
     }
     if (this.#abort.signal.aborted) return false;
     // A table created or altered since the last pass gets its triggers and
     // its current columns before anything of it is read.
     this.#db.refreshSchema();
+    this.#catchUp(limit);
     const { changes, lastSeq } = this.#db.readPending(
       this.#cursor,
-      limit - this.#queued,
+      limit - this.#activeLoad().changes,
+      (table, key) => !this.#behind.has(this.#shardOf(table, key)),
     );
     if (lastSeq === this.#cursor) return false;
-
     this.#options.log.debug("Read pending changes", {
       after: this.#cursor,
       lastSeq,
       rows: changes.length,
     });
+    this.#enqueue(changes);
+    this.#cursor = lastSeq;
+    return true;
+  }
+
+  #shardOf(table: string, key: string): number {
+    return shardFor(table, key, this.#options.shards);
+  }
+
+  #enqueue(changes: PendingChange[]): void {
     for (const c of changes) {
-      const shard = shardFor(c.table.name, c.key, this.#options.shards);
+      const shard = this.#shardOf(c.table.name, c.key);
       let queue = this.#queues.get(shard);
       if (!queue) this.#queues.set(shard, queue = []);
       queue.push(c);
       this.#queued++;
       this.#queuedBytes += estimateSize(c);
     }
-    this.#cursor = lastSeq;
     for (const shard of this.#queues.keys()) {
       if (!this.#senders.has(shard)) {
+        this.#progress.set(shard, Date.now());
         this.#senders.set(shard, this.#send(shard));
       }
     }
-    return true;
+  }
+
+  /** What waits in the queues of shards not set aside. */
+  #activeLoad(): { changes: number; bytes: number } {
+    let changes = this.#queued;
+    let bytes = this.#queuedBytes;
+    for (const shard of this.#behind.keys()) {
+      for (const c of this.#queues.get(shard) ?? []) {
+        changes--;
+        bytes -= estimateSize(c);
+      }
+    }
+    return { changes, bytes };
+  }
+
+  /**
+   * Sets aside a shard that has not published for {@linkcode STUCK_MS}
+   * while the budget is full and its queue holds half of it or more: waiting
+   * for it would hold back every other shard. Its queue stays as it is.
+   */
+  #setAside(limit: number): void {
+    if (this.#queued < limit && this.#queuedBytes < QUEUE_BYTES) return;
+    const now = Date.now();
+    for (const [shard, queue] of this.#queues) {
+      if (this.#behind.has(shard) || queue.length < limit / 2) continue;
+      if (now - (this.#progress.get(shard) ?? now) < STUCK_MS) continue;
+      this.#behind.set(shard, this.#cursor);
+      this.#options.log.warn(
+        "A shard cannot publish and its backlog is large; publishing the other shards meanwhile",
+        { shard, queued: queue.length },
+      );
+    }
+  }
+
+  /**
+   * Reads set-aside shards whose queue has drained, from where each was set
+   * aside up to the main read position; a shard that gets there is back.
+   */
+  #catchUp(limit: number): void {
+    for (const [shard, upTo] of [...this.#behind]) {
+      if ((this.#queues.get(shard)?.length ?? 0) > limit / 4) continue;
+      const { changes, lastSeq } = this.#db.readPending(
+        upTo,
+        limit,
+        (table, key) => this.#shardOf(table, key) === shard,
+      );
+      // What lies past the main position is the main read's.
+      this.#enqueue(changes.filter((c) => c.seq <= this.#cursor));
+      if (lastSeq >= this.#cursor || lastSeq === upTo) {
+        this.#behind.delete(shard);
+        this.#options.log.info("A set-aside shard has caught up", { shard });
+      } else {
+        this.#behind.set(shard, lastSeq);
+      }
+    }
   }
 
   #wakeReader(): void {
@@ -238,6 +320,7 @@ export class Publisher {
         queue.splice(0, end);
         this.#queued -= end;
         this.#queuedBytes -= size;
+        this.#progress.set(shard, Date.now());
         this.#wakeReader();
       }
     } finally {
@@ -246,6 +329,8 @@ export class Publisher {
       // one.
       this.#senders.delete(shard);
       if (queue.length === 0) this.#queues.delete(shard);
+      // A set-aside shard that drained is read up by the next read.
+      if (this.#behind.has(shard)) this.wake();
     }
   }
 
@@ -363,6 +448,8 @@ export class Publisher {
 
 /** Bytes of read changes that may wait in the shard queues. */
 const QUEUE_BYTES = 8 * 1024 * 1024;
+/** How long a shard may go without publishing before it is set aside. */
+const STUCK_MS = 2000;
 
 /** The largest row published: what a node accepts, less room for the envelope. */
 const MAX_ROW_BYTES = MAX_ENVELOPE_BYTES - 64 * 1024;

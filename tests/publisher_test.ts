@@ -9,7 +9,7 @@ import {
 import { connect } from "@nats-io/transport-node";
 import { decodeBatch } from "../lib/codec.ts";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
-import { silentLogger } from "../lib/log.ts";
+import { createLogger, silentLogger } from "../lib/log.ts";
 import { startCluster } from "../lib/nats/nats_server.ts";
 import { Publisher, type PublisherOptions } from "../lib/publisher.ts";
 import { shardFor } from "../lib/shard.ts";
@@ -178,4 +178,61 @@ Deno.test({
         }
       },
     ),
+});
+
+Deno.test({
+  name:
+    "Publisher: a shard that cannot publish past the whole read budget is set aside, the others go on, and it catches up in log order",
+  ...PROCESS_TEST,
+  fn: () =>
+    withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
+      const keysOf = new Map<number, string[]>();
+      for (let id = 1; id <= 400; id++) {
+        const shard = shardFor("t", String(id), SHARDS);
+        keysOf.set(shard, [...(keysOf.get(shard) ?? []), String(id)]);
+      }
+      const stuck = shardFor("t", "1", SHARDS);
+      for (let s = 0; s < SHARDS; s++) if (s !== stuck) await bed.addStream(s);
+      const lines: string[] = [];
+      // A budget of 40 changes: the stuck shard's ~100 rows fill it.
+      const publisher = bed.publisher({
+        readLimit: 40,
+        log: createLogger({ write: (l) => lines.push(l) }),
+      });
+      try {
+        for (let from = 1; from <= 400; from += 50) {
+          await sqlite(
+            bed.path,
+            Array.from(
+              { length: 50 },
+              (_, i) => `INSERT INTO t VALUES (${from + i}, 'v');`,
+            ).join("\n"),
+          );
+          publisher.wake();
+        }
+        for (let s = 0; s < SHARDS; s++) {
+          if (s === stuck) continue;
+          await waitFor(
+            `shard ${s} published all of its rows while shard ${stuck} cannot`,
+            async () =>
+              (await bed.published(s)).join() === keysOf.get(s)!.join(),
+            20_000,
+          );
+        }
+        assert.ok(
+          lines.some((l) => /WARN +A shard cannot publish.*shard=/.test(l)),
+          lines.join("\n"),
+        );
+        await bed.addStream(stuck);
+        await publisher.flush();
+        for (let s = 0; s < SHARDS; s++) {
+          assert.deepEqual(await bed.published(s), keysOf.get(s), `shard ${s}`);
+        }
+        assert.ok(
+          lines.some((l) => l.includes("set-aside shard has caught up")),
+        );
+      } finally {
+        await publisher.close();
+      }
+    }),
 });

@@ -367,13 +367,15 @@ export class ReplicaDb implements Disposable {
   /**
    * Reads captured changes after `afterSeq`, in commit order, coalesced per
    * row (a row changed many times is sent once, with its newest state), each
-   * with the row's current image read in the same read transaction.
+   * with the row's current image read in the same read transaction. Rows
+   * for which `keep` says false are left out (their images not read).
    *
    * @returns the changes, and the highest change log sequence read
    */
   readPending(
     afterSeq: number,
     limit: number,
+    keep?: (table: string, key: string) => boolean,
   ): { changes: PendingChange[]; lastSeq: number } {
     return this.#transaction("DEFERRED", () => {
       const rows = this.#stmt(
@@ -390,6 +392,7 @@ export class ReplicaDb implements Disposable {
       }
       const changes: PendingChange[] = [];
       for (const r of newest.values()) {
+        if (keep && !keep(r.tbl, r.k)) continue;
         const table = this.#tables.get(r.tbl);
         if (!table) continue; // table dropped or no longer replicated
         const columns = table.rowid
