@@ -102,33 +102,44 @@ export async function waitConverged(
   return dumps[0]!;
 }
 
-/** A marmot process started from cli.ts. */
-export class MarmotProcess {
+/** A child process whose output is kept (and shown with MARMOT_TEST_LOG=1). */
+export class LoggedProcess {
+  readonly name: string;
+  readonly status: Promise<Deno.CommandStatus>;
+  /** Whether the process has exited. */
+  exited = false;
   #child: Deno.ChildProcess;
   #log: string[] = [];
-  readonly args: string[];
-  readonly status: Promise<Deno.CommandStatus>;
 
-  constructor(args: string[], env?: Record<string, string>) {
-    this.args = args;
-    this.#child = new Deno.Command(Deno.execPath(), {
-      args: ["run", V8_FLAGS, "-A", CLI, ...args],
+  constructor(
+    name: string,
+    cmd: string,
+    args: string[],
+    env?: Record<string, string>,
+  ) {
+    this.name = name;
+    this.#child = new Deno.Command(cmd, {
+      args,
       ...(env ? { env } : {}),
+      stdin: "null",
       stdout: "piped",
       stderr: "piped",
     }).spawn();
     const collect = async (stream: ReadableStream<Uint8Array>) => {
       for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
         this.#log.push(chunk);
-        if (Deno.env.get("MARMOT_TEST_LOG")) console.error(chunk.trimEnd());
+        if (Deno.env.get("MARMOT_TEST_LOG")) {
+          console.error(`[${name}] ${chunk.trimEnd()}`);
+        }
       }
     };
-    const streams = Promise.all([
+    const output = Promise.all([
       collect(this.#child.stdout),
       collect(this.#child.stderr),
     ]);
     this.status = this.#child.status.then(async (s) => {
-      await streams;
+      this.exited = true;
+      await output.catch(() => {});
       return s;
     });
   }
@@ -143,20 +154,23 @@ export class MarmotProcess {
     return this.#log.join("");
   }
 
-  /** Waits until the log contains `text`. */
+  /** The last `lines` lines of output, nats-server's lines left out. */
+  tail(lines = 20): string {
+    return this.log.split("\n").filter((l) => !l.includes("source=nats-server"))
+      .slice(-lines).join("\n");
+  }
+
+  /** Waits until the log contains `text`; fails at once if the process exits. */
   async waitForLog(text: string, timeout = 30000): Promise<void> {
     try {
-      await waitFor(
-        `"${text}" in marmot's log`,
-        () => this.log.includes(text),
-        timeout,
-      );
+      await waitFor(`"${text}" in ${this.name}'s log`, () => {
+        if (this.log.includes(text)) return true;
+        if (this.exited) throw new Error(`${this.name} exited`);
+        return false;
+      }, timeout);
     } catch (e) {
-      const tail = this.log.split("\n").filter((l) =>
-        !l.includes("source=nats-server")
-      ).slice(-15).join("\n");
       throw new Error(
-        `${(e as Error).message}; ${this.args.join(" ")} printed:\n${tail}`,
+        `${(e as Error).message}; ${this.name} printed:\n${this.tail()}`,
       );
     }
   }
@@ -166,6 +180,22 @@ export class MarmotProcess {
     try {
       this.#child.kill(signal);
     } catch { /* already exited */ }
+  }
+}
+
+/** A marmot process started from cli.ts. */
+export class MarmotProcess extends LoggedProcess {
+  readonly args: string[];
+
+  constructor(args: string[], env?: Record<string, string>) {
+    const id = args[args.indexOf("--node-id") + 1];
+    super(
+      args.includes("--node-id") ? `marmot ${id}` : "marmot",
+      Deno.execPath(),
+      ["run", V8_FLAGS, "-A", CLI, ...args],
+      env,
+    );
+    this.args = args;
   }
 
   /** SIGTERM, then waits for the exit status. */
@@ -202,7 +232,7 @@ export class MarmotProcess {
     clearTimeout(timer);
     if (!ended) {
       this.kill("SIGKILL");
-      await this.#child.status;
+      await this.status;
     }
   }
 }

@@ -21,6 +21,7 @@ import {
 } from "../lib/nats/nats_server.ts";
 import {
   CLI,
+  LoggedProcess,
   PROCESS_TEST,
   sqlite,
   tempDir,
@@ -99,71 +100,6 @@ const NO_TMPFS = await tmpfsProblem();
 if (NO_NETNS) console.warn(`chaos partition: skipped: ${NO_NETNS}`);
 if (NO_TMPFS) console.warn(`chaos disk-full: skipped: ${NO_TMPFS}`);
 
-/** A child process whose output is kept (and shown with MARMOT_TEST_LOG=1). */
-class Proc {
-  readonly name: string;
-  readonly status: Promise<Deno.CommandStatus>;
-  exited = false;
-  #child: Deno.ChildProcess;
-  #log: string[] = [];
-
-  constructor(name: string, cmd: string, args: string[]) {
-    this.name = name;
-    this.#child = new Deno.Command(cmd, {
-      args,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    const collect = async (stream: ReadableStream<Uint8Array>) => {
-      for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
-        this.#log.push(chunk);
-        if (Deno.env.get("MARMOT_TEST_LOG")) {
-          console.error(`[${name}] ${chunk.trimEnd()}`);
-        }
-      }
-    };
-    const output = Promise.all([
-      collect(this.#child.stdout),
-      collect(this.#child.stderr),
-    ]);
-    this.status = this.#child.status.then(async (s) => {
-      this.exited = true;
-      await output.catch(() => {});
-      return s;
-    });
-  }
-
-  get log(): string {
-    return this.#log.join("");
-  }
-
-  /** The last `lines` lines of output, nats-server's lines left out. */
-  tail(lines = 20): string {
-    return this.log.split("\n").filter((l) => !l.includes("source=nats-server"))
-      .slice(-lines).join("\n");
-  }
-
-  async waitForLog(text: string, timeout = 30000): Promise<void> {
-    try {
-      await waitFor(`"${text}" in ${this.name}'s log`, () => {
-        if (this.exited) throw new Error(`${this.name} exited`);
-        return this.log.includes(text);
-      }, timeout);
-    } catch (e) {
-      throw new Error(
-        `${(e as Error).message}; ${this.name} printed:\n${this.tail()}`,
-      );
-    }
-  }
-
-  kill(signal: Deno.Signal = "SIGKILL"): void {
-    try {
-      this.#child.kill(signal);
-    } catch { /* already exited */ }
-  }
-}
-
 /** What a writer process reports when it stops. */
 interface WriterCounts {
   committed: number;
@@ -183,8 +119,8 @@ class ChaosNode {
   readonly db: string;
   /** Insert ids the writer saw commit, one a line (outside `dir`). */
   readonly idsFile: string;
-  marmot: Proc | undefined;
-  writer: Proc | undefined;
+  marmot: LoggedProcess | undefined;
+  writer: LoggedProcess | undefined;
   #args: string[];
   #netns: string | undefined;
   #starts = 0;
@@ -215,18 +151,18 @@ class ChaosNode {
   }
 
   /** Starts marmot (in the node's network namespace, if it has one). */
-  startMarmot(): Proc {
+  startMarmot(): LoggedProcess {
     const deno = ["run", V8_FLAGS, "-A", CLI, ...this.#args];
     const name = `marmot${this.id}#${++this.#starts}`;
     this.marmot = this.#netns
-      ? new Proc(name, "ip", [
+      ? new LoggedProcess(name, "ip", [
         "netns",
         "exec",
         this.#netns,
         Deno.execPath(),
         ...deno,
       ])
-      : new Proc(name, Deno.execPath(), deno);
+      : new LoggedProcess(name, Deno.execPath(), deno);
     return this.marmot;
   }
 
@@ -242,7 +178,7 @@ class ChaosNode {
   }
 
   startWriter(): void {
-    this.writer = new Proc(`writer${this.id}`, Deno.execPath(), [
+    this.writer = new LoggedProcess(`writer${this.id}`, Deno.execPath(), [
       "run",
       "-A",
       WRITER,
