@@ -303,7 +303,7 @@ function readState(db: DatabaseSync, shards: number): NodeState {
     );
   return {
     applied,
-    pending: count("__marmot__changes"),
+    pending: count("__marmot__changes WHERE tbl IS NOT NULL"),
     parked: count("__marmot__parked"),
   };
 }

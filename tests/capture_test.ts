@@ -468,7 +468,7 @@ Deno.test(
       assert.equal(b.pendingCount(), 0);
       const rows = await query<{ n: number }>(
         pathB,
-        "SELECT count(*) AS n FROM __marmot__changes;",
+        "SELECT count(*) AS n FROM __marmot__changes WHERE tbl IS NOT NULL;",
       );
       assert.equal(rows[0]?.n, 0);
       assert.deepEqual(
@@ -590,6 +590,122 @@ Deno.test(
       });
       assert.equal(a.pendingCount(), 0);
       assert.deepStrictEqual(await dump(path, REPLICATED), before);
+    }),
+);
+
+Deno.test(
+  "Change log sequences never restart, though the log empties as own changes come back",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/a.db`;
+      using a = await openNew(path);
+      const logged = () =>
+        query<{ seq: number; tbl: string | null }>(
+          path,
+          "SELECT seq, tbl FROM __marmot__changes ORDER BY seq;",
+        );
+      let highest = 0;
+      for (let round = 1; round <= 3; round++) {
+        await appWrite(
+          path,
+          `INSERT INTO "order"(id, v) VALUES (${round * 10}, 1), (${
+            round * 10 + 1
+          }, 2); UPDATE wr SET "v'al" = ${round} WHERE k = 'none';`,
+        );
+        const { changes } = a.readPending(0, 1000);
+        assert.equal(changes.length, 2);
+        const seqs = changes.map((c) => c.seq);
+        assert.ok(
+          seqs.every((s) => s > highest),
+          `round ${round}: sequences ${seqs} after ${highest}`,
+        );
+        highest = Math.max(...seqs);
+        a.applyMessages([message(toBatch(changes, 1, a.epoch), round)], 1);
+        assert.equal(a.pendingCount(), 0);
+        // Only the mark of the highest sequence is left.
+        assert.deepEqual(await logged(), [{ seq: highest, tbl: null }]);
+        assert.deepEqual(a.readPending(0, 1000).changes, []);
+      }
+      // A change that cannot be published leaves the mark the same way.
+      await appWrite(path, `INSERT INTO "order"(id, v) VALUES (99, 1);`);
+      const [big] = a.readPending(0, 1000).changes;
+      assert.ok(big && big.seq > highest);
+      a.parkLocal("order", big.key, big.seq, "too large");
+      assert.deepEqual(await logged(), [{ seq: big.seq, tbl: null }]);
+      a.close();
+      // Reopened, the next change still gets a higher sequence.
+      using again = ReplicaDb.open(path);
+      await appWrite(path, `INSERT INTO "order"(id, v) VALUES (100, 1);`);
+      assert.deepEqual(
+        again.readPending(0, 1000).changes.map((c) => [c.key, c.seq]),
+        [["100", big.seq + 1]],
+      );
+    }),
+);
+
+Deno.test(
+  "A change log in the earlier layout (AUTOINCREMENT, text keys) is upgraded with its pending changes and sequences",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/a.db`;
+      await sqlite(path, SCHEMA);
+      // The old layout and triggers, as earlier versions left them, with pending changes;
+      // acknowledged ones are gone, so sqlite_sequence is ahead of the log.
+      await sqlite(
+        path,
+        `CREATE TABLE __marmot__changes(
+           seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, k TEXT NOT NULL);
+         CREATE INDEX __marmot__changes_key ON __marmot__changes(tbl, k);
+         CREATE TABLE __marmot__apply(x);
+         CREATE TRIGGER __marmot__ins__order AFTER INSERT ON "order"
+           WHEN NOT EXISTS (SELECT 1 FROM __marmot__apply)
+           BEGIN INSERT INTO __marmot__changes(tbl, k) VALUES ('order', quote(NEW.id)); END;
+         CREATE TRIGGER __marmot__ins__wr AFTER INSERT ON wr
+           WHEN NOT EXISTS (SELECT 1 FROM __marmot__apply)
+           BEGIN INSERT INTO __marmot__changes(tbl, k) VALUES ('wr',
+             CASE WHEN instr(CAST(NEW.k AS BLOB), x'00') > 0
+             THEN 'T' || quote(CAST(NEW.k AS BLOB)) ELSE quote(NEW.k) END); END;
+         INSERT INTO "order"(id, v) VALUES (1, 'gone');
+         DELETE FROM __marmot__changes;
+         INSERT INTO "order"(id, v) VALUES (-5, 'a');
+         INSERT INTO wr VALUES ('it''s, ok', 1), ('a' || char(0) || 'b', 2);
+         INSERT INTO __marmot__changes(tbl, k) VALUES (${text(ODD)}, '7,''x''');
+         INSERT INTO wr VALUES ('last', 3);
+         DELETE FROM __marmot__changes WHERE k = '''last''';`,
+      );
+      await sqlite(
+        path,
+        `INSERT INTO ${ident(ODD)}("select", "order") VALUES ('x', 7);`,
+      );
+      using db = ReplicaDb.open(path);
+      assert.deepEqual(
+        db.readPending(0, 1000).changes.map((c) => [
+          c.table.name,
+          c.key,
+          c.seq,
+        ]),
+        [
+          ["order", "-5", 2],
+          ["wr", "'it''s, ok'", 3],
+          ["wr", "TX'610062'", 4],
+          [ODD, "7,'x'", 5],
+        ],
+      );
+      // The next change continues after the old highest sequence (6, gone).
+      await appWrite(path, `INSERT INTO wr VALUES ('new', 4);`);
+      assert.deepEqual(
+        db.readPending(5, 1000).changes.map((c) => [c.key, c.seq]),
+        [["'new'", 7]],
+      );
+      assert.deepEqual(
+        await query(
+          path,
+          "SELECT name FROM sqlite_master WHERE name LIKE '__marmot__changes%' ORDER BY name;",
+        ),
+        [{ name: "__marmot__changes" }, { name: "__marmot__changes_key" }],
+      );
     }),
 );
 
@@ -945,9 +1061,10 @@ Deno.test(
       assert.deepEqual(
         await query(
           path,
-          "SELECT name FROM sqlite_sequence WHERE name LIKE '__marmot__%';",
+          "SELECT name FROM sqlite_master WHERE name = 'sqlite_sequence';",
         ),
         [],
+        "marmot leaves no AUTOINCREMENT bookkeeping behind",
       );
       assert.deepStrictEqual(await dump(path, REPLICATED), before);
       // The application keeps writing without marmot's triggers.

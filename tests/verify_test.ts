@@ -407,7 +407,10 @@ Deno.test({
       await waitFor(
         "the change to be applied back",
         async () =>
-          (await sqlite(db, "SELECT count(*) FROM __marmot__changes;"))
+          (await sqlite(
+            db,
+            "SELECT count(*) FROM __marmot__changes WHERE tbl IS NOT NULL;",
+          ))
             .trim() === "0",
       );
       for (const wait of [["--expect", "1"], ["--timeout", "0.5"]]) {

@@ -46,11 +46,21 @@ const T = {
   meta: quoteIdent(`${MARMOT_PREFIX}meta`),
 };
 
-const SETUP_SQL = `
-CREATE TABLE IF NOT EXISTS ${T.changes}(
-  seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, k TEXT NOT NULL);
+/**
+ * The change log. `k` is the key's value for a table keyed by one column (or
+ * the rowid), and the key text (see {@linkcode keyExpr}) for a composite key:
+ * the capture trigger then copies a value instead of building text. `seq` is
+ * the rowid, so the next one is the highest plus one, without the cost of
+ * AUTOINCREMENT: a row with a NULL `tbl` (a mark) keeps the highest sequence
+ * used once the changes above it are gone, so a sequence is never reused.
+ */
+const CHANGES_SQL = `
+CREATE TABLE IF NOT EXISTS ${T.changes}(seq INTEGER PRIMARY KEY, tbl TEXT, k);
 CREATE INDEX IF NOT EXISTS ${quoteIdent(`${MARMOT_PREFIX}changes_key`)}
   ON ${T.changes}(tbl, k);
+`;
+
+const SETUP_SQL = `${CHANGES_SQL}
 CREATE TABLE IF NOT EXISTS ${T.apply}(x);
 CREATE TABLE IF NOT EXISTS ${T.applied}(
   shard INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
@@ -293,6 +303,7 @@ export class ReplicaDb implements Disposable {
       for (const { name } of old) {
         this.db.exec(`DROP TRIGGER ${quoteIdent(name)}`);
       }
+      upgradeChangeLog(this.db);
       for (const t of tables) this.db.exec(captureTriggersSql(t));
       this.#tables = new Map(tables.map((t) => [t.name, t]));
       // Inside the transaction: DDL committed by another connection right
@@ -319,9 +330,36 @@ export class ReplicaDb implements Disposable {
 
   /** How many captured changes wait in the change log. */
   pendingCount(): number {
-    const row = this.db.prepare(`SELECT count(*) AS n FROM ${T.changes}`)
-      .get() as { n: number };
+    const row = this.db.prepare(
+      `SELECT count(*) AS n FROM ${T.changes} WHERE tbl IS NOT NULL`,
+    ).get() as { n: number };
     return Number(row.n);
+  }
+
+  /** The change log's highest sequence (`undefined` when it is empty). */
+  #topSeq(): number | undefined {
+    const row = this.#stmt(
+      "changes.top",
+      () => `SELECT seq FROM ${T.changes} ORDER BY seq DESC LIMIT 1`,
+    ).get() as { seq: bigint } | undefined;
+    return row ? Number(row.seq) : undefined;
+  }
+
+  /**
+   * After changes left the log: keeps `top`, the highest sequence it held,
+   * as the one mark row (when that change itself left), so the next change
+   * gets a higher sequence than any this epoch has published.
+   */
+  #markTopSeq(top: number): void {
+    this.#stmt(
+      "changes.mark",
+      () =>
+        `INSERT OR IGNORE INTO ${T.changes}(seq, tbl, k) VALUES (?, NULL, NULL)`,
+    ).run(top);
+    this.#stmt(
+      "changes.unmark",
+      () => `DELETE FROM ${T.changes} WHERE tbl IS NULL AND seq < ?`,
+    ).run(top);
   }
 
   /**
@@ -332,10 +370,12 @@ export class ReplicaDb implements Disposable {
    */
   parkLocal(table: string, key: string, seq: number, reason: string): void {
     this.#transaction("IMMEDIATE", () => {
+      const top = this.#topSeq();
       this.#stmt(
         "changes.ack",
-        () => `DELETE FROM ${T.changes} WHERE tbl = ? AND k = ? AND seq <= ?`,
-      ).run(table, key, seq);
+        () => `DELETE FROM ${T.changes} WHERE tbl = ? AND k IS ? AND seq <= ?`,
+      ).run(table, storedKey(key), seq);
+      if (top !== undefined) this.#markTopSeq(top);
       this.#stmt(
         "parked.insert",
         () =>
@@ -381,14 +421,22 @@ export class ReplicaDb implements Disposable {
       const rows = this.#stmt(
         "changes.after",
         () =>
-          `SELECT seq, tbl, k FROM ${T.changes} WHERE seq > ? ORDER BY seq LIMIT ?`,
-      ).all(afterSeq, limit) as { seq: number; tbl: string; k: string }[];
+          `SELECT seq, tbl, CASE WHEN typeof(k) = 'text' THEN k END AS k, ${KEY_TEXT_OF_K} AS kq FROM ${T.changes} WHERE seq > ? ORDER BY seq LIMIT ?`,
+      ).all(afterSeq, limit) as {
+        seq: number;
+        tbl: string | null;
+        k: string | null;
+        kq: string;
+      }[];
       if (rows.length === 0) return { changes: [], lastSeq: afterSeq };
       const newest = new Map<string, { seq: number; tbl: string; k: string }>();
       for (const r of rows) {
-        const id = `${r.tbl}\u0000${r.k}`;
+        if (r.tbl === null) continue; // the mark of the highest sequence
+        // A composite key is logged as its text, a one-column key as its value.
+        const k = (this.#tables.get(r.tbl)?.pk.length ?? 0) > 1 ? r.k! : r.kq;
+        const id = `${r.tbl}\u0000${k}`;
         newest.delete(id); // re-insert so the map keeps last-change order
-        newest.set(id, r);
+        newest.set(id, { seq: r.seq, tbl: r.tbl, k });
       }
       const changes: PendingChange[] = [];
       for (const r of newest.values()) {
@@ -457,6 +505,8 @@ export class ReplicaDb implements Disposable {
     }[] = [];
     const lastTouch = new Map<string, number>();
     let touches = 0;
+    /** The highest change log sequence before own changes left it. */
+    let top: number | undefined;
     this.#transaction("IMMEDIATE", () => {
       this.#stmt("apply.on", () => `INSERT INTO ${T.apply}(x) VALUES (1)`)
         .run();
@@ -527,20 +577,22 @@ export class ReplicaDb implements Disposable {
             }
             originSeq = c.seq;
             const ref = b.tables[c.table]!;
+            const k = storedKey(c.key);
             if (own) {
+              top ??= this.#topSeq();
               this.#stmt(
                 "changes.ack",
                 () =>
-                  `DELETE FROM ${T.changes} WHERE tbl = ? AND k = ? AND seq <= ?`,
-              ).run(ref.name, c.key, c.seq);
+                  `DELETE FROM ${T.changes} WHERE tbl = ? AND k IS ? AND seq <= ?`,
+              ).run(ref.name, k, c.seq);
               result.skipped++;
               continue;
             }
             const pending = this.#stmt(
               "changes.pending",
               () =>
-                `SELECT 1 FROM ${T.changes} WHERE tbl = ? AND k = ? LIMIT 1`,
-            ).get(ref.name, c.key);
+                `SELECT 1 FROM ${T.changes} WHERE tbl = ? AND k IS ? LIMIT 1`,
+            ).get(ref.name, k);
             if (pending) {
               result.skipped++;
               continue;
@@ -609,6 +661,7 @@ export class ReplicaDb implements Disposable {
                  ON CONFLICT(shard) DO UPDATE SET seq = excluded.seq`,
         );
         for (const [shard, seq] of shardSeqs) setApplied.run(shard, seq);
+        if (top !== undefined) this.#markTopSeq(top);
       } finally {
         this.#stmt("apply.off", () => `DELETE FROM ${T.apply}`).run();
       }
@@ -902,6 +955,62 @@ function fixNulText(row: SqlValue[]): SqlValue[] {
   return row;
 }
 
+/**
+ * What the change log keeps of a key (its `k`): the value of a one-column
+ * key, the key text of a composite one.
+ */
+export function storedKey(key: string): SqlValue {
+  let parts: SqlValue[];
+  try {
+    parts = parseKey(key);
+  } catch {
+    return key; // not a key marmot wrote: it matches nothing logged
+  }
+  return parts.length === 1 ? parts[0]! : key;
+}
+
+/** The key text of a stored `k` value, in SQL (see {@linkcode keyExpr}). */
+const KEY_TEXT_OF_K =
+  `CASE WHEN typeof(k) = 'text' AND instr(CAST(k AS BLOB), x'00') > 0 ` +
+  `THEN 'T' || quote(CAST(k AS BLOB)) ELSE quote(k) END`;
+
+/**
+ * Moves a change log in the earlier layout (AUTOINCREMENT, every key as text)
+ * to the current form, keeping its sequences. Runs inside the transaction
+ * that re-creates the capture triggers, after they are dropped.
+ */
+function upgradeChangeLog(db: DatabaseSync): void {
+  const name = `${MARMOT_PREFIX}changes`;
+  const table = db.prepare(
+    "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+  ).get(name) as { sql: string } | undefined;
+  if (!table || !/AUTOINCREMENT/i.test(table.sql)) return;
+  const top = db.prepare("SELECT seq FROM sqlite_sequence WHERE name = ?")
+    .get(name) as { seq: number | bigint } | undefined;
+  const old = quoteIdent(`${name}_old`);
+  db.exec(`ALTER TABLE ${T.changes} RENAME TO ${old}`);
+  db.exec(`DROP INDEX IF EXISTS ${quoteIdent(`${MARMOT_PREFIX}changes_key`)}`);
+  db.exec(CHANGES_SQL);
+  const insert = db.prepare(
+    `INSERT INTO ${T.changes}(seq, tbl, k) VALUES (?, ?, ?)`,
+  );
+  const rows = db.prepare(`SELECT seq, tbl, k FROM ${old} ORDER BY seq`);
+  rows.setReadBigInts(true);
+  for (
+    const r of rows.iterate() as Iterable<
+      { seq: bigint; tbl: string; k: string }
+    >
+  ) {
+    insert.run(r.seq, r.tbl, storedKey(r.k));
+  }
+  if (top) {
+    db.prepare(
+      `INSERT OR IGNORE INTO ${T.changes}(seq, tbl, k) VALUES (?, NULL, NULL)`,
+    ).run(top.seq);
+  }
+  db.exec(`DROP TABLE ${old}`);
+}
+
 /** The key text expression of a row in a trigger (`NEW` or `OLD`). */
 export function keyExpr(table: TableInfo, row: "NEW" | "OLD"): string {
   if (table.rowid) return `quote(${row}.${table.rowid})`;
@@ -921,17 +1030,23 @@ export function captureTriggersSql(table: TableInfo): string {
   const when = `WHEN NOT EXISTS (SELECT 1 FROM ${T.apply})`;
   const trig = (kind: string) =>
     quoteIdent(`${MARMOT_PREFIX}${kind}__${table.name}`);
+  // A one-column key is logged as its value: copying it is much cheaper
+  // for the application's write than building its text.
+  const k = (row: "NEW" | "OLD") =>
+    table.rowid
+      ? `${row}.${table.rowid}`
+      : table.pk.length === 1
+      ? `${row}.${quoteIdent(table.pk[0]!)}`
+      : keyExpr(table, row);
   const log = (row: "NEW" | "OLD") =>
-    `INSERT INTO ${T.changes}(tbl, k) VALUES (${name}, ${
-      keyExpr(table, row)
-    });`;
+    `INSERT INTO ${T.changes}(tbl, k) VALUES (${name}, ${k(row)});`;
   return `
 CREATE TRIGGER ${trig("ins")} AFTER INSERT ON ${on} ${when}
 BEGIN ${log("NEW")} END;
 CREATE TRIGGER ${trig("upd")} AFTER UPDATE ON ${on} ${when}
 BEGIN
-  INSERT INTO ${T.changes}(tbl, k) SELECT ${name}, ${keyExpr(table, "OLD")}
-    WHERE ${keyExpr(table, "OLD")} IS NOT ${keyExpr(table, "NEW")};
+  INSERT INTO ${T.changes}(tbl, k) SELECT ${name}, ${k("OLD")}
+    WHERE ${k("OLD")} IS NOT ${k("NEW")};
   ${log("NEW")}
 END;
 CREATE TRIGGER ${trig("del")} AFTER DELETE ON ${on} ${when}
