@@ -38,9 +38,10 @@ function watcherCommand(dir: string, names: string[]): [string, string[]] {
  * is busy, and when it arms its watch again). `check` should be cheap
  * (compare `PRAGMA data_version`); it is also called for marmot's own
  * commits. When the child cannot run or dies, it is restarted after a pause
- * with a log line; marmot's interval scan covers the gap. When the child
+ * with a log line; marmot's interval scan covers the gap. While the child
  * cannot poll, marmot does, every event loop timer tick (about 2 ms), from
- * the change the child reports until it arms its watch again.
+ * each change the child reports until it arms its watch again; the child
+ * says when it polls again.
  */
 export function watchDatabase(
   dbPath: string,
@@ -77,6 +78,11 @@ export function watchDatabase(
       );
       startPolling();
       return;
+    }
+    if (line === "p") {
+      childPolls = true;
+      polling = false;
+      log.info("The file watcher polls the database again");
     }
     check();
     if (childPolls) return;

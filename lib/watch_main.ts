@@ -9,9 +9,11 @@
  *   while polling: the child checks `PRAGMA data_version` every
  *   {@linkcode POLL_MS} until nothing has changed for {@linkcode QUIET_MS},
  *   then arms the watch again;
- * - `e MESSAGE` once when it cannot poll (the database does not open): it
- *   then only pauses for {@linkcode QUIET_MS} after each change, and the
- *   parent polls instead.
+ * - `e MESSAGE` when it cannot poll (the database does not open or read):
+ *   it then only pauses for {@linkcode QUIET_MS} after each change, and the
+ *   parent polls instead. It tries again on a change at least
+ *   {@linkcode RETRY_MS} later;
+ * - `p` when it polls again after an `e`.
  *
  * An idle database costs nothing, and a busy one is polled every
  * millisecond (about 3 % of a core): a 1 ms `setTimeout` waits 2.1 ms in
@@ -35,6 +37,8 @@ import { DatabaseSync } from "node:sqlite";
 export const QUIET_MS = 200;
 /** Milliseconds between `data_version` checks while polling. */
 export const POLL_MS = 1;
+/** Milliseconds after a failure to open or read before the child tries again. */
+export const RETRY_MS = 2000;
 
 const PAUSE = new Int32Array(new SharedArrayBuffer(4));
 const encoder = new TextEncoder();
@@ -102,7 +106,8 @@ class Poller {
   #parent: number;
   #conn: DatabaseSync | undefined;
   #version: (() => number) | undefined;
-  #failed = false;
+  /** When opening or reading last failed (undefined: it works). */
+  #failedAt: number | undefined;
 
   constructor(path: string, parent: number) {
     this.#path = path;
@@ -111,18 +116,26 @@ class Poller {
 
   /**
    * Opens the connection and returns the database's `data_version`, or
-   * undefined when it cannot (then and for good: the first time, it says
-   * `e`).
+   * undefined when it cannot. After a failure it does not try again for
+   * {@linkcode RETRY_MS}; the first success after one says `p`.
    */
   open(): number | undefined {
-    if (this.#failed) return undefined;
+    if (
+      this.#failedAt !== undefined &&
+      performance.now() - this.#failedAt < RETRY_MS
+    ) return undefined;
     try {
       this.#conn = new DatabaseSync(this.#path, { readOnly: true });
       this.#conn.exec("PRAGMA busy_timeout = 1000");
       const stmt = this.#conn.prepare("PRAGMA data_version");
       this.#version = () =>
         (stmt.get() as { data_version: number }).data_version;
-      return this.#version();
+      const version = this.#version();
+      if (this.#failedAt !== undefined) {
+        this.#failedAt = undefined;
+        say("p");
+      }
+      return version;
     } catch (e) {
       this.#fail(e);
       return undefined;
@@ -160,9 +173,12 @@ class Poller {
     }
   }
 
+  /** Says `e` when polling stops working (not again while it stays so). */
   #fail(e: unknown): void {
     this.close();
-    this.#failed = true;
+    const first = this.#failedAt === undefined;
+    this.#failedAt = performance.now();
+    if (!first) return;
     const message = (e instanceof Error ? e.message : String(e))
       .replaceAll("\n", " ");
     say(`e ${message}`);

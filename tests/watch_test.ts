@@ -2,6 +2,7 @@
 // on real SQLite files written by the sqlite3 command.
 import assert from "node:assert/strict";
 import { watchDatabase } from "../lib/file_watcher.ts";
+import { RETRY_MS } from "../lib/watch_main.ts";
 import { createLogger } from "../lib/log.ts";
 import { PROCESS_TEST, sqlite, tempDir, waitFor } from "./_helpers.ts";
 
@@ -68,6 +69,27 @@ Deno.test({
     await waitFor(
       "checks by marmot's own polling",
       () => w.checks > before + 5,
+    );
+    // The file becomes a database (same file, rewritten in place): on a
+    // change after its retry pause, the child polls again, and says so.
+    const valid = `${dir.path}/valid.db`;
+    await sqlite(valid, "PRAGMA journal_mode = WAL; CREATE TABLE t(x);");
+    await Deno.writeFile(path, await Deno.readFile(valid));
+    await new Promise((r) => setTimeout(r, RETRY_MS + 200));
+    await sqlite(path, "INSERT INTO t VALUES (1);");
+    await waitFor(
+      "the child polling again",
+      () => w.lines.some((l) => l.includes("polls the database again")),
+    );
+    const polled = w.checks;
+    for (let i = 2; i < 12; i++) {
+      await sqlite(path, `INSERT INTO t VALUES (${i});`);
+    }
+    await waitFor("a check per commit", () => w.checks - polled >= 10);
+    assert.equal(
+      w.lines.filter((l) => l.includes("cannot poll the database")).length,
+      1,
+      "the failure is reported once",
     );
   },
 });
