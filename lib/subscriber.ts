@@ -100,14 +100,21 @@ export class Subscriber {
     for (let shard = 0; shard < this.#options.shards; shard++) {
       const from = this.#db.appliedSeq(shard) + 1;
       this.#expected.set(shard, from);
-      const messages = await this.#consume(shard, from);
-      this.#tasks.push(this.#pump(shard, messages, from));
+      const consumed = await this.#consume(shard, from);
+      this.#tasks.push(this.#pump(shard, consumed.messages, consumed.from));
     }
     this.#tasks.push(this.#applyLoop());
   }
 
-  /** An ordered consumer of a shard's stream from sequence `from`. */
-  async #consume(shard: number, from: number): Promise<ConsumerMessages> {
+  /**
+   * An ordered consumer of a shard's stream from sequence `from`, or from
+   * the start when the stream is not the one `from` counts in.
+   */
+  async #consume(
+    shard: number,
+    from: number,
+  ): Promise<{ messages: ConsumerMessages; from: number }> {
+    from = await this.#checkStream(shard, from);
     const consumer = await this.#js.consumers.get(
       this.#options.stream(shard),
       from > 1
@@ -122,7 +129,53 @@ export class Subscriber {
       idle_heartbeat: 2_000,
     });
     this.#current.set(shard, messages);
-    return messages;
+    return { messages, from };
+  }
+
+  /**
+   * Checks that the shard's stream is the one this node's position counts
+   * in, and returns where to consume from. A stream deleted and created
+   * again (by an operator, or with the servers' storage lost) starts its
+   * sequences over: consuming it from the old position would skip its first
+   * messages without a word. It is known by its creation time (recorded the
+   * first time), or by ending before this node's position. Then the shard
+   * starts over from the new stream's first message, with an error: what
+   * the old stream held that this node had not applied is gone.
+   */
+  async #checkStream(shard: number, from: number): Promise<number> {
+    const stream = this.#options.stream(shard);
+    const info = await (await this.#js.streams.get(stream)).info();
+    const known = this.#db.streamCreated(stream);
+    if (known === info.created) return from;
+    if (
+      (known === undefined && from - 1 <= info.state.last_seq) || from === 1
+    ) {
+      this.#db.setStreamCreated(stream, info.created);
+      return from;
+    }
+    const dropped = this.#queue.filter((q) => q.shard === shard).length +
+      this.#deferred.filter((m) => m.shard === shard).length;
+    this.#queue = this.#queue.filter((q) => {
+      if (q.shard !== shard) return true;
+      this.#queuedBytes -= q.msg.data.length;
+      return false;
+    });
+    this.#deferred = this.#deferred.filter((m) => m.shard !== shard);
+    this.#db.setStreamCreated(stream, info.created, { shard });
+    this.#expected.set(shard, 1);
+    this.#gapped.delete(shard);
+    this.#options.log.error(
+      "Shard stream was deleted and created again: this shard starts over from the new stream's first message. Changes of other nodes that the old stream held and this node had not applied are missing here; run `marmot verify`, and restore a snapshot if it finds differences",
+      {
+        shard,
+        stream,
+        applied: from - 1,
+        streamLast: info.state.last_seq,
+        ...(known ? { was: known, created: info.created } : {}),
+        ...(dropped ? { dropped } : {}),
+      },
+    );
+    return 1;
   }
 
   async #pump(
@@ -181,7 +234,7 @@ export class Subscriber {
           },
         );
         try {
-          messages = await this.#consume(shard, next);
+          ({ messages, from: next } = await this.#consume(shard, next));
           break;
         } catch (e) {
           this.#options.log.debug("Cannot re-create the shard consumer yet", {

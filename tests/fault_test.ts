@@ -3,6 +3,8 @@
 // and the embedded nats-server child killed under a running marmot. After
 // each, every write must be present exactly once on every node.
 import assert from "node:assert/strict";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
 import { startCluster } from "../lib/nats/nats_server.ts";
 import {
   embeddedArgs,
@@ -12,6 +14,7 @@ import {
   PROCESS_TEST,
   sqlite,
   tempDir,
+  testBed,
   waitConverged,
 } from "./_helpers.ts";
 
@@ -213,5 +216,57 @@ Deno.test({
     } finally {
       await Promise.all(marmots.map((m) => m.dispose()));
     }
+  },
+});
+
+Deno.test({
+  name:
+    "a shard stream deleted and created again is consumed from its start, with an error, instead of from the old position",
+  ...PROCESS_TEST,
+  fn: async () => {
+    await using bed = await testBed("marmot_fault_recreated_");
+    const [a, b] = [bed.db("a"), bed.db("b")];
+    for (const db of [a, b]) await sqlite(db, SCHEMA);
+    const shards = ["--shards", "1"];
+    let ma = bed.start(a, 1, shards);
+    let mb = bed.start(b, 2, shards);
+    await Promise.all([ma, mb].map((m) => m.waitForLog("Replicating")));
+    await writeRounds(a, 1, 30, 3);
+    await waitConverged([a, b]);
+    await Promise.all([ma.stop(), mb.stop()]);
+
+    // The stream goes, and marmot on node 1 creates it again: its
+    // sequences start over, below node 2's position (30 and more).
+    const nc = await connect({ servers: bed.url });
+    const jsm = await jetstreamManager(nc);
+    await jsm.streams.delete("marmot-changes-0");
+    await nc.close();
+    ma = bed.start(a, 1, shards);
+    await ma.waitForLog("Replicating");
+    await sqlite(
+      a,
+      "INSERT INTO events(id, node, payload) VALUES (1000, 1, 'after'), (1001, 1, 'after');",
+    );
+    mb = bed.start(b, 2, shards);
+    await waitConverged([a, b]);
+    assert.equal(
+      await sqlite(b, "SELECT count(*) FROM events WHERE payload = 'after';"),
+      "2\n",
+    );
+    await mb.waitForLog("Shard stream was deleted and created again");
+    assert.match(mb.log, /applied=\d+ streamLast=\d+/);
+
+    // Restarted, node 2 knows the new stream: no second error.
+    await mb.stop();
+    await sqlite(
+      a,
+      "INSERT INTO events(id, node, payload) VALUES (1002, 1, 'later');",
+    );
+    mb = bed.start(b, 2, shards);
+    await waitConverged([a, b]);
+    assert.equal(
+      mb.log.match(/Shard stream was deleted and created again/g),
+      null,
+    );
   },
 });

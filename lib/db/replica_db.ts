@@ -319,6 +319,43 @@ export class ReplicaDb implements Disposable {
     return this.#pragmaNumber("data_version");
   }
 
+  /**
+   * The creation time of the stream this node's position in `stream` refers
+   * to (from JetStream's stream info), once recorded.
+   */
+  streamCreated(stream: string): string | undefined {
+    const row = this.#stmt(
+      "meta.get",
+      () => `SELECT value FROM ${T.meta} WHERE key = ?`,
+    ).get(`stream:${stream}`) as { value: string } | undefined;
+    return row?.value;
+  }
+
+  /**
+   * Records the creation time of `stream`; with `restart`, the shard's
+   * position goes back to 0 in the same transaction (the stream was created
+   * again, and its sequences start over).
+   */
+  setStreamCreated(
+    stream: string,
+    created: string,
+    restart?: { shard: number },
+  ): void {
+    this.#transaction("IMMEDIATE", () => {
+      this.#stmt(
+        "meta.set",
+        () =>
+          `INSERT INTO ${T.meta}(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value`,
+      ).run(`stream:${stream}`, created);
+      if (restart) {
+        this.#stmt(
+          "applied.reset",
+          () => `DELETE FROM ${T.applied} WHERE shard = ?`,
+        ).run(restart.shard);
+      }
+    });
+  }
+
   /** The last applied stream sequence of a shard (0 when none). */
   appliedSeq(shard: number): number {
     const row = this.#stmt(
