@@ -119,6 +119,18 @@ export class Publisher {
     this.#running = this.#loop();
   }
 
+  /**
+   * Publishes a shard's changes that are still in the change log again,
+   * from the start of the log: the stream they went to was created again,
+   * so their messages are gone and they would never come back to be
+   * removed. Receivers skip what they already applied (origin sequences).
+   * The shard is read up like a set-aside one, in log order.
+   */
+  republish(shard: number): void {
+    this.#behind.set(shard, 0);
+    this.wake();
+  }
+
   /** Resolves when everything captured so far is published. */
   async flush(): Promise<void> {
     this.wake();

@@ -330,6 +330,7 @@ export class Marmot implements AsyncDisposable {
         nodeId: config.nodeId,
         shards: config.replicationLog.shards,
         stream: (s) => streamName(config.nats.streamPrefix, s),
+        onStreamRestart: (s) => publisher.republish(s),
         log,
       });
       for (let attempt = 1;; attempt++) {

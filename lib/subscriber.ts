@@ -36,6 +36,11 @@ export interface SubscriberOptions {
   queueBytes?: number;
   /** Messages applied per transaction at most. @default 1000 */
   applyLimit?: number;
+  /**
+   * Called when a shard's stream turns out to have been created again (the
+   * publisher then publishes that shard's pending changes again).
+   */
+  onStreamRestart?: (shard: number) => void;
   /** Called after each apply transaction (tests and the CLI use it for progress). */
   onApplied?: (result: { messages: number; applied: number }) => void;
   /** Logger. */
@@ -164,6 +169,7 @@ export class Subscriber {
     this.#db.setStreamCreated(stream, info.created, { shard });
     this.#expected.set(shard, 1);
     this.#gapped.delete(shard);
+    this.#options.onStreamRestart?.(shard);
     this.#options.log.error(
       "Shard stream was deleted and created again: this shard starts over from the new stream's first message. Changes of other nodes that the old stream held and this node had not applied are missing here; run `marmot verify`, and restore a snapshot if it finds differences",
       {

@@ -236,3 +236,44 @@ Deno.test({
       }
     }),
 });
+
+Deno.test({
+  name:
+    "Publisher: republish() sends a shard's pending changes again, in log order, after its stream was created again",
+  ...PROCESS_TEST,
+  fn: () =>
+    withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
+      for (let s = 0; s < SHARDS; s++) await bed.addStream(s);
+      const keysOf = new Map<number, string[]>();
+      let sql = "";
+      for (let id = 1; id <= 40; id++) {
+        const shard = shardFor("t", String(id), SHARDS);
+        keysOf.set(shard, [...(keysOf.get(shard) ?? []), String(id)]);
+        sql += `INSERT INTO t VALUES (${id}, 'v${id}');\n`;
+      }
+      await sqlite(bed.path, sql);
+      const publisher = bed.publisher();
+      try {
+        await publisher.flush();
+        // Published and acknowledged; nothing applies them back, so they
+        // stay in the change log, as when their messages vanished.
+        for (let s = 0; s < SHARDS; s++) {
+          assert.deepEqual(await bed.published(s), keysOf.get(s));
+        }
+        await bed.jsm.streams.delete("pt-2");
+        await bed.addStream(2);
+        assert.deepEqual(await bed.published(2), []);
+        publisher.republish(2);
+        await publisher.flush();
+        for (let s = 0; s < SHARDS; s++) {
+          assert.deepEqual(
+            await bed.published(s),
+            keysOf.get(s),
+            `shard ${s}: ${s === 2 ? "published again" : "untouched"}`,
+          );
+        }
+      } finally {
+        await publisher.close();
+      }
+    }),
+});
