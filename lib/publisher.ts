@@ -30,6 +30,7 @@ import {
   type TableRef,
 } from "./codec.ts";
 import type { PendingChange, ReplicaDb } from "./db/replica_db.ts";
+import type { EchoTracker, Missing } from "./echo_tracker.ts";
 import type { Logger } from "./log.ts";
 import { delay } from "./nats/streams.ts";
 import { shardFor } from "./shard.ts";
@@ -50,6 +51,8 @@ export interface PublisherOptions {
   readLimit?: number;
   /** zstd-compress batches. @default true */
   compress?: boolean;
+  /** Told of every acknowledged message, to notice one that does not come back. */
+  echoes?: EchoTracker;
   /** Logger. */
   log: Logger;
 }
@@ -128,6 +131,33 @@ export class Publisher {
    */
   republish(shard: number): void {
     this.#behind.set(shard, 0);
+    this.wake();
+  }
+
+  /**
+   * Publishes again, under new change sequences, the changes of messages
+   * that JetStream acknowledged but that did not come back from the stream
+   * (see {@linkcode EchoTracker}).
+   */
+  rerecord(shard: number, missing: Missing[]): void {
+    let moved = 0;
+    for (const r of missing) {
+      moved += this.#db.rerecord(
+        r.from,
+        r.to,
+        (table, key) => this.#shardOf(table, key) === shard,
+      );
+    }
+    if (moved === 0) return;
+    this.#options.log.warn(
+      "Published changes did not come back from their stream (it lost them); publishing them again",
+      {
+        shard,
+        changes: moved,
+        streamSeqs: missing.map((m) => m.streamSeq).join(","),
+        logSeqs: missing.map((m) => `${m.from}-${m.to}`).join(","),
+      },
+    );
     this.wake();
   }
 
@@ -376,8 +406,15 @@ export class Publisher {
     const msgID =
       `${this.#options.nodeId}.${this.#db.epoch}.${shard}.${first}.${last}`;
     const subject = this.#options.subject(shard);
+    const echoes = this.#options.echoes;
+    let from = first, to = last;
+    for (const c of changes) {
+      if (c.seq < from) from = c.seq;
+      if (c.seq > to) to = c.seq;
+    }
     if (bytes.length <= room) {
-      await this.#publish(subject, bytes, msgID);
+      const seq = await this.#publish(subject, bytes, msgID);
+      echoes?.published(shard, seq, { from, to });
     } else {
       // One row too large for a message: its envelope goes in parts, one
       // after another, that every node puts back together.
@@ -393,7 +430,8 @@ export class Publisher {
         return this.#parkLocal(changes[0]!, (e as Error).message);
       }
       for (const [i, part] of parts.entries()) {
-        await this.#publish(subject, part, `${msgID}.p${i}`);
+        const seq = await this.#publish(subject, part, `${msgID}.p${i}`);
+        echoes?.published(shard, seq, { from, to });
       }
       this.stats.parts += parts.length;
     }
@@ -425,17 +463,24 @@ export class Publisher {
     });
   }
 
-  /** Publishes one message, retrying until JetStream acknowledges it. */
+  /**
+   * Publishes one message, retrying until JetStream acknowledges it.
+   *
+   * @returns its stream sequence
+   */
   async #publish(
     subject: string,
     bytes: Uint8Array,
     msgID: string,
-  ): Promise<void> {
+  ): Promise<number> {
     for (let attempt = 1;; attempt++) {
       this.#abort.signal.throwIfAborted();
       try {
-        await this.#js.publish(subject, bytes, { msgID, timeout: 5000 });
-        return;
+        const ack = await this.#js.publish(subject, bytes, {
+          msgID,
+          timeout: 5000,
+        });
+        return ack.seq;
       } catch (e) {
         if (this.#abort.signal.aborted) throw e;
         this.stats.retries++;

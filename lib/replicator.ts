@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { EchoTracker } from "./echo_tracker.ts";
 import { guardDiscardedSockets } from "./nats/socket_guard.ts";
 import {
   jetstream,
@@ -318,7 +319,11 @@ export class Marmot implements AsyncDisposable {
         }
       }
       const js = jetstream(nc, { timeout: 5000 });
+      const echoes = new EchoTracker((shard, ranges) =>
+        publisher.rerecord(shard, ranges)
+      );
       const publisher = new Publisher(db, js, {
+        echoes,
         nodeId: config.nodeId,
         shards: config.replicationLog.shards,
         subject: (s) => subjectName(config.nats.subjectPrefix, s),
@@ -331,6 +336,7 @@ export class Marmot implements AsyncDisposable {
         shards: config.replicationLog.shards,
         stream: (s) => streamName(config.nats.streamPrefix, s),
         onStreamRestart: (s) => publisher.republish(s),
+        echoes,
         log,
       });
       for (let attempt = 1;; attempt++) {

@@ -8,6 +8,7 @@
  *
  * @module
  */
+import type { EchoTracker } from "./echo_tracker.ts";
 import {
   type ConsumerMessages,
   DeliverPolicy,
@@ -41,6 +42,8 @@ export interface SubscriberOptions {
    * publisher then publishes that shard's pending changes again).
    */
   onStreamRestart?: (shard: number) => void;
+  /** Told what this node applied of its own messages, to notice one that does not come back. */
+  echoes?: EchoTracker;
   /** Called after each apply transaction (tests and the CLI use it for progress). */
   onApplied?: (result: { messages: number; applied: number }) => void;
   /** Logger. */
@@ -169,6 +172,7 @@ export class Subscriber {
     this.#db.setStreamCreated(stream, info.created, { shard });
     this.#expected.set(shard, 1);
     this.#gapped.delete(shard);
+    this.#options.echoes?.reset(shard);
     this.#options.onStreamRestart?.(shard);
     this.#options.log.error(
       "Shard stream was deleted and created again: this shard starts over from the new stream's first message. Changes of other nodes that the old stream held and this node had not applied are missing here; run `marmot verify`, and restore a snapshot if it finds differences",
@@ -403,6 +407,20 @@ export class Subscriber {
 
   #applyNow(messages: IncomingMessage[]): void {
     const result = this.#db.applyMessages(messages, this.#options.nodeId);
+    const echoes = this.#options.echoes;
+    if (echoes) {
+      const upTo = new Map<number, number>();
+      const own = new Map<number, number[]>();
+      for (const m of messages) {
+        upTo.set(m.shard, Math.max(upTo.get(m.shard) ?? 0, m.seq));
+        if (!(m.batch instanceof Error) && this.#isOwn(m.batch)) {
+          own.set(m.shard, [...(own.get(m.shard) ?? []), m.seq]);
+        }
+      }
+      for (const [shard, seq] of upTo) {
+        echoes.applied(shard, seq, own.get(shard) ?? []);
+      }
+    }
     this.stats.messages += messages.length;
     this.stats.applied += result.applied;
     this.stats.skipped += result.skipped;

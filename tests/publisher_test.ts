@@ -8,6 +8,7 @@ import {
 } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import { decodeBatch } from "../lib/codec.ts";
+import { EchoTracker } from "../lib/echo_tracker.ts";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
 import { createLogger, silentLogger } from "../lib/log.ts";
 import { startCluster } from "../lib/nats/nats_server.ts";
@@ -272,6 +273,50 @@ Deno.test({
             `shard ${s}: ${s === 2 ? "published again" : "untouched"}`,
           );
         }
+      } finally {
+        await publisher.close();
+      }
+    }),
+});
+
+Deno.test({
+  name:
+    "Publisher: changes of an acknowledged message that never came back are published again under new sequences",
+  ...PROCESS_TEST,
+  fn: () =>
+    withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
+      for (let s = 0; s < SHARDS; s++) await bed.addStream(s);
+      let publisher: Publisher | undefined;
+      const echoes = new EchoTracker((shard, ranges) =>
+        publisher!.rerecord(shard, ranges)
+      );
+      publisher = bed.publisher({ echoes });
+      const shard = shardFor("t", "1", SHARDS);
+      try {
+        await sqlite(bed.path, "INSERT INTO t VALUES (1, 'a');");
+        await publisher.flush();
+        const before = bed.db.readPending(0, 100).changes;
+        assert.deepEqual(before.map((c) => c.key), ["1"]);
+        // The node applies its shard past the message's sequence without
+        // meeting it (the stream it reads lost it).
+        const { state } = await bed.jsm.streams.info(`pt-${shard}`);
+        echoes.applied(shard, state.last_seq, []);
+        await publisher.flush();
+        const after = bed.db.readPending(0, 100).changes;
+        assert.deepEqual(after.map((c) => c.key), ["1"]);
+        assert.ok(
+          after[0]!.seq > before[0]!.seq,
+          `new sequence ${after[0]!.seq} after ${before[0]!.seq}`,
+        );
+        assert.deepEqual(await bed.published(shard), ["1", "1"]);
+        const m = await bed.jsm.streams.getMessage(`pt-${shard}`, {
+          seq: state.last_seq + 1,
+        });
+        assert.equal(decodeBatch(m!.data).changes[0]!.seq, after[0]!.seq);
+        // Applied back this time: nothing more.
+        echoes.applied(shard, state.last_seq + 1, [state.last_seq + 1]);
+        await publisher.flush();
+        assert.deepEqual(await bed.published(shard), ["1", "1"]);
       } finally {
         await publisher.close();
       }

@@ -421,6 +421,49 @@ export class ReplicaDb implements Disposable {
     });
   }
 
+  /**
+   * Gives the change log entries from `from` to `to` (for which `keep` says
+   * true) new sequences, past every other: their message is gone from the
+   * stream, and the other nodes may have applied later changes of this
+   * node, so under their old sequences they would be skipped.
+   *
+   * @returns how many entries moved
+   */
+  rerecord(
+    from: number,
+    to: number,
+    keep: (table: string, key: string) => boolean,
+  ): number {
+    return this.#transaction("IMMEDIATE", () => {
+      const rows = this.#stmt(
+        "changes.range",
+        () =>
+          `SELECT seq, tbl, CASE WHEN typeof(k) = 'text' THEN k END AS k, ${KEY_TEXT_OF_K} AS kq FROM ${T.changes} WHERE seq BETWEEN ? AND ? AND tbl IS NOT NULL ORDER BY seq`,
+      ).all(from, to) as {
+        seq: bigint;
+        tbl: string;
+        k: string | null;
+        kq: string;
+      }[];
+      let moved = 0;
+      for (const r of rows) {
+        const k = (this.#tables.get(r.tbl)?.pk.length ?? 0) > 1 ? r.k! : r.kq;
+        if (!keep(r.tbl, k)) continue;
+        this.#stmt(
+          "changes.copy",
+          () =>
+            `INSERT INTO ${T.changes}(tbl, k) SELECT tbl, k FROM ${T.changes} WHERE seq = ?`,
+        ).run(r.seq);
+        this.#stmt(
+          "changes.drop",
+          () => `DELETE FROM ${T.changes} WHERE seq = ?`,
+        ).run(r.seq);
+        moved++;
+      }
+      return moved;
+    });
+  }
+
   /** The parked messages and changes, oldest first. */
   parked(): Parked[] {
     return (this.db.prepare(
