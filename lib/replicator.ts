@@ -336,6 +336,7 @@ export class Marmot implements AsyncDisposable {
         shards: config.replicationLog.shards,
         stream: (s) => streamName(config.nats.streamPrefix, s),
         onStreamRestart: (s) => publisher.republish(s),
+        onRerecorded: () => publisher.wake(),
         echoes,
         log,
       });

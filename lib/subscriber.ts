@@ -42,6 +42,8 @@ export interface SubscriberOptions {
    * publisher then publishes that shard's pending changes again).
    */
   onStreamRestart?: (shard: number) => void;
+  /** Called when own changes got new sequences to publish again. */
+  onRerecorded?: () => void;
   /** Told what this node applied of its own messages, to notice one that does not come back. */
   echoes?: EchoTracker;
   /** Called after each apply transaction (tests and the CLI use it for progress). */
@@ -407,6 +409,13 @@ export class Subscriber {
 
   #applyNow(messages: IncomingMessage[]): void {
     const result = this.#db.applyMessages(messages, this.#options.nodeId);
+    if (result.rerecorded) {
+      this.#options.log.warn(
+        "Own changes came back behind later ones (their first message was lost): publishing them again",
+        { changes: result.rerecorded },
+      );
+      this.#options.onRerecorded?.();
+    }
     const echoes = this.#options.echoes;
     if (echoes) {
       const upTo = new Map<number, number>();

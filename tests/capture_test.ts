@@ -710,6 +710,49 @@ Deno.test(
 );
 
 Deno.test(
+  "applyMessages() gives an own change that came back behind later ones a new sequence, to publish again",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/a.db`;
+      using a = await openNew(path);
+      await appWrite(
+        path,
+        `INSERT INTO "order"(id, v) VALUES (1, 'first'); INSERT INTO "order"(id, v) VALUES (2, 'second');`,
+      );
+      const [one, two] = a.readPending(0, 1000).changes;
+      assert.ok(one && two && one.seq < two.seq);
+      // The message with row 1 was lost; row 2's came back first.
+      a.applyMessages([message(toBatch([two], 1, a.epoch), 1)], 1);
+      assert.deepEqual(
+        a.readPending(0, 1000).changes.map((c) => [c.key, c.seq]),
+        [["1", one.seq]],
+      );
+      // Row 1 published again under its old sequence (a restart), behind 2:
+      // every node skips it, so it gets a new one, past row 2's.
+      const result = a.applyMessages(
+        [message(toBatch([one], 1, a.epoch), 2)],
+        1,
+      );
+      assert.deepEqual(result, {
+        applied: 0,
+        skipped: 1,
+        parked: [],
+        rerecorded: 1,
+      });
+      const [again] = a.readPending(0, 1000).changes;
+      assert.equal(again?.key, "1");
+      assert.ok(again.seq > two.seq, `${again.seq} after ${two.seq}`);
+      // Published and applied back under it, it leaves the log.
+      assert.deepEqual(
+        a.applyMessages([message(toBatch([again], 1, a.epoch), 3)], 1),
+        { applied: 0, skipped: 1, parked: [] },
+      );
+      assert.equal(a.pendingCount(), 0);
+    }),
+);
+
+Deno.test(
   "applyMessages() parks a change for a missing table or column and applies the rest of the message",
   PROCESS_TEST,
   () =>

@@ -141,6 +141,12 @@ export interface ApplyResult {
   skipped: number;
   /** What was set aside. */
   parked: Parked[];
+  /**
+   * This node's own changes given new sequences, to publish again: their
+   * copy came back behind later ones of this node, so every node skipped it
+   * (its first message was lost). Absent when none.
+   */
+  rerecorded?: number;
 }
 
 /** Options for {@linkcode ReplicaDb.open}. */
@@ -449,19 +455,22 @@ export class ReplicaDb implements Disposable {
       for (const r of rows) {
         const k = (this.#tables.get(r.tbl)?.pk.length ?? 0) > 1 ? r.k! : r.kq;
         if (!keep(r.tbl, k)) continue;
-        this.#stmt(
-          "changes.copy",
-          () =>
-            `INSERT INTO ${T.changes}(tbl, k) SELECT tbl, k FROM ${T.changes} WHERE seq = ?`,
-        ).run(r.seq);
-        this.#stmt(
-          "changes.drop",
-          () => `DELETE FROM ${T.changes} WHERE seq = ?`,
-        ).run(r.seq);
+        this.#moveChange(r.seq);
         moved++;
       }
       return moved;
     });
+  }
+
+  /** Gives the change log entry `seq` the next sequence. */
+  #moveChange(seq: bigint | number): void {
+    this.#stmt(
+      "changes.copy",
+      () =>
+        `INSERT INTO ${T.changes}(tbl, k) SELECT tbl, k FROM ${T.changes} WHERE seq = ?`,
+    ).run(seq);
+    this.#stmt("changes.drop", () => `DELETE FROM ${T.changes} WHERE seq = ?`)
+      .run(seq);
   }
 
   /** The parked messages and changes, oldest first. */
@@ -587,6 +596,8 @@ export class ReplicaDb implements Disposable {
     let touches = 0;
     /** The highest change log sequence before own changes left it. */
     let top: number | undefined;
+    /** Own changes that came back behind later own ones: table, key, seq. */
+    const stale: [string, string, number][] = [];
     this.#transaction("IMMEDIATE", () => {
       this.#stmt("apply.on", () => `INSERT INTO ${T.apply}(x) VALUES (1)`)
         .run();
@@ -651,12 +662,13 @@ export class ReplicaDb implements Disposable {
             this.#origins.get(originId) ?? 0;
           const own = b.origin === selfNode && b.epoch === this.epoch;
           for (const c of b.changes) {
+            const ref = b.tables[c.table]!;
             if (c.seq <= originSeq) {
+              if (own) stale.push([ref.name, c.key, c.seq]);
               result.skipped++;
               continue;
             }
             originSeq = c.seq;
-            const ref = b.tables[c.table]!;
             const k = storedKey(c.key);
             if (own) {
               top ??= this.#topSeq();
@@ -741,6 +753,17 @@ export class ReplicaDb implements Disposable {
                  ON CONFLICT(shard) DO UPDATE SET seq = excluded.seq`,
         );
         for (const [shard, seq] of shardSeqs) setApplied.run(shard, seq);
+        let moved = 0;
+        for (const [table, key, seq] of stale) {
+          const rows = this.#stmt(
+            "changes.stale",
+            () =>
+              `SELECT seq FROM ${T.changes} WHERE tbl = ? AND k IS ? AND seq <= ?`,
+          ).all(table, storedKey(key), seq) as { seq: bigint }[];
+          for (const r of rows) this.#moveChange(r.seq);
+          moved += rows.length;
+        }
+        if (moved > 0) result.rerecorded = moved;
         if (top !== undefined) this.#markTopSeq(top);
       } finally {
         this.#stmt("apply.off", () => `DELETE FROM ${T.apply}`).run();
