@@ -104,11 +104,21 @@ async function rawJetStream(
 ) {
   const nc = await connect({ servers: servers[0]!.clientUrl });
   const jsm = await jetstreamManager(nc);
-  await jsm.streams.add({
-    name: "bench-raw",
-    subjects: ["bench.raw"],
-    num_replicas: 3,
-  });
+  // A cluster just started may not have all its peers yet ("no suitable
+  // peers for placement"): retry for a while.
+  for (let attempt = 1;; attempt++) {
+    try {
+      await jsm.streams.add({
+        name: "bench-raw",
+        subjects: ["bench.raw"],
+        num_replicas: 3,
+      });
+      break;
+    } catch (e) {
+      if (attempt >= 60) throw e;
+      await sleep(500);
+    }
+  }
   const js = jetstream(nc);
   const payload = crypto.getRandomValues(new Uint8Array(size));
   const count = Math.ceil(bytes / size);
