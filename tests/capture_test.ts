@@ -753,6 +753,44 @@ Deno.test(
 );
 
 Deno.test(
+  "readPending() parks a pending change whose key no longer fits its table's primary key, and reads on",
+  PROCESS_TEST,
+  () =>
+    withTempDir(async (dir) => {
+      const path = `${dir}/a.db`;
+      await appWrite(path, "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT);");
+      const logged: string[] = [];
+      using db = ReplicaDb.open(path, {
+        log: (_level, message) => logged.push(message),
+      });
+      await appWrite(path, "INSERT INTO t VALUES (1, 'a');");
+      // The usual rebuild, to a composite key, while that change is pending.
+      await appWrite(
+        path,
+        `CREATE TABLE t2(k INTEGER, v TEXT, PRIMARY KEY(k, v));
+         INSERT INTO t2 SELECT * FROM t; DROP TABLE t;
+         ALTER TABLE t2 RENAME TO t;`,
+      );
+      db.refreshSchema();
+      await appWrite(path, "INSERT INTO t VALUES (2, 'b');");
+      const { changes } = db.readPending(0, 1000);
+      assert.deepEqual(changes.map((c) => [c.key, c.values]), [
+        ["2,'b'", [2n, "b"]],
+      ]);
+      assert.deepEqual(
+        db.parked().map((p) => [p.table, p.key]),
+        [["t", "1"]],
+      );
+      assert.match(db.parked()[0]!.reason, /no longer fits the primary key/);
+      assert.equal(
+        logged.filter((l) => l.includes("no longer fits")).length,
+        1,
+      );
+      assert.equal(db.pendingCount(), 1);
+    }),
+);
+
+Deno.test(
   "applyMessages() parks a change for a missing table or column and applies the rest of the message",
   PROCESS_TEST,
   () =>

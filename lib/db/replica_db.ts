@@ -453,8 +453,8 @@ export class ReplicaDb implements Disposable {
       }[];
       let moved = 0;
       for (const r of rows) {
-        const k = (this.#tables.get(r.tbl)?.pk.length ?? 0) > 1 ? r.k! : r.kq;
-        if (!keep(r.tbl, k)) continue;
+        const k = this.#keyText(r);
+        if (k === undefined || !keep(r.tbl, k)) continue;
         this.#moveChange(r.seq);
         moved++;
       }
@@ -506,7 +506,8 @@ export class ReplicaDb implements Disposable {
     limit: number,
     keep?: (table: string, key: string) => boolean,
   ): { changes: PendingChange[]; lastSeq: number } {
-    return this.#transaction("DEFERRED", () => {
+    const misfits: { seq: number; tbl: string; k: string }[] = [];
+    const read = this.#transaction("DEFERRED", () => {
       const rows = this.#stmt(
         "changes.after",
         () =>
@@ -521,8 +522,14 @@ export class ReplicaDb implements Disposable {
       const newest = new Map<string, { seq: number; tbl: string; k: string }>();
       for (const r of rows) {
         if (r.tbl === null) continue; // the mark of the highest sequence
-        // A composite key is logged as its text, a one-column key as its value.
-        const k = (this.#tables.get(r.tbl)?.pk.length ?? 0) > 1 ? r.k! : r.kq;
+        if (!this.#tables.has(r.tbl)) continue; // dropped or not replicated
+        const k = this.#keyText(
+          r as { tbl: string; k: string | null; kq: string },
+        );
+        if (k === undefined) {
+          misfits.push({ seq: r.seq, tbl: r.tbl, k: r.kq });
+          continue;
+        }
         const id = `${r.tbl}\u0000${k}`;
         newest.delete(id); // re-insert so the map keeps last-change order
         newest.set(id, { seq: r.seq, tbl: r.tbl, k });
@@ -545,6 +552,48 @@ export class ReplicaDb implements Disposable {
         changes.push({ table, key: r.k, seq: Number(r.seq), columns, values });
       }
       return { changes, lastSeq: Number(rows[rows.length - 1]!.seq) };
+    });
+    for (const m of misfits) {
+      const reason =
+        `Cannot publish change: its key ${m.k} no longer fits the primary key of table "${m.tbl}" (the key changed while the change was pending); the row stays as it is on this node`;
+      this.#parkEntry(m.seq, m.tbl, m.k, reason);
+      this.#options.log?.("warn", reason);
+    }
+    return read;
+  }
+
+  /**
+   * The key text of a change log row (see {@linkcode keyExpr}): the text
+   * logged for a composite key, the value's text for a one-column key.
+   * Undefined when it does not fit the table's key as it is now (the key
+   * changed shape while the change was pending).
+   */
+  #keyText(r: { tbl: string; k: string | null; kq: string }):
+    | string
+    | undefined {
+    const table = this.#tables.get(r.tbl);
+    if (!table) return undefined;
+    const arity = table.rowid ? 1 : table.pk.length;
+    const text = arity > 1 ? r.k : r.kq;
+    if (text === null) return undefined;
+    try {
+      if (parseKey(text).length === arity) return text;
+    } catch { /* not a key list */ }
+    return undefined;
+  }
+
+  /** Replaces change log entry `seq` with a parked entry (stream `""`). */
+  #parkEntry(seq: number, table: string, key: string, reason: string): void {
+    this.#transaction("IMMEDIATE", () => {
+      const top = this.#topSeq();
+      this.#stmt("changes.drop", () => `DELETE FROM ${T.changes} WHERE seq = ?`)
+        .run(seq);
+      this.#stmt(
+        "parked.insert",
+        () =>
+          `INSERT INTO ${T.parked}(stream, stream_seq, tbl, k, reason, data) VALUES (?, ?, ?, ?, ?, ?)`,
+      ).run("", 0, table, key, reason, null);
+      if (top !== undefined) this.#markTopSeq(top);
     });
   }
 
