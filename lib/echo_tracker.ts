@@ -29,6 +29,11 @@ export interface Missing extends LogRange {
 
 /** How long an own message applied before its acknowledgement is remembered. */
 const EARLY_MS = 60_000;
+/**
+ * Acknowledged messages waited for per shard at most (a shard that stopped
+ * applying, until a snapshot restore): the oldest are forgotten.
+ */
+const MAX_WAITING = 100_000;
 
 interface ShardState {
   /** The highest stream sequence applied. */
@@ -37,35 +42,76 @@ interface ShardState {
   waiting: Map<number, LogRange>;
   /** Own messages applied before their acknowledgement was noted: when. */
   early: Map<number, number>;
+  /** The highest stream sequence acknowledged (duplicates aside). */
+  lastAck: number;
+  /** Missing messages held back while the stream is checked (see below). */
+  held: Missing[] | undefined;
 }
 
 /** Matches acknowledged messages with the own messages applied back. */
 export class EchoTracker {
   #shards = new Map<number, ShardState>();
   #onMissing: (shard: number, missing: Missing[]) => void;
+  #onSuspect: (shard: number) => void;
 
-  /** `onMissing` is told of messages that did not come back. */
-  constructor(onMissing: (shard: number, missing: Missing[]) => void) {
+  /**
+   * `onMissing` is told of messages that did not come back. `onSuspect` is
+   * told of a shard whose stream may have been created again: a fresh
+   * acknowledgement named a sequence below an earlier one, or one this node
+   * had already applied past. Missing messages of that shard are then held
+   * until the stream is checked: {@linkcode resume} (the same stream) reports
+   * them, {@linkcode reset} (a new one) drops them.
+   */
+  constructor(
+    onMissing: (shard: number, missing: Missing[]) => void,
+    onSuspect: (shard: number) => void = () => {},
+  ) {
     this.#onMissing = onMissing;
+    this.#onSuspect = onSuspect;
   }
 
   #state(shard: number): ShardState {
     let s = this.#shards.get(shard);
     if (!s) {
-      s = { position: 0, waiting: new Map(), early: new Map() };
+      s = {
+        position: 0,
+        waiting: new Map(),
+        early: new Map(),
+        lastAck: 0,
+        held: undefined,
+      };
       this.#shards.set(shard, s);
     }
     return s;
   }
 
-  /** JetStream acknowledged a message at `seq` carrying `range`. */
-  published(shard: number, seq: number, range: LogRange): void {
+  /**
+   * JetStream acknowledged a message at `seq` carrying `range`
+   * (`duplicate`: as one it had already, at that sequence).
+   */
+  published(
+    shard: number,
+    seq: number,
+    range: LogRange,
+    duplicate = false,
+  ): void {
     const s = this.#state(shard);
+    this.#prune(s, Date.now());
     if (s.early.delete(seq)) return; // already applied back
+    if (!duplicate) {
+      // One origin's messages to a shard are stored one after another, each
+      // after what this node had applied when it was sent: otherwise the
+      // sequences started over.
+      if (seq < s.lastAck || seq <= s.position) this.#suspect(shard, s);
+      s.lastAck = Math.max(s.lastAck, seq);
+    }
     if (seq <= s.position) {
       // Applied past, and it was not this node's message there.
-      this.#onMissing(shard, [{ ...range, streamSeq: seq }]);
+      this.#report(shard, s, [{ ...range, streamSeq: seq }]);
       return;
+    }
+    if (s.waiting.size >= MAX_WAITING) {
+      s.waiting.delete(s.waiting.keys().next().value!);
     }
     const had = s.waiting.get(seq);
     // Acknowledged twice (a duplicate): one message, covering both.
@@ -97,15 +143,40 @@ export class EchoTracker {
       s.waiting.delete(seq);
       missing.push({ ...range, streamSeq: seq });
     }
+    this.#prune(s, now);
+    if (missing.length > 0) this.#report(shard, s, missing);
+  }
+
+  #suspect(shard: number, s: ShardState): void {
+    if (s.held) return; // being checked already
+    s.held = [];
+    this.#onSuspect(shard);
+  }
+
+  #report(shard: number, s: ShardState, missing: Missing[]): void {
+    if (s.held) s.held.push(...missing);
+    else this.#onMissing(shard, missing);
+  }
+
+  /** Forgets own messages applied long ago whose acknowledgement never came. */
+  #prune(s: ShardState, now: number): void {
     for (const [seq, at] of s.early) {
       if (now - at < EARLY_MS) break; // in the order applied
       s.early.delete(seq);
     }
-    if (missing.length > 0) this.#onMissing(shard, missing);
   }
 
   /** The shard's stream starts over (it was created again). */
   reset(shard: number): void {
     this.#shards.delete(shard);
+  }
+
+  /** The shard's stream was checked and is the same one. */
+  resume(shard: number): void {
+    const s = this.#shards.get(shard);
+    const held = s?.held;
+    if (!s || !held) return;
+    s.held = undefined;
+    if (held.length > 0) this.#onMissing(shard, held);
   }
 }

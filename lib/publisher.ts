@@ -19,7 +19,7 @@
  *
  * @module
  */
-import type { JetStreamClient } from "@nats-io/jetstream";
+import type { JetStreamClient, PubAck } from "@nats-io/jetstream";
 import {
   type Batch,
   type Change,
@@ -140,13 +140,28 @@ export class Publisher {
    * (see {@linkcode EchoTracker}).
    */
   rerecord(shard: number, missing: Missing[]): void {
+    if (this.#abort.signal.aborted) return; // read again on the next start
     let moved = 0;
-    for (const r of missing) {
-      moved += this.#db.rerecord(
-        r.from,
-        r.to,
-        (table, key) => this.#shardOf(table, key) === shard,
+    try {
+      for (const r of missing) {
+        moved += this.#db.rerecord(
+          r.from,
+          r.to,
+          (table, key) => this.#shardOf(table, key) === shard,
+        );
+      }
+    } catch (e) {
+      // A busy or full database: those already moved are in the log under
+      // new sequences (moving one again is harmless); try the rest later.
+      this.#options.log.error(
+        "Cannot record lost changes again, retrying",
+        { shard, error: e },
       );
+      delay(1000, this.#abort.signal).then(
+        () => this.rerecord(shard, missing),
+        () => {},
+      );
+      if (moved === 0) return;
     }
     if (moved === 0) return;
     this.#options.log.warn(
@@ -413,8 +428,8 @@ export class Publisher {
       if (c.seq > to) to = c.seq;
     }
     if (bytes.length <= room) {
-      const seq = await this.#publish(subject, bytes, msgID);
-      echoes?.published(shard, seq, { from, to });
+      const ack = await this.#publish(subject, bytes, msgID);
+      echoes?.published(shard, ack.seq, { from, to }, ack.duplicate);
     } else {
       // One row too large for a message: its envelope goes in parts, one
       // after another, that every node puts back together.
@@ -430,8 +445,8 @@ export class Publisher {
         return this.#parkLocal(changes[0]!, (e as Error).message);
       }
       for (const [i, part] of parts.entries()) {
-        const seq = await this.#publish(subject, part, `${msgID}.p${i}`);
-        echoes?.published(shard, seq, { from, to });
+        const ack = await this.#publish(subject, part, `${msgID}.p${i}`);
+        echoes?.published(shard, ack.seq, { from, to }, ack.duplicate);
       }
       this.stats.parts += parts.length;
     }
@@ -466,13 +481,13 @@ export class Publisher {
   /**
    * Publishes one message, retrying until JetStream acknowledges it.
    *
-   * @returns its stream sequence
+   * @returns JetStream's acknowledgement
    */
   async #publish(
     subject: string,
     bytes: Uint8Array,
     msgID: string,
-  ): Promise<number> {
+  ): Promise<PubAck> {
     for (let attempt = 1;; attempt++) {
       this.#abort.signal.throwIfAborted();
       try {
@@ -480,7 +495,7 @@ export class Publisher {
           msgID,
           timeout: 5000,
         });
-        return ack.seq;
+        return ack;
       } catch (e) {
         if (this.#abort.signal.aborted) throw e;
         this.stats.retries++;

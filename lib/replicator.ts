@@ -319,8 +319,9 @@ export class Marmot implements AsyncDisposable {
         }
       }
       const js = jetstream(nc, { timeout: 5000 });
-      const echoes = new EchoTracker((shard, ranges) =>
-        publisher.rerecord(shard, ranges)
+      const echoes = new EchoTracker(
+        (shard, missing) => publisher.rerecord(shard, missing),
+        (shard) => subscriber.recheck(shard),
       );
       const publisher = new Publisher(db, js, {
         echoes,

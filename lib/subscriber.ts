@@ -156,13 +156,19 @@ export class Subscriber {
     const stream = this.#options.stream(shard);
     const info = await (await this.#js.streams.get(stream)).info();
     const known = this.#db.streamCreated(stream);
-    if (known === info.created) return from;
+    if (known === info.created) {
+      this.#options.echoes?.resume(shard);
+      return from;
+    }
     if (
       (known === undefined && from - 1 <= info.state.last_seq) || from === 1
     ) {
       this.#db.setStreamCreated(stream, info.created);
+      this.#options.echoes?.resume(shard);
       return from;
     }
+    // Its start may be gone already (its limits): the first message it has.
+    const start = Math.max(1, info.state.first_seq);
     const dropped = this.#queue.filter((q) => q.shard === shard).length +
       this.#deferred.filter((m) => m.shard === shard).length;
     this.#queue = this.#queue.filter((q) => {
@@ -171,8 +177,8 @@ export class Subscriber {
       return false;
     });
     this.#deferred = this.#deferred.filter((m) => m.shard !== shard);
-    this.#db.setStreamCreated(stream, info.created, { shard });
-    this.#expected.set(shard, 1);
+    this.#db.setStreamCreated(stream, info.created, { shard, seq: start - 1 });
+    this.#expected.set(shard, start);
     this.#gapped.delete(shard);
     this.#options.echoes?.reset(shard);
     this.#options.onStreamRestart?.(shard);
@@ -182,12 +188,21 @@ export class Subscriber {
         shard,
         stream,
         applied: from - 1,
+        streamFirst: info.state.first_seq,
         streamLast: info.state.last_seq,
         ...(known ? { was: known, created: info.created } : {}),
         ...(dropped ? { dropped } : {}),
       },
     );
-    return 1;
+    return start;
+  }
+
+  /**
+   * Checks the shard's stream again, through a new consumer: the old one may
+   * count in a stream that was deleted and created again.
+   */
+  recheck(shard: number): void {
+    this.#current.get(shard)?.close().catch(() => {});
   }
 
   async #pump(
@@ -198,7 +213,7 @@ export class Subscriber {
     const limit = this.#options.queueBytes ?? 8 * 1024 * 1024;
     let next = from;
     while (!this.#abort.signal.aborted) {
-      const watchdog = this.#watch(messages);
+      const watchdog = this.#watch(messages, shard);
       try {
         const it = messages[Symbol.asyncIterator]();
         while (true) {
@@ -268,7 +283,7 @@ export class Subscriber {
    * can stop pulling for good without ending or throwing; `#pump` then
    * starts a new consumer where this one stopped.
    */
-  #watch(messages: ConsumerMessages) {
+  #watch(messages: ConsumerMessages, shard: number) {
     let last = Date.now();
     let paused = false;
     let fire: (v: typeof STALLED) => void = () => {};
@@ -276,6 +291,9 @@ export class Subscriber {
     (async () => {
       for await (const s of messages.status()) {
         if (s.type === "heartbeat") last = Date.now();
+        // nats.js started a new consumer where the old one stopped: in a
+        // stream created again, that position would skip its first messages.
+        if (s.type === "ordered_consumer_recreated") this.recheck(shard);
       }
     })().catch(() => {});
     const timer = setInterval(() => {

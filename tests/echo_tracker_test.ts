@@ -32,16 +32,33 @@ Deno.test("EchoTracker: a message the shard was applied past without it is missi
   t.applied(1, 5, []);
   assert.deepEqual(missing, [[1, [{ from: 1, to: 3, streamSeq: 5 }]]]);
   t.applied(1, 6, [6]);
-  t.applied(1, 9, []);
-  // Acknowledged at a sequence already applied past, never met.
-  t.published(1, 8, { from: 11, to: 12 });
-  assert.deepEqual(missing, [
-    [1, [{ from: 1, to: 3, streamSeq: 5 }]],
-    [1, [{ from: 11, to: 12, streamSeq: 8 }]],
-  ]);
   // Shard 2 is on its own.
   t.applied(2, 5, [5]);
-  assert.equal(missing.length, 2);
+  assert.equal(missing.length, 1);
+});
+
+Deno.test("EchoTracker: a fresh acknowledgement at a sequence already applied past holds reports until the stream is checked", () => {
+  const missing: [number, Missing[]][] = [];
+  const suspects: number[] = [];
+  const t = new EchoTracker(
+    (shard, m) => missing.push([shard, m]),
+    (shard) => suspects.push(shard),
+  );
+  t.published(1, 5, { from: 1, to: 3 });
+  t.applied(1, 9, [5]);
+  // Stored at 8, where this node applied another message: a diverged
+  // replica, or a stream created again. Checked first.
+  t.published(1, 8, { from: 11, to: 12 });
+  t.published(1, 10, { from: 13, to: 13 });
+  t.applied(1, 10, []);
+  assert.deepEqual(suspects, [1]);
+  assert.deepEqual(missing, []);
+  // The same stream: both are missing.
+  t.resume(1);
+  assert.deepEqual(missing, [[1, [
+    { from: 11, to: 12, streamSeq: 8 },
+    { from: 13, to: 13, streamSeq: 10 },
+  ]]]);
 });
 
 Deno.test("EchoTracker: after a stream starts over, its old sequences mean nothing", () => {
@@ -52,4 +69,31 @@ Deno.test("EchoTracker: after a stream starts over, its old sequences mean nothi
   t.published(0, 2, { from: 4, to: 4 });
   t.applied(0, 2, [2]);
   assert.deepEqual(missing, []);
+});
+
+Deno.test("EchoTracker: a lower acknowledged sequence may be a new stream: it asks, and holds reports until the answer", () => {
+  const missing: [number, Missing[]][] = [];
+  const backwards: number[] = [];
+  const t = new EchoTracker(
+    (shard, m) => missing.push([shard, m]),
+    (shard) => backwards.push(shard),
+  );
+  t.published(0, 50, { from: 1, to: 1 });
+  // A duplicate acknowledgement names the first copy's (lower) sequence.
+  t.published(0, 20, { from: 1, to: 1 }, true);
+  t.applied(0, 50, [20, 50]);
+  assert.deepEqual(backwards, []);
+  // The stream was created again: sequences start over below 50.
+  t.published(0, 3, { from: 2, to: 2 });
+  assert.deepEqual(backwards, [0]);
+  // Until the subscriber has checked the stream, nothing is reported...
+  t.published(0, 4, { from: 3, to: 3 });
+  t.applied(0, 60, []);
+  assert.deepEqual(missing, []);
+  assert.deepEqual(backwards, [0], "asked once");
+  // ...and a new stream drops it: the publisher sends the shard again.
+  t.reset(0);
+  t.published(0, 5, { from: 4, to: 4 });
+  t.applied(0, 5, []);
+  assert.deepEqual(missing, [[0, [{ from: 4, to: 4, streamSeq: 5 }]]]);
 });

@@ -254,7 +254,7 @@ Deno.test({
       "2\n",
     );
     await mb.waitForLog("Shard stream was deleted and created again");
-    assert.match(mb.log, /applied=\d+ streamLast=\d+/);
+    assert.match(mb.log, /applied=\d+ streamFirst=1 streamLast=\d+/);
 
     // Restarted, node 2 knows the new stream: no second error.
     await mb.stop();
@@ -268,5 +268,50 @@ Deno.test({
       mb.log.match(/Shard stream was deleted and created again/g),
       null,
     );
+  },
+});
+
+Deno.test({
+  name:
+    "a shard stream deleted and created again while every node runs: writes after it reach every node",
+  ...PROCESS_TEST,
+  fn: async () => {
+    await using bed = await testBed("marmot_fault_recreated_live_");
+    const [a, b] = [bed.db("a"), bed.db("b")];
+    for (const db of [a, b]) await sqlite(db, SCHEMA);
+    const shards = ["--shards", "1"];
+    const ma = bed.start(a, 1, shards);
+    const mb = bed.start(b, 2, shards);
+    await Promise.all([ma, mb].map((m) => m.waitForLog("Replicating")));
+    await writeRounds(a, 1, 30, 3);
+    await waitConverged([a, b]);
+
+    const nc = await connect({ servers: bed.url });
+    const jsm = await jetstreamManager(nc);
+    const { config } = await jsm.streams.info("marmot-changes-0");
+    await jsm.streams.delete("marmot-changes-0");
+    await jsm.streams.add(config);
+    await nc.close();
+    await sqlite(
+      a,
+      "INSERT INTO events(id, node, payload) VALUES (2000, 1, 'after'), (2001, 1, 'after');",
+    );
+    await sqlite(
+      b,
+      "INSERT INTO events(id, node, payload) VALUES (2002, 2, 'after');",
+    );
+    await waitConverged([a, b]);
+    for (const db of [a, b]) {
+      assert.equal(
+        await sqlite(
+          db,
+          "SELECT count(*) FROM events WHERE payload = 'after';",
+        ),
+        "3\n",
+      );
+    }
+    for (const m of [ma, mb]) {
+      await m.waitForLog("Shard stream was deleted and created again");
+    }
   },
 });

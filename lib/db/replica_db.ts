@@ -339,13 +339,13 @@ export class ReplicaDb implements Disposable {
 
   /**
    * Records the creation time of `stream`; with `restart`, the shard's
-   * position goes back to 0 in the same transaction (the stream was created
-   * again, and its sequences start over).
+   * position becomes `restart.seq` in the same transaction (the stream was
+   * created again, and its sequences start over).
    */
   setStreamCreated(
     stream: string,
     created: string,
-    restart?: { shard: number },
+    restart?: { shard: number; seq: number },
   ): void {
     this.#transaction("IMMEDIATE", () => {
       this.#stmt(
@@ -355,9 +355,11 @@ export class ReplicaDb implements Disposable {
       ).run(`stream:${stream}`, created);
       if (restart) {
         this.#stmt(
-          "applied.reset",
-          () => `DELETE FROM ${T.applied} WHERE shard = ?`,
-        ).run(restart.shard);
+          "applied.set",
+          () =>
+            `INSERT INTO ${T.applied}(shard, seq) VALUES (?, ?)
+                 ON CONFLICT(shard) DO UPDATE SET seq = excluded.seq`,
+        ).run(restart.shard, restart.seq);
       }
     });
   }
