@@ -286,11 +286,10 @@ Deno.test({
   fn: () =>
     withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
       for (let s = 0; s < SHARDS; s++) await bed.addStream(s);
-      let publisher: Publisher | undefined;
-      const echoes = new EchoTracker((shard, ranges) =>
-        publisher!.rerecord(shard, ranges)
+      const echoes = new EchoTracker((shard, missing) =>
+        publisher.rerecord(shard, missing)
       );
-      publisher = bed.publisher({ echoes });
+      const publisher = bed.publisher({ echoes });
       const shard = shardFor("t", "1", SHARDS);
       try {
         await sqlite(bed.path, "INSERT INTO t VALUES (1, 'a');");
