@@ -14,6 +14,7 @@ import {
   PROCESS_TEST,
   sqlite,
   tempDir,
+  type TestBed,
   testBed,
   waitConverged,
 } from "./_helpers.ts";
@@ -219,35 +220,55 @@ Deno.test({
   },
 });
 
+/**
+ * Two nodes on one shard (`marmot-changes-0`) of the bed's nats-server,
+ * with 30 rows written on node 1 and replicated.
+ */
+async function twoNodesOnOneShard(bed: TestBed) {
+  const [a, b] = [bed.db("a"), bed.db("b")];
+  for (const db of [a, b]) await sqlite(db, SCHEMA);
+  const shards = ["--shards", "1"];
+  const start = (db: string, id: number) => bed.start(db, id, shards);
+  const ma = start(a, 1);
+  const mb = start(b, 2);
+  await Promise.all([ma, mb].map((m) => m.waitForLog("Replicating")));
+  await writeRounds(a, 1, 30, 3);
+  await waitConverged([a, b]);
+  return { a, b, ma, mb, start };
+}
+
+/** Deletes the shard stream; with `again`, creates it again at once. */
+async function dropStream(url: string, again: boolean): Promise<void> {
+  const nc = await connect({ servers: url });
+  try {
+    const jsm = await jetstreamManager(nc);
+    const { config } = await jsm.streams.info("marmot-changes-0");
+    await jsm.streams.delete("marmot-changes-0");
+    if (again) await jsm.streams.add(config);
+  } finally {
+    await nc.close();
+  }
+}
+
 Deno.test({
   name:
     "a shard stream deleted and created again is consumed from its start, with an error, instead of from the old position",
   ...PROCESS_TEST,
   fn: async () => {
     await using bed = await testBed("marmot_fault_recreated_");
-    const [a, b] = [bed.db("a"), bed.db("b")];
-    for (const db of [a, b]) await sqlite(db, SCHEMA);
-    const shards = ["--shards", "1"];
-    let ma = bed.start(a, 1, shards);
-    let mb = bed.start(b, 2, shards);
-    await Promise.all([ma, mb].map((m) => m.waitForLog("Replicating")));
-    await writeRounds(a, 1, 30, 3);
-    await waitConverged([a, b]);
+    let { a, b, ma, mb, start } = await twoNodesOnOneShard(bed);
     await Promise.all([ma.stop(), mb.stop()]);
 
     // The stream goes, and marmot on node 1 creates it again: its
     // sequences start over, below node 2's position (30 and more).
-    const nc = await connect({ servers: bed.url });
-    const jsm = await jetstreamManager(nc);
-    await jsm.streams.delete("marmot-changes-0");
-    await nc.close();
-    ma = bed.start(a, 1, shards);
+    await dropStream(bed.url, false);
+    ma = start(a, 1);
     await ma.waitForLog("Replicating");
     await sqlite(
       a,
       "INSERT INTO events(id, node, payload) VALUES (1000, 1, 'after'), (1001, 1, 'after');",
     );
-    mb = bed.start(b, 2, shards);
+    mb = start(b, 2);
     await waitConverged([a, b]);
     assert.equal(
       await sqlite(b, "SELECT count(*) FROM events WHERE payload = 'after';"),
@@ -262,7 +283,7 @@ Deno.test({
       a,
       "INSERT INTO events(id, node, payload) VALUES (1002, 1, 'later');",
     );
-    mb = bed.start(b, 2, shards);
+    mb = start(b, 2);
     await waitConverged([a, b]);
     assert.equal(
       mb.log.match(/Shard stream was deleted and created again/g),
@@ -277,21 +298,8 @@ Deno.test({
   ...PROCESS_TEST,
   fn: async () => {
     await using bed = await testBed("marmot_fault_recreated_live_");
-    const [a, b] = [bed.db("a"), bed.db("b")];
-    for (const db of [a, b]) await sqlite(db, SCHEMA);
-    const shards = ["--shards", "1"];
-    const ma = bed.start(a, 1, shards);
-    const mb = bed.start(b, 2, shards);
-    await Promise.all([ma, mb].map((m) => m.waitForLog("Replicating")));
-    await writeRounds(a, 1, 30, 3);
-    await waitConverged([a, b]);
-
-    const nc = await connect({ servers: bed.url });
-    const jsm = await jetstreamManager(nc);
-    const { config } = await jsm.streams.info("marmot-changes-0");
-    await jsm.streams.delete("marmot-changes-0");
-    await jsm.streams.add(config);
-    await nc.close();
+    const { a, b, ma, mb } = await twoNodesOnOneShard(bed);
+    await dropStream(bed.url, true);
     await sqlite(
       a,
       "INSERT INTO events(id, node, payload) VALUES (2000, 1, 'after'), (2001, 1, 'after');",
