@@ -441,7 +441,9 @@ export class Subscriber {
       for (const m of messages) {
         upTo.set(m.shard, Math.max(upTo.get(m.shard) ?? 0, m.seq));
         if (!(m.batch instanceof Error) && this.#isOwn(m.batch)) {
-          own.set(m.shard, [...(own.get(m.shard) ?? []), m.seq]);
+          const seqs = own.get(m.shard);
+          if (seqs) seqs.push(m.seq);
+          else own.set(m.shard, [m.seq]);
         }
       }
       for (const [shard, seq] of upTo) {
