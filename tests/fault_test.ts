@@ -3,7 +3,7 @@
 // and the embedded nats-server child killed under a running marmot. After
 // each, every write must be present exactly once on every node.
 import assert from "node:assert/strict";
-import { jetstreamManager } from "@nats-io/jetstream";
+import { jetstreamManager, type StreamConfig } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import { startCluster } from "../lib/nats/nats_server.ts";
 import {
@@ -17,6 +17,7 @@ import {
   type TestBed,
   testBed,
   waitConverged,
+  waitFor,
 } from "./_helpers.ts";
 
 const SCHEMA = `
@@ -237,14 +238,20 @@ async function twoNodesOnOneShard(bed: TestBed) {
   return { a, b, ma, mb, start };
 }
 
-/** Deletes the shard stream; with `again`, creates it again at once. */
-async function dropStream(url: string, again: boolean): Promise<void> {
+/**
+ * Deletes the shard stream; with `again`, creates it again at once (with
+ * those settings changed).
+ */
+async function dropStream(
+  url: string,
+  again?: Partial<StreamConfig>,
+): Promise<void> {
   const nc = await connect({ servers: url });
   try {
     const jsm = await jetstreamManager(nc);
     const { config } = await jsm.streams.info("marmot-changes-0");
     await jsm.streams.delete("marmot-changes-0");
-    if (again) await jsm.streams.add(config);
+    if (again) await jsm.streams.add({ ...config, ...again });
   } finally {
     await nc.close();
   }
@@ -261,7 +268,7 @@ Deno.test({
 
     // The stream goes, and marmot on node 1 creates it again: its
     // sequences start over, below node 2's position (30 and more).
-    await dropStream(bed.url, false);
+    await dropStream(bed.url);
     ma = start(a, 1);
     await ma.waitForLog("Replicating");
     await sqlite(
@@ -299,7 +306,7 @@ Deno.test({
   fn: async () => {
     await using bed = await testBed("marmot_fault_recreated_live_");
     const { a, b, ma, mb } = await twoNodesOnOneShard(bed);
-    await dropStream(bed.url, true);
+    await dropStream(bed.url, {});
     await sqlite(
       a,
       "INSERT INTO events(id, node, payload) VALUES (2000, 1, 'after'), (2001, 1, 'after');",
@@ -321,5 +328,56 @@ Deno.test({
     for (const m of [ma, mb]) {
       await m.waitForLog("Shard stream was deleted and created again");
     }
+  },
+});
+
+Deno.test({
+  name:
+    "a shard stream created again whose limits already removed its start is consumed from its first message, not stopped as a gap",
+  ...PROCESS_TEST,
+  fn: async () => {
+    await using bed = await testBed("marmot_fault_recreated_limits_");
+    const { a, b, mb, start } = await twoNodesOnOneShard(bed);
+    await mb.stop();
+    // The new stream keeps 5 messages; node 1 publishes 12 into it.
+    await dropStream(bed.url, { max_msgs: 5 });
+    for (let i = 0; i < 12; i++) {
+      await sqlite(
+        a,
+        `INSERT INTO events(id, node, payload) VALUES (${
+          3000 + i
+        }, 1, 'gone?');`,
+      );
+    }
+    await waitFor(
+      "12 messages in the new stream",
+      async () => {
+        const nc = await connect({ servers: bed.url });
+        try {
+          const { state } = await (await jetstreamManager(nc)).streams.info(
+            "marmot-changes-0",
+          );
+          return state.last_seq >= 12;
+        } finally {
+          await nc.close();
+        }
+      },
+    );
+    const mb2 = start(b, 2);
+    await mb2.waitForLog("Shard stream was deleted and created again");
+    assert.match(mb2.log, /streamFirst=(\d+)/);
+    assert.ok(Number(/streamFirst=(\d+)/.exec(mb2.log)![1]) > 1);
+    // Later writes still arrive: the shard did not stop at a gap.
+    await sqlite(
+      a,
+      "INSERT INTO events(id, node, payload) VALUES (4000, 1, 'later');",
+    );
+    await waitFor(
+      "the later row on node 2",
+      async () =>
+        (await sqlite(b, "SELECT count(*) FROM events WHERE id = 4000;")) ===
+          "1\n",
+    );
+    assert.doesNotMatch(mb2.log, /has no messages this node still needs/);
   },
 });
