@@ -325,6 +325,7 @@ export class Marmot implements AsyncDisposable {
       );
       const publisher = new Publisher(db, js, {
         echoes,
+        stream: (s) => streamName(config.nats.streamPrefix, s),
         nodeId: config.nodeId,
         shards: config.replicationLog.shards,
         subject: (s) => subjectName(config.nats.subjectPrefix, s),

@@ -321,3 +321,77 @@ Deno.test({
       }
     }),
 });
+
+Deno.test({
+  name:
+    "Publisher: when a stream's leader changes, own messages the new leader lacks have their rows published again",
+  ...PROCESS_TEST,
+  fn: async () => {
+    await using dir = await tempDir("marmot_publisher_leader_");
+    const servers = await startCluster(`${dir.path}/nats`, 3);
+    const nc = await connect({ servers: servers[0]!.clientUrl });
+    try {
+      const jsm = await jetstreamManager(nc);
+      await waitFor("an R3 stream", async () => {
+        try {
+          await jsm.streams.add({
+            name: "pt-0",
+            subjects: ["pt.0"],
+            num_replicas: 3,
+          });
+          return true;
+        } catch {
+          return false; // the cluster is still forming
+        }
+      });
+      const path = `${dir.path}/app.db`;
+      await sqlite(
+        path,
+        "PRAGMA journal_mode = WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);",
+      );
+      using db = ReplicaDb.open(path, { nodeId: 1 });
+      const lines: string[] = [];
+      const publisher = new Publisher(db, jetstream(nc), {
+        nodeId: 1,
+        shards: 1,
+        subject: () => "pt.0",
+        stream: () => "pt-0",
+        leaderCheckMs: 100,
+        maxPayload: 1024 * 1024,
+        log: createLogger({ write: (l) => lines.push(l) }),
+      });
+      try {
+        await sqlite(path, "INSERT INTO t VALUES (1, 'a'), (2, 'b');");
+        await publisher.flush();
+        await new Promise((r) => setTimeout(r, 500)); // its leader is seen
+        // The message is gone from the stream the new leader serves (as
+        // when a cut-off leader acknowledged it alone).
+        await jsm.streams.deleteMessage("pt-0", 1);
+        await nc.request("$JS.API.STREAM.LEADER.STEPDOWN.pt-0");
+        await waitFor(
+          "rows 1 and 2 published again",
+          async () => {
+            const { state } = await jsm.streams.info("pt-0");
+            if (state.last_seq < 2) return false;
+            const m = await jsm.streams.getMessage("pt-0", {
+              seq: state.last_seq,
+            });
+            return decodeBatch(m!.data).changes.map((c) => c.key).join() ===
+              "1,2";
+          },
+          15_000,
+        );
+        assert.ok(
+          lines.some((l) =>
+            l.includes("lacks messages the old one acknowledged")
+          ),
+        );
+      } finally {
+        await publisher.close();
+      }
+    } finally {
+      await nc.close();
+      await Promise.all(servers.map((s) => s.stop()));
+    }
+  },
+});

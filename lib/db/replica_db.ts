@@ -464,6 +464,23 @@ export class ReplicaDb implements Disposable {
     });
   }
 
+  /**
+   * Logs rows as changed again (table, key text), as a capture trigger
+   * would: their current state is published anew.
+   *
+   * @returns how many were logged
+   */
+  recapture(rows: [string, string][]): number {
+    return this.#transaction("IMMEDIATE", () => {
+      const insert = this.#stmt(
+        "changes.recapture",
+        () => `INSERT INTO ${T.changes}(tbl, k) VALUES (?, ?)`,
+      );
+      for (const [table, key] of rows) insert.run(table, storedKey(key));
+      return rows.length;
+    });
+  }
+
   /** Gives the change log entry `seq` the next sequence. */
   #moveChange(seq: bigint | number): void {
     this.#stmt(
