@@ -19,7 +19,11 @@
  *
  * @module
  */
-import type { JetStreamClient, PubAck } from "@nats-io/jetstream";
+import type {
+  JetStreamClient,
+  JetStreamManager,
+  PubAck,
+} from "@nats-io/jetstream";
 import {
   type Batch,
   type Change,
@@ -121,6 +125,7 @@ export class Publisher {
   #leaders = new Map<number, string>();
   #leaderTimer: ReturnType<typeof setInterval> | undefined;
   #checking = false;
+  #jsm: JetStreamManager | undefined;
 
   constructor(db: ReplicaDb, js: JetStreamClient, options: PublisherOptions) {
     this.#db = db;
@@ -173,7 +178,8 @@ export class Publisher {
     if (this.#checking || this.#abort.signal.aborted) return;
     this.#checking = true;
     try {
-      const jsm = await this.#js.jetstreamManager();
+      // Without the API check: that would be one more request each time.
+      const jsm = this.#jsm ??= await this.#js.jetstreamManager(false);
       for (const [shard, list] of this.#recent) {
         const name = this.#options.stream!(shard);
         const now = Date.now();

@@ -1141,9 +1141,7 @@ export function storedKey(key: string): SqlValue {
 }
 
 /** The key text of a stored `k` value, in SQL (see {@linkcode keyExpr}). */
-const KEY_TEXT_OF_K =
-  `CASE WHEN typeof(k) = 'text' AND instr(CAST(k AS BLOB), x'00') > 0 ` +
-  `THEN 'T' || quote(CAST(k AS BLOB)) ELSE quote(k) END`;
+const KEY_TEXT_OF_K = keyPartText("k");
 
 /**
  * Moves a change log in the earlier layout (AUTOINCREMENT, every key as text)
@@ -1186,12 +1184,18 @@ function upgradeChangeLog(db: DatabaseSync): void {
 export function keyExpr(table: TableInfo, row: "NEW" | "OLD"): string {
   if (table.rowid) return `quote(${row}.${table.rowid})`;
   if (table.integerKey) return `quote(${row}.${quoteIdent(table.pk[0]!)})`;
-  // quote() stops at a NUL in TEXT: such a key part is written as T X'<utf-8>'.
-  return table.pk.map((c) => {
-    const v = `${row}.${quoteIdent(c)}`;
-    return `CASE WHEN typeof(${v}) = 'text' AND instr(CAST(${v} AS BLOB), x'00') > 0 ` +
-      `THEN 'T' || quote(CAST(${v} AS BLOB)) ELSE quote(${v}) END`;
-  }).join(" || ',' || ");
+  return table.pk.map((c) => keyPartText(`${row}.${quoteIdent(c)}`)).join(
+    " || ',' || ",
+  );
+}
+
+/**
+ * The key text of one value, in SQL: its `quote()`; but quote() stops at a
+ * NUL in TEXT, so such a value is written as T X'<utf-8>'.
+ */
+function keyPartText(v: string): string {
+  return `CASE WHEN typeof(${v}) = 'text' AND instr(CAST(${v} AS BLOB), x'00') > 0 ` +
+    `THEN 'T' || quote(CAST(${v} AS BLOB)) ELSE quote(${v}) END`;
 }
 
 /** The SQL that creates the three capture triggers of a table. */
