@@ -101,11 +101,16 @@ export function watchDatabase(
           stdout: "piped",
           stderr: "null",
         }).spawn();
+        // A plain reader: a decoding stream between would add promise hops
+        // to every line, and there are hundreds a second.
+        const reader = child.stdout.getReader();
+        const decoder = new TextDecoder();
         let rest = "";
-        for await (
-          const chunk of child.stdout.pipeThrough(new TextDecoderStream())
-        ) {
-          const lines = (rest + chunk).split("\n");
+        while (true) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          const lines = (rest + decoder.decode(value, { stream: true }))
+            .split("\n");
           rest = lines.pop()!;
           for (const line of lines) onLine(line);
         }

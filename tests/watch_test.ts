@@ -1,6 +1,8 @@
 // Commit detection (lib/file_watcher.ts and its child, lib/watch_main.ts)
 // on real SQLite files written by the sqlite3 command.
 import assert from "node:assert/strict";
+import { DatabaseSync } from "node:sqlite";
+import { ReplicaDb } from "../lib/db/replica_db.ts";
 import { watchDatabase } from "../lib/file_watcher.ts";
 import { RETRY_MS } from "../lib/watch_main.ts";
 import { createLogger } from "../lib/log.ts";
@@ -41,6 +43,67 @@ Deno.test({
     }
     await waitFor("a check per commit, again", () => w.checks - again >= 10);
     assert.deepEqual(w.lines.filter((l) => /WARN|ERROR/.test(l)), []);
+  },
+});
+
+Deno.test({
+  name:
+    "watchDatabase() does not report commits that log no change (marmot's own applies) while polling",
+  ...PROCESS_TEST,
+  fn: async () => {
+    await using dir = await tempDir("marmot_watch_test_");
+    const path = `${dir.path}/app.db`;
+    await sqlite(path, "PRAGMA journal_mode = WAL; CREATE TABLE t(x);");
+    ReplicaDb.open(path).close(); // the change log and capture triggers
+    await using w = watch(path);
+    await new Promise((r) => setTimeout(r, 500)); // the child armed its watch
+    // This test process is another process to the watcher child.
+    using app = new DatabaseSync(path);
+    const pause = new Int32Array(new SharedArrayBuffer(4));
+    const before = w.checks;
+    app.exec("INSERT INTO t VALUES (0)");
+    // Woken by the file watch, the child says "c" twice and polls. Looked
+    // at every 5 ms: the applies below must start well within its 200 ms.
+    const deadline = Date.now() + 10_000;
+    while (w.checks - before < 2) {
+      assert.ok(Date.now() < deadline, "the child did not report the commit");
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    const polling = w.checks;
+    // Commits as marmot applies them: the apply flag is set, the capture
+    // triggers log nothing. 2 ms apart, well within the 200 ms the child
+    // polls after a commit.
+    let rows = 1;
+    const applies = (n: number) => {
+      for (let i = 0; i < n; i++) {
+        app.exec(`BEGIN;
+          INSERT INTO __marmot__apply(x) VALUES (1);
+          INSERT INTO t VALUES (${rows++});
+          DELETE FROM __marmot__apply;
+          COMMIT;`);
+        Atomics.wait(pause, 0, 0, 2);
+      }
+    };
+    // Lines on their way arrive in the pauses after (the child still polls:
+    // it arms its watch, and says so, only after 200 ms without a commit).
+    const settle = () => new Promise((r) => setTimeout(r, 50));
+    applies(20);
+    await settle();
+    assert.equal(w.checks, polling, "no check for commits that log nothing");
+    // A schema change logs nothing either, but marmot must see it. The
+    // applies after it keep the child polling, so no "armed" line counts.
+    app.exec("CREATE TABLE u(y)");
+    applies(20);
+    await settle();
+    assert.equal(w.checks, polling + 1, "one check: the schema change");
+    app.exec(`INSERT INTO t VALUES (${rows++})`); // logged
+    applies(20);
+    await settle();
+    assert.equal(w.checks, polling + 2, "one check: the logged commit");
+    assert.equal(
+      await sqlite(path, "SELECT count(*) FROM t;"),
+      `${rows}\n`,
+    );
   },
 });
 
