@@ -51,7 +51,7 @@ export interface PublisherOptions {
   maxPayload: number;
   /** Target uncompressed batch size in bytes. @default 262144 */
   batchBytes?: number;
-  /** Changes read from the log per pass. @default 5000 */
+  /** Changes read from the log per pass. @default 3000 */
   readLimit?: number;
   /** zstd-compress batches. @default true */
   compress?: boolean;
@@ -337,7 +337,7 @@ export class Publisher {
    * of them) wait in the queues of shards that are not set aside.
    */
   async #read(): Promise<boolean> {
-    const limit = this.#options.readLimit ?? 5000;
+    const limit = this.#options.readLimit ?? 3000;
     while (!this.#abort.signal.aborted) {
       this.#setAside(limit);
       const active = this.#activeLoad();
