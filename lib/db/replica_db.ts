@@ -171,6 +171,11 @@ export class ReplicaDb implements Disposable {
   readonly epoch: number;
   #tables = new Map<string, TableInfo>();
   #stmts = new Map<string, StatementSync>();
+  /**
+   * The pragma statements read on every check and apply, prepared once and
+   * kept across schema changes (preparing one costs as much as running it).
+   */
+  #fixed = new Map<string, StatementSync>();
   #schemaVersion = -1;
   #options: ReplicaDbOptions;
   #origins = new Map<string, number>();
@@ -1019,8 +1024,15 @@ export class ReplicaDb implements Disposable {
     return s;
   }
 
+  /** A pragma statement, prepared once. */
+  #fixedStmt(sql: string): StatementSync {
+    let s = this.#fixed.get(sql);
+    if (!s) this.#fixed.set(sql, s = this.db.prepare(sql));
+    return s;
+  }
+
   #pragmaNumber(name: "schema_version" | "data_version"): number {
-    const row = this.db.prepare(`PRAGMA ${name}`).get() as Record<
+    const row = this.#fixedStmt(`PRAGMA ${name}`).get() as Record<
       string,
       number
     >;
