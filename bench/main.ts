@@ -190,6 +190,63 @@ function rssKb(pid: number): number {
   }
 }
 
+/** CPU time (user + system) of a process so far, in seconds; 0 once it is gone. */
+function cpuSeconds(pid: number): number {
+  try {
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    // Fields after the command name (which may hold spaces): utime, stime
+    // are the 12th and 13th.
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(f[11]) + Number(f[12])) / CLOCK_TICKS;
+  } catch {
+    return 0;
+  }
+}
+/** The kernel's clock ticks per second for /proc times (USER_HZ, 100 on Linux). */
+const CLOCK_TICKS = 100;
+
+/** The direct children of a process (a marmot's file watcher child). */
+function childPids(pid: number): number[] {
+  try {
+    return Deno.readTextFileSync(`/proc/${pid}/task/${pid}/children`)
+      .split(" ").filter(Boolean).map(Number);
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * CPU used over an interval by each marmot (with its watcher child counted
+ * apart) and each nats-server, as a share of one core.
+ */
+function cpuMeter(nodes: Node[], servers: NatsServer[]) {
+  const pids = {
+    marmot: nodes.map((n) => [n.child.pid]),
+    watcher: nodes.map((n) => childPids(n.child.pid)),
+    natsServer: servers.map((s) => [s.pid]),
+  };
+  const read = () =>
+    Object.fromEntries(
+      Object.entries(pids).map(([k, groups]) => [
+        k,
+        groups.map((g) => g.reduce((sum, pid) => sum + cpuSeconds(pid), 0)),
+      ]),
+    ) as Record<keyof typeof pids, number[]>;
+  const before = read();
+  const t0 = performance.now();
+  return () => {
+    const after = read();
+    const seconds = (performance.now() - t0) / 1000;
+    const share = (k: keyof typeof pids) =>
+      after[k].map((v, i) => (v - before[k][i]!) / seconds);
+    return {
+      marmot: share("marmot"),
+      watcher: share("watcher"),
+      natsServer: share("natsServer"),
+    };
+  };
+}
+
 async function runWriter(args: string[]): Promise<Record<string, unknown>> {
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", WRITER, ...args],
@@ -324,6 +381,7 @@ async function main() {
       intervalMs: OBSERVE_MS,
     };
     observer.postMessage(start);
+    const cpu = cpuMeter(nodes, servers);
     const steady = await Promise.all(
       dbs.map((db, i) =>
         runWriter([
@@ -336,6 +394,7 @@ async function main() {
         ])
       ),
     );
+    const lagCpu = cpu();
     const expected = steady.reduce((s, r) => s + (r.rows as number), 0) * 2;
     Atomics.store(control, 1, expected);
     const lagDeadline = setTimeout(() => Atomics.store(control, 0, 0), 60_000);
@@ -411,6 +470,8 @@ async function main() {
       },
       lagMs: lag,
       lagSplitMs: lagSplit,
+      // Share of one core each process used while the writers ran.
+      lagCpu,
       memory: {
         bulkPeakRssMb: bulkRss.map((k) => k / 1024),
         peakRssMb: nodes.map((n) => n.rssPeakKb / 1024),
@@ -513,6 +574,16 @@ function printTable(r: any) {
     [
       "  commits, observations (expected)",
       `${r.lagMs.commits}, ${r.lagMs.observed} (${r.lagMs.expected})`,
+    ],
+    [
+      "CPU during lag (% of a core): marmot",
+      r.lagCpu.marmot.map((c: number) => f(c * 100, 1)).join(" / "),
+    ],
+    [
+      "  its watcher child / nats-server",
+      `${r.lagCpu.watcher.map((c: number) => f(c * 100, 1)).join(" / ")}; ${
+        r.lagCpu.natsServer.map((c: number) => f(c * 100, 1)).join(" / ")
+      }`,
     ],
     [
       "peak RSS per marmot, bulk run (MB)",
