@@ -2,7 +2,8 @@
  * Notices commits to the database within a millisecond, without polling an
  * idle database: a watcher child process (see `watch_main.ts`) reports the
  * first change from a file watch, then polls `PRAGMA data_version` every
- * millisecond and reports each commit until the database is quiet.
+ * millisecond and reports each commit that logged a change or changed the
+ * schema, until the database is quiet.
  *
  * @module
  */
@@ -35,9 +36,10 @@ function watcherCommand(dir: string, names: string[]): [string, string[]] {
 /**
  * Calls `check` whenever the database or its `-wal` may have changed: for
  * every line of the watcher child (each commit it sees while the database
- * is busy, and when it arms its watch again). `check` should be cheap
- * (compare `PRAGMA data_version`); it is also called for marmot's own
- * commits. When the child cannot run or dies, it is restarted after a pause
+ * is busy that logged a change or changed the schema, the commit that woke
+ * its watch, and when it arms its watch again). `check` should be cheap
+ * (compare `PRAGMA data_version`); it is also called for some of marmot's
+ * own commits (one that wakes an idle watch). When the child cannot run or dies, it is restarted after a pause
  * with a log line; marmot's interval scan covers the gap. While the child
  * cannot poll, marmot does, every event loop timer tick (about 2 ms), from
  * each change the child reports until it arms its watch again; the child
@@ -106,13 +108,18 @@ export function watchDatabase(
         const reader = child.stdout.getReader();
         const decoder = new TextDecoder();
         let rest = "";
-        while (true) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          const lines = (rest + decoder.decode(value, { stream: true }))
-            .split("\n");
-          rest = lines.pop()!;
-          for (const line of lines) onLine(line);
+        try {
+          while (true) {
+            const { value, done } = await reader.read();
+            if (done) break;
+            const lines = (rest + decoder.decode(value, { stream: true }))
+              .split("\n");
+            rest = lines.pop()!;
+            for (const line of lines) onLine(line);
+          }
+        } finally {
+          // On a throw, the pipe closes and the child exits on its next line.
+          await reader.cancel().catch(() => {});
         }
         const status = await child.status;
         if (closed) return;

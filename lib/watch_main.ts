@@ -5,10 +5,10 @@
  *
  * Protocol, one line each:
  * - `a` when the file watch is armed;
- * - `c` on the first change after that, and then for every commit seen
- *   while polling: the child checks `PRAGMA data_version` every
- *   {@linkcode POLL_MS} until nothing has changed for {@linkcode QUIET_MS},
- *   then arms the watch again;
+ * - `c` on the first change after that (twice: see `watchMain`), and then
+ *   for every commit seen while polling that logged a change or changed the
+ *   schema: the child checks `PRAGMA data_version` every {@linkcode POLL_MS}
+ *   until no commit for {@linkcode QUIET_MS}, then arms the watch again;
  * - `e MESSAGE` when it cannot poll (the database does not open or read):
  *   it then only pauses for {@linkcode QUIET_MS} after each change, and the
  *   parent polls instead. It tries again on a change at least
@@ -26,6 +26,7 @@
  * commits, the applies of other nodes' changes, log nothing, and at 500
  * commits/s spread over three nodes they are three in four of what a node
  * commits. The parent would only find its own `data_version` unmoved by them.
+ * (A commit that wakes the file watch is reported whatever it was.)
  *
  * It is a separate process because `Deno.watchFs` opens and closes a file
  * when reporting its change, and on POSIX systems closing any descriptor of
@@ -106,19 +107,24 @@ export async function watchMain(args: string[]): Promise<void> {
 }
 
 /**
- * In one read: `data_version`, and what says a commit logged a change: the
- * change log's highest sequence and the schema version.
+ * In one read (one snapshot): `data_version`, and what tells a commit that
+ * logged a change: the change log's highest sequence (NULL while the log is
+ * empty; the highest is kept when changes leave it) and the schema version.
  */
 const STATE_SQL = `SELECT
   (SELECT data_version FROM pragma_data_version) AS version,
-  (SELECT seq FROM "${MARMOT_PREFIX}changes" ORDER BY seq DESC LIMIT 1) || '/' ||
-  (SELECT schema_version FROM pragma_schema_version) AS logged`;
+  (SELECT seq FROM "${MARMOT_PREFIX}changes" ORDER BY seq DESC LIMIT 1) AS top,
+  (SELECT schema_version FROM pragma_schema_version) AS schema`;
 
-/** What {@linkcode STATE_SQL} reads. */
+/** What a state read gives. */
 interface State {
   version: number;
-  /** Undefined when the change log cannot be read: every commit counts. */
-  logged?: string | null;
+  /**
+   * The change log's highest sequence and the schema version, as one
+   * string; undefined when the change log cannot be read: then every
+   * commit counts.
+   */
+  logged?: string;
 }
 
 /** `data_version` checks on a read-only connection of the child's own. */
@@ -128,8 +134,8 @@ class Poller {
   #conn: DatabaseSync | undefined;
   #version: (() => number) | undefined;
   #state: (() => State) | undefined;
-  /** What the last read state logged. */
-  #logged: string | null | undefined;
+  /** What the last state read logged. */
+  #logged: string | undefined;
   /** When opening or reading last failed (undefined: it works). */
   #failedAt: number | undefined;
 
@@ -154,13 +160,28 @@ class Poller {
       const stmt = this.#conn.prepare("PRAGMA data_version");
       this.#version = () =>
         (stmt.get() as { data_version: number }).data_version;
+      // Without a readable change log (none yet, or dropped by `marmot
+      // cleanup`), every commit is reported, as before there was one.
+      const versionOnly = (): State => ({ version: this.#version!() });
       let state: StatementSync | undefined;
       try {
         state = this.#conn.prepare(STATE_SQL);
-      } catch { /* no change log (yet): every commit is reported */ }
+      } catch { /* no change log */ }
       this.#state = state
-        ? () => state.get() as unknown as State
-        : () => ({ version: this.#version!() });
+        ? () => {
+          try {
+            const r = state.get() as {
+              version: number;
+              top: number | null;
+              schema: number;
+            };
+            return { version: r.version, logged: `${r.top}/${r.schema}` };
+          } catch {
+            this.#state = versionOnly;
+            return versionOnly();
+          }
+        }
+        : versionOnly;
       const first = this.#state();
       this.#logged = first.logged;
       const version = first.version;
