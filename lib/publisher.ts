@@ -114,6 +114,8 @@ export class Publisher {
    * read skips them; once a queue drains, it is read up from there.
    */
   #behind = new Map<number, number>();
+  /** Shards read up again by {@linkcode Publisher.republish}, until done. */
+  #republishing = new Set<number>();
   /** Per shard with a queue: when it last published, or got its queue. */
   #progress = new Map<number, number>();
 
@@ -238,6 +240,7 @@ export class Publisher {
    */
   republish(shard: number): void {
     this.#behind.set(shard, 0);
+    this.#republishing.add(shard);
     this.wake();
   }
 
@@ -440,7 +443,14 @@ export class Publisher {
       this.#enqueue(changes.filter((c) => c.seq <= this.#cursor));
       if (lastSeq >= this.#cursor || lastSeq === upTo) {
         this.#behind.delete(shard);
-        this.#options.log.info("A set-aside shard has caught up", { shard });
+        if (this.#republishing.delete(shard)) {
+          this.#options.log.info(
+            "Read a shard's pending changes again for its new stream",
+            { shard },
+          );
+        } else {
+          this.#options.log.info("A set-aside shard has caught up", { shard });
+        }
       } else {
         this.#behind.set(shard, lastSeq);
       }

@@ -253,7 +253,10 @@ Deno.test({
         sql += `INSERT INTO t VALUES (${id}, 'v${id}');\n`;
       }
       await sqlite(bed.path, sql);
-      const publisher = bed.publisher();
+      const lines: string[] = [];
+      const publisher = bed.publisher({
+        log: createLogger({ write: (l) => lines.push(l) }),
+      });
       try {
         await publisher.flush();
         // Published and acknowledged; nothing applies them back, so they
@@ -273,6 +276,9 @@ Deno.test({
             `shard ${s}: ${s === 2 ? "published again" : "untouched"}`,
           );
         }
+        // Said as what it is, not as a shard that could not publish.
+        assert.ok(lines.some((l) => l.includes("pending changes again")));
+        assert.ok(!lines.some((l) => l.includes("set-aside shard")));
       } finally {
         await publisher.close();
       }
