@@ -439,8 +439,12 @@ export class Publisher {
         limit,
         (table, key) => this.#shardOf(table, key) === shard,
       );
-      // What lies past the main position is the main read's.
-      this.#enqueue(changes.filter((c) => c.seq <= this.#cursor));
+      // What lies past the main position is the main read's; what the
+      // queue still holds (a republished shard's, read before) goes once.
+      const queued = new Set((this.#queues.get(shard) ?? []).map((c) => c.seq));
+      this.#enqueue(
+        changes.filter((c) => c.seq <= this.#cursor && !queued.has(c.seq)),
+      );
       if (lastSeq >= this.#cursor || lastSeq === upTo) {
         this.#behind.delete(shard);
         if (this.#republishing.delete(shard)) {

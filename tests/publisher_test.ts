@@ -287,6 +287,43 @@ Deno.test({
 
 Deno.test({
   name:
+    "Publisher: republish() of a shard whose queue still holds unpublished changes sends each change once",
+  ...PROCESS_TEST,
+  fn: () =>
+    withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
+      const shard = shardFor("t", "1", SHARDS);
+      for (let s = 0; s < SHARDS; s++) if (s !== shard) await bed.addStream(s);
+      const keys: string[] = [];
+      let sql = "";
+      for (let id = 1; id <= 40; id++) {
+        if (shardFor("t", String(id), SHARDS) === shard) keys.push(String(id));
+        sql += `INSERT INTO t VALUES (${id}, 'v${id}');\n`;
+      }
+      await sqlite(bed.path, sql);
+      const publisher = bed.publisher();
+      try {
+        // The shard has no stream: its changes wait in its queue, retried.
+        publisher.wake();
+        await new Promise((r) => setTimeout(r, 300));
+        assert.deepEqual(await bed.published(shard).catch(() => []), []);
+        // The stream appears (created again), and the subscriber asks for
+        // the shard's pending changes again while they are still queued.
+        await bed.addStream(shard);
+        publisher.republish(shard);
+        await publisher.flush();
+        assert.deepEqual(await bed.published(shard), keys);
+        // One message per shard: the queued changes were not sent a second
+        // time after their own batch (JetStream would have dropped that copy
+        // as a duplicate of the same Nats-Msg-Id, after the round trip).
+        assert.equal(publisher.stats.messages, SHARDS);
+      } finally {
+        await publisher.close();
+      }
+    }),
+});
+
+Deno.test({
+  name:
     "Publisher: changes of an acknowledged message that never came back are published again under new sequences",
   ...PROCESS_TEST,
   fn: () =>
