@@ -169,37 +169,37 @@ Deno.test({
     const wake = (lines: string[] | undefined) =>
       assert.ok(lines && lines.length >= 2 && lines.every((l) => l === "c"));
 
+    const insert = () => app.exec(`INSERT INTO t VALUES (${rows++})`);
+    /** Wakes the child with `first`; returns the lines of `middle` amid applies. */
+    const amidApplies = async (first: () => void, middle: () => void) => {
+      const [woken, polled] = await runs([
+        [first, 2],
+        [() => {
+          applies();
+          middle();
+          applies();
+        }, 1],
+      ]);
+      wake(woken);
+      return polled;
+    };
+
     // The change log is empty (a node that has only applied so far): the
     // applies bring nothing, a schema change among them one "c".
-    let [woken, polled] = await runs([
-      [apply, 2],
-      [() => {
-        applies();
-        app.exec(`CREATE TABLE u${tables++}(y)`);
-        applies();
-      }, 1],
-    ]);
-    wake(woken);
-    assert.deepEqual(polled, ["c", "a"]);
+    assert.deepEqual(
+      await amidApplies(apply, () => app.exec(`CREATE TABLE u${tables++}(y)`)),
+      ["c", "a"],
+    );
     // With changes in the log: a logged commit among applies, one "c".
-    [woken, polled] = await runs([
-      [() => app.exec(`INSERT INTO t VALUES (${rows++})`), 2],
-      [() => {
-        applies();
-        app.exec(`INSERT INTO t VALUES (${rows++})`);
-        applies();
-      }, 1],
-    ]);
-    wake(woken);
-    assert.deepEqual(polled, ["c", "a"]);
+    assert.deepEqual(await amidApplies(insert, insert), ["c", "a"]);
     // `marmot cleanup` drops the change log while the child polls: it goes
     // on reporting every commit, as with no log, and does not fail ("e").
-    [woken, polled] = await runs([
-      [() => app.exec(`INSERT INTO t VALUES (${rows++})`), 2],
+    const [woken, polled] = await runs([
+      [insert, 2],
       [() => {
         removeMarmot(path);
         for (let i = 0; i < 20; i++) {
-          app.exec(`INSERT INTO t VALUES (${rows++})`);
+          insert();
           Atomics.wait(pause, 0, 0, 2);
         }
       }, 2],
