@@ -300,16 +300,22 @@ Deno.test({
         sql += `INSERT INTO t VALUES (${id}, 'v${id}');\n`;
       }
       await sqlite(bed.path, sql);
-      const publisher = bed.publisher();
+      const lines: string[] = [];
+      const publisher = bed.publisher({
+        log: createLogger({ write: (l) => lines.push(l) }),
+      });
       try {
         // The shard has no stream: its changes wait in its queue, retried.
         publisher.wake();
-        await new Promise((r) => setTimeout(r, 300));
-        assert.deepEqual(await bed.published(shard).catch(() => []), []);
-        // The stream appears (created again), and the subscriber asks for
-        // the shard's pending changes again while they are still queued.
-        await bed.addStream(shard);
+        await waitFor("a failed publish", () => publisher.stats.retries >= 1);
+        // Its stream is created again, as the subscriber finds: the shard is
+        // read up while all of its changes are still queued.
         publisher.republish(shard);
+        await waitFor(
+          "the shard read again",
+          () => lines.some((l) => l.includes("pending changes again")),
+        );
+        await bed.addStream(shard);
         await publisher.flush();
         assert.deepEqual(await bed.published(shard), keys);
         // One message per shard: the queued changes were not sent a second
