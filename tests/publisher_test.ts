@@ -75,6 +75,29 @@ async function withBed(
   }
 }
 
+/** Writes rows 1 to 40 of `t`; returns each shard's keys, in log order. */
+async function writeForty(bed: Bed): Promise<Map<number, string[]>> {
+  const keysOf = new Map<number, string[]>();
+  let sql = "";
+  for (let id = 1; id <= 40; id++) {
+    const shard = shardFor("t", String(id), SHARDS);
+    keysOf.set(shard, [...(keysOf.get(shard) ?? []), String(id)]);
+    sql += `INSERT INTO t VALUES (${id}, 'v${id}');\n`;
+  }
+  await sqlite(bed.path, sql);
+  return keysOf;
+}
+
+/** A publisher whose log lines are kept in `lines`. */
+function loggedPublisher(bed: Bed, options: Partial<PublisherOptions> = {}) {
+  const lines: string[] = [];
+  const publisher = bed.publisher({
+    log: createLogger({ write: (l) => lines.push(l) }),
+    ...options,
+  });
+  return { publisher, lines };
+}
+
 Deno.test({
   name:
     "Publisher: a shard that cannot publish does not hold back the others, and its changes go out in log order once it can",
@@ -194,12 +217,8 @@ Deno.test({
       }
       const stuck = shardFor("t", "1", SHARDS);
       for (let s = 0; s < SHARDS; s++) if (s !== stuck) await bed.addStream(s);
-      const lines: string[] = [];
       // A budget of 40 changes: the stuck shard's ~100 rows fill it.
-      const publisher = bed.publisher({
-        readLimit: 40,
-        log: createLogger({ write: (l) => lines.push(l) }),
-      });
+      const { publisher, lines } = loggedPublisher(bed, { readLimit: 40 });
       try {
         for (let from = 1; from <= 400; from += 50) {
           await sqlite(
@@ -245,18 +264,8 @@ Deno.test({
   fn: () =>
     withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
       for (let s = 0; s < SHARDS; s++) await bed.addStream(s);
-      const keysOf = new Map<number, string[]>();
-      let sql = "";
-      for (let id = 1; id <= 40; id++) {
-        const shard = shardFor("t", String(id), SHARDS);
-        keysOf.set(shard, [...(keysOf.get(shard) ?? []), String(id)]);
-        sql += `INSERT INTO t VALUES (${id}, 'v${id}');\n`;
-      }
-      await sqlite(bed.path, sql);
-      const lines: string[] = [];
-      const publisher = bed.publisher({
-        log: createLogger({ write: (l) => lines.push(l) }),
-      });
+      const keysOf = await writeForty(bed);
+      const { publisher, lines } = loggedPublisher(bed);
       try {
         await publisher.flush();
         // Published and acknowledged; nothing applies them back, so they
@@ -293,17 +302,8 @@ Deno.test({
     withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
       const shard = shardFor("t", "1", SHARDS);
       for (let s = 0; s < SHARDS; s++) if (s !== shard) await bed.addStream(s);
-      const keys: string[] = [];
-      let sql = "";
-      for (let id = 1; id <= 40; id++) {
-        if (shardFor("t", String(id), SHARDS) === shard) keys.push(String(id));
-        sql += `INSERT INTO t VALUES (${id}, 'v${id}');\n`;
-      }
-      await sqlite(bed.path, sql);
-      const lines: string[] = [];
-      const publisher = bed.publisher({
-        log: createLogger({ write: (l) => lines.push(l) }),
-      });
+      const keys = (await writeForty(bed)).get(shard);
+      const { publisher, lines } = loggedPublisher(bed);
       try {
         // The shard has no stream: its changes wait in its queue, retried.
         publisher.wake();
