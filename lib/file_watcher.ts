@@ -39,11 +39,11 @@ function watcherCommand(dir: string, names: string[]): [string, string[]] {
  * is busy that logged a change or changed the schema, the commit that woke
  * its watch, and when it arms its watch again). `check` should be cheap
  * (compare `PRAGMA data_version`); it is also called for some of marmot's
- * own commits (one that wakes an idle watch). When the child cannot run or dies, it is restarted after a pause
- * with a log line; marmot's interval scan covers the gap. While the child
- * cannot poll, marmot does, every event loop timer tick (about 2 ms), from
- * each change the child reports until it arms its watch again; the child
- * says when it polls again.
+ * own commits (one that wakes an idle watch). When the child cannot run or
+ * dies, it is restarted after a pause with a log line; marmot's interval
+ * scan covers the gap. While the child cannot poll, marmot does, every
+ * event loop timer tick (about 2 ms), from each change the child reports
+ * until it arms its watch again; the child says when it polls again.
  */
 export function watchDatabase(
   dbPath: string,

@@ -175,7 +175,7 @@ export class ReplicaDb implements Disposable {
    * The pragma statements read on every check and apply, prepared once and
    * kept across schema changes (preparing one costs as much as running it).
    */
-  #fixed = new Map<string, StatementSync>();
+  #pragmas = new Map<string, StatementSync>();
   #schemaVersion = -1;
   #options: ReplicaDbOptions;
   #origins = new Map<string, number>();
@@ -1024,15 +1024,12 @@ export class ReplicaDb implements Disposable {
     return s;
   }
 
-  /** A pragma statement, prepared once. */
-  #fixedStmt(sql: string): StatementSync {
-    let s = this.#fixed.get(sql);
-    if (!s) this.#fixed.set(sql, s = this.db.prepare(sql));
-    return s;
-  }
-
   #pragmaNumber(name: "schema_version" | "data_version"): number {
-    const row = this.#fixedStmt(`PRAGMA ${name}`).get() as Record<
+    let stmt = this.#pragmas.get(name);
+    if (!stmt) {
+      this.#pragmas.set(name, stmt = this.db.prepare(`PRAGMA ${name}`));
+    }
+    const row = stmt.get() as Record<
       string,
       number
     >;
