@@ -58,7 +58,10 @@ export interface MarmotConfig {
     streamPrefix: string;
     /** Subject prefix; shard N's subject is `<prefix>.<N>`. @default "marmot-change-log" */
     subjectPrefix: string;
-    /** The nats-server binary for the embedded mode. @default "nats-server" */
+    /**
+     * The nats-server binary for the embedded mode.
+     * @default {`$MARMOT_NATS_SERVER`, or "nats-server" on PATH}
+     */
     serverPath: string;
     /** Directory of the embedded server's store. @default "<db_path>-nats" */
     storeDir: string | undefined;
@@ -115,6 +118,18 @@ export function nodeIdFromHost(hostname: string = Deno.hostname()): number {
   return Number(fnv1a64(hostname) % 2147483646n) + 1;
 }
 
+/**
+ * The nats-server binary used when none is configured: `$MARMOT_NATS_SERVER`
+ * when it is set (and readable), otherwise `nats-server` on PATH.
+ */
+export function defaultServerBinary(): string {
+  try {
+    return Deno.env.get("MARMOT_NATS_SERVER") || "nats-server";
+  } catch {
+    return "nats-server"; // no permission to read the environment
+  }
+}
+
 /** The defaults for every key except `dbPath`. */
 export function defaultConfig(dbPath = ""): MarmotConfig {
   return {
@@ -139,7 +154,7 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
       clusterPeers: [],
       streamPrefix: "marmot-changes",
       subjectPrefix: "marmot-change-log",
-      serverPath: "nats-server",
+      serverPath: defaultServerBinary(),
       storeDir: undefined,
       user: undefined,
       password: undefined,

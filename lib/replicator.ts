@@ -5,6 +5,10 @@
  * @module
  */
 import { EchoTracker } from "./echo_tracker.ts";
+import {
+  CURRENT_TESTED_SERVER,
+  serverVersionWarning,
+} from "./nats/server_version.ts";
 import { guardDiscardedSockets } from "./nats/socket_guard.ts";
 import {
   jetstream,
@@ -246,6 +250,15 @@ export class Marmot implements AsyncDisposable {
         urls = [server.clientUrl];
       }
       nc = await connectWithRetry(urls, security, log, signal);
+      const serverVersion = nc.info?.version ?? "";
+      const versionWarning = serverVersionWarning(serverVersion);
+      if (versionWarning) {
+        log.warn("This nats-server is outside the tested range", {
+          version: serverVersion,
+          reason: versionWarning,
+          hint: `run nats-server ${CURRENT_TESTED_SERVER} or newer`,
+        });
+      }
       if (config.nats.urls.length > 0) {
         clusterSize = Math.max(1, new Set(nc.info?.connect_urls ?? []).size);
       }
@@ -414,6 +427,7 @@ export class Marmot implements AsyncDisposable {
           ? `embedded ${server.clientUrl}`
           : redactUserInfo(urls.join(",")),
         auth: describeSecurity(security),
+        server: serverVersion,
       });
       return marmot;
     } catch (e) {

@@ -3,11 +3,29 @@
 // compare nodes.
 import { fileURLToPath } from "node:url";
 import { V8_FLAGS } from "../cli.ts";
+import { defaultServerBinary } from "../lib/config.ts";
 import { pickFreePorts, startCluster } from "../lib/nats/nats_server.ts";
 
 export const CLI = fileURLToPath(new URL("../cli.ts", import.meta.url));
 const decoder = new TextDecoder();
 const encoder = new TextEncoder();
+
+/**
+ * The version of the nats-server the tests run (`$MARMOT_NATS_SERVER`, or
+ * `nats-server` on PATH), such as "2.15.3"; empty when it cannot be run.
+ */
+export const NATS_SERVER_VERSION: string = (() => {
+  try {
+    const out = new Deno.Command(defaultServerBinary(), {
+      args: ["--version"],
+      stdout: "piped",
+      stderr: "null",
+    }).outputSync();
+    return /v?(\d+\.\d+\.\d+\S*)/.exec(decoder.decode(out.stdout))?.[1] ?? "";
+  } catch {
+    return "";
+  }
+})();
 
 /** Options for tests that start processes and servers. */
 export const PROCESS_TEST = { sanitizeResources: false, sanitizeOps: false };

@@ -14,6 +14,7 @@ import { fileURLToPath } from "node:url";
 import { type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { V8_FLAGS } from "../cli.ts";
+import { defaultServerBinary } from "../lib/config.ts";
 import {
   NatsServer,
   pickFreePorts,
@@ -22,6 +23,7 @@ import {
 import {
   CLI,
   LoggedProcess,
+  NATS_SERVER_VERSION,
   PROCESS_TEST,
   sqlite,
   tempDir,
@@ -99,6 +101,14 @@ const NO_NETNS = await netnsProblem();
 const NO_TMPFS = await tmpfsProblem();
 if (NO_NETNS) console.warn(`chaos partition: skipped: ${NO_NETNS}`);
 if (NO_TMPFS) console.warn(`chaos disk-full: skipped: ${NO_TMPFS}`);
+if (NATS_SERVER_VERSION.startsWith("2.9.")) {
+  console.warn(
+    `chaos partition of a stream leader: skipped: nats-server ${NATS_SERVER_VERSION} keeps a cut-off leader's message at a sequence where the other replicas hold another (it runs on the current server)`,
+  );
+}
+
+/** `text` as one single-quoted sh word. */
+const shellQuote = (text: string) => `'${text.replaceAll("'", `'\\''`)}'`;
 
 /** What a writer process reports when it stops. */
 interface WriterCounts {
@@ -749,7 +759,9 @@ async function partitionScenario(leaderCut: boolean): Promise<void> {
   const wrapper = `${dir.path}/nats-server-in-netns`;
   await Deno.writeTextFile(
     wrapper,
-    `#!/bin/sh\nexec ip netns exec ${netns.name} nats-server "$@"\n`,
+    `#!/bin/sh\nexec ip netns exec ${netns.name} ${
+      shellQuote(defaultServerBinary())
+    } "$@"\n`,
   );
   await Deno.chmod(wrapper, 0o755);
   const [p0, p1, p2] = pickFreePorts(3) as [number, number, number];
@@ -843,9 +855,8 @@ Deno.test({
 
 Deno.test({
   name:
-    "chaos: a node partitioned with the stream leader converges after healing (nats-server 2.9.10 diverges: opt-in)",
-  ignore: NO_NETNS !== undefined ||
-    !Deno.env.get("MARMOT_CHAOS_LEADER_PARTITION"),
+    "chaos: a node partitioned with the stream leader converges after healing (not on nats-server 2.9, whose replicas diverge)",
+  ignore: NO_NETNS !== undefined || NATS_SERVER_VERSION.startsWith("2.9."),
   ...PROCESS_TEST,
   fn: () => partitionScenario(true),
 });

@@ -116,7 +116,11 @@ Deno.test({
         (error: unknown) => {
           assert.ok(error instanceof NatsServerError);
           assert.equal(error.name, "NatsServerError");
-          assert.match(error.message, /apt-get install nats-server/);
+          assert.match(
+            error.message,
+            /go install github.com\/nats-io\/nats-server/,
+          );
+          assert.match(error.message, /MARMOT_NATS_SERVER/);
           return true;
         },
       );

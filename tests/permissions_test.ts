@@ -3,7 +3,11 @@
 // replicating with no more than those flags.
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
-import { ConfigError, defaultConfig } from "../lib/config.ts";
+import {
+  ConfigError,
+  defaultConfig,
+  defaultServerBinary,
+} from "../lib/config.ts";
 import { permissionFlags, permissionsFor } from "../lib/permissions.ts";
 import {
   embeddedArgs,
@@ -24,7 +28,7 @@ Deno.test("permissionsFor() grants the database's directory, the files the confi
   assert.deepEqual(p, {
     read: ["/data", "/proc"],
     write: ["/data"],
-    run: ["nats-server", "/usr/bin/deno"],
+    run: [defaultServerBinary(), "/usr/bin/deno"],
   });
   Object.assign(config.nats, {
     storeDir: "/var/nats",

@@ -8,6 +8,7 @@ import {
   embeddedArgs,
   externalArgs,
   MarmotProcess,
+  NATS_SERVER_VERSION,
   pickFreePorts,
   PROCESS_TEST,
   sqlite,
@@ -210,6 +211,17 @@ Deno.test({
     try {
       await Promise.all(marmots.map((m) => m.waitForLog("Replicating", 60000)));
       assert.match(marmots[0]!.log, /replicas=3/);
+      // The embedded server is the tests' nats-server, and its version is told.
+      assert.ok(
+        marmots[0]!.log.includes(`server=${NATS_SERVER_VERSION}`),
+        marmots[0]!.tail(),
+      );
+      assert.equal(
+        marmots[0]!.log.includes(
+          "This nats-server is outside the tested range",
+        ),
+        NATS_SERVER_VERSION.startsWith("2.9."),
+      );
       await scenario(dbs);
       await stopAll(marmots);
       // The stop published everything: nothing waits in any change log.

@@ -7,6 +7,7 @@
 
 import { jetstreamManager } from "@nats-io/jetstream";
 import { connect, type ConnectionOptions } from "@nats-io/transport-node";
+import { defaultServerBinary } from "../config.ts";
 
 /** Options for {@linkcode NatsServer.start}. */
 export interface NatsServerOptions {
@@ -33,7 +34,7 @@ export interface NatsServerOptions {
   clusterName?: string;
   /** max_payload in bytes. @default {8388608} */
   maxPayload?: number;
-  /** Path of the nats-server binary. @default {"nats-server"} (looked up on PATH) */
+  /** Path of the nats-server binary. @default {defaultServerBinary()} */
   binary?: string;
   /** Extra lines appended verbatim to the generated config. */
   extraConfig?: string;
@@ -78,7 +79,7 @@ export class NatsServerError extends Error {
 }
 
 const INSTALL_HINT =
-  "Install nats-server (Debian: apt-get install nats-server; or https://github.com/nats-io/nats-server/releases)";
+  "Install nats-server (a release binary from https://github.com/nats-io/nats-server/releases, or go install github.com/nats-io/nats-server/v2@latest) or set MARMOT_NATS_SERVER to it";
 const READY_TIMEOUT_MS = 15_000;
 const STOP_TIMEOUT_MS = 5_000;
 const POLL_INTERVAL_MS = 50;
@@ -376,7 +377,7 @@ async function launch(
   clusterPort: number | undefined,
   signal: AbortSignal | undefined,
 ): Promise<Run> {
-  const binary = options.binary ?? "nats-server";
+  const binary = options.binary ?? defaultServerBinary();
   const configPath = `${storeDir}/${CONFIG_FILE}`;
   await killStale(storeDir, configPath);
   // It may hold credentials.

@@ -1,0 +1,182 @@
+// A real PocketBase (v0.39.11, built by .ci/run and found through
+// $MARMOT_POCKETBASE, or `pocketbase` on PATH) run by marmot with --exec on
+// two nodes: records written through either node's REST API reach the other.
+import assert from "node:assert/strict";
+import {
+  cli,
+  pickFreePorts,
+  PROCESS_TEST,
+  testBed,
+  waitConverged,
+  waitFor,
+} from "./_helpers.ts";
+
+/** The PocketBase binary, or why there is none. */
+function pocketbaseBinary(): { path?: string; missing?: string } {
+  const path = Deno.env.get("MARMOT_POCKETBASE") || "pocketbase";
+  try {
+    const out = new Deno.Command(path, {
+      args: ["--version"],
+      stdout: "null",
+      stderr: "null",
+    }).outputSync();
+    if (out.success) return { path };
+    return { missing: `"${path} --version" exited with ${out.code}` };
+  } catch (e) {
+    return { missing: `cannot run "${path}": ${(e as Error).message}` };
+  }
+}
+
+const PB = pocketbaseBinary();
+if (PB.missing) {
+  console.warn(
+    `pocketbase tests: skipped: ${PB.missing} (set MARMOT_POCKETBASE to the binary; .ci/run builds it)`,
+  );
+}
+
+const ADMIN = { identity: "admin@example.com", password: "marmot-test-pw-1" };
+
+/** Calls PocketBase's REST API; returns the status and the JSON body. */
+async function api(
+  base: string,
+  method: string,
+  path: string,
+  body?: unknown,
+  token?: string,
+): Promise<{ status: number; json: Record<string, unknown> }> {
+  const res = await fetch(`${base}${path}`, {
+    method,
+    headers: {
+      ...(body === undefined ? {} : { "content-type": "application/json" }),
+      ...(token ? { authorization: token } : {}),
+    },
+    ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+  });
+  const text = await res.text();
+  return { status: res.status, json: text ? JSON.parse(text) : {} };
+}
+
+async function waitHealthy(base: string, what: string): Promise<void> {
+  await waitFor(
+    `${what}'s /api/health`,
+    () =>
+      fetch(`${base}/api/health`).then(async (r) => {
+        await r.body?.cancel();
+        return r.ok;
+      }, () => false),
+    60000,
+  );
+}
+
+Deno.test({
+  name:
+    "PocketBase under marmot --exec: a node bootstrapped from the first one's snapshot serves its records, and records written through either API reach the other",
+  ignore: PB.missing !== undefined,
+  ...PROCESS_TEST,
+  async fn() {
+    await using bed = await testBed("marmot_pocketbase_");
+    const pb = PB.path!;
+    const dirs = [`${bed.dir}/n1/pb_data`, `${bed.dir}/n2/pb_data`];
+    for (const d of dirs) await Deno.mkdir(d, { recursive: true });
+    const [db1, db2] = dirs.map((d) => `${d}/data.db`) as [string, string];
+    const ports = pickFreePorts(2);
+    const urls = ports.map((p) => `http://127.0.0.1:${p}`) as [string, string];
+    const serve = (i: number) =>
+      `${pb} serve --http=127.0.0.1:${ports[i]} --dir ${
+        dirs[i]
+      } --automigrate=false > ${dirs[i]}/../pocketbase.log 2>&1`;
+
+    // Node 1: PocketBase creates its database; one superuser.
+    const upsert = await new Deno.Command(pb, {
+      args: ["superuser", "upsert", ADMIN.identity, ADMIN.password, "--dir"]
+        .concat(dirs[0]!),
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    assert.ok(upsert.success, new TextDecoder().decode(upsert.stderr));
+    const node1 = bed.start(db1, 1, ["--exec", serve(0)]);
+    await waitHealthy(urls[0], "node 1");
+    const auth = await api(
+      urls[0],
+      "POST",
+      "/api/collections/_superusers/auth-with-password",
+      ADMIN,
+    );
+    assert.equal(auth.status, 200, JSON.stringify(auth.json));
+    const token = auth.json.token as string;
+    const created = await api(urls[0], "POST", "/api/collections", {
+      name: "notes",
+      type: "base",
+      fields: [{ name: "title", type: "text" }],
+      listRule: "",
+      viewRule: "",
+      createRule: "",
+      updateRule: "",
+      deleteRule: "",
+    }, token);
+    assert.equal(created.status, 200, JSON.stringify(created.json));
+    const first = await api(urls[0], "POST", "/api/collections/notes/records", {
+      title: "written before the snapshot",
+    });
+    assert.equal(first.status, 200, JSON.stringify(first.json));
+
+    // Node 2 starts from an empty directory: a snapshot of node 1.
+    const saved = await cli(["snapshot", "save", ...bed.args(db1, 1)]);
+    assert.equal(saved.code, 0, saved.stderr);
+    const node2 = bed.start(db2, 2, ["--bootstrap", "--exec", serve(1)]);
+    await waitHealthy(urls[1], "node 2");
+
+    // The superuser token of node 1 is accepted by node 2.
+    const listed = await api(
+      urls[1],
+      "GET",
+      "/api/collections/notes",
+      undefined,
+      token,
+    );
+    assert.equal(listed.status, 200, JSON.stringify(listed.json));
+
+    const get = (i: number, id: string) =>
+      api(urls[i]!, "GET", `/api/collections/notes/records/${id}`);
+    const firstId = first.json.id as string;
+    assert.equal((await get(1, firstId)).json.title, first.json.title);
+
+    // Written on node 1, read on node 2; updated on node 2, read on node 1.
+    const note = await api(urls[0], "POST", "/api/collections/notes/records", {
+      title: "from node 1",
+    });
+    assert.equal(note.status, 200, JSON.stringify(note.json));
+    const id = note.json.id as string;
+    await waitFor(
+      "node 1's record through node 2's API",
+      async () => (await get(1, id)).json.title === "from node 1",
+    );
+    const patched = await api(
+      urls[1],
+      "PATCH",
+      `/api/collections/notes/records/${id}`,
+      { title: "edited on node 2" },
+    );
+    assert.equal(patched.status, 200, JSON.stringify(patched.json));
+    await waitFor(
+      "node 2's edit through node 1's API",
+      async () => (await get(0, id)).json.title === "edited on node 2",
+    );
+    const deleted = await api(
+      urls[0],
+      "DELETE",
+      `/api/collections/notes/records/${firstId}`,
+    );
+    assert.equal(deleted.status, 204, JSON.stringify(deleted.json));
+    await waitFor(
+      "node 1's delete through node 2's API",
+      async () => (await get(1, firstId)).status === 404,
+    );
+
+    await waitConverged([db1, db2]);
+    for (const node of [node1, node2]) {
+      const status = await node.stop();
+      assert.equal(status.code, 0, node.tail());
+    }
+  },
+});
