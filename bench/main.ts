@@ -21,6 +21,7 @@ import type { ObserverStart, Sample } from "./_observer.ts";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
 import { type NatsServer, startCluster } from "../lib/nats/nats_server.ts";
 import { V8_FLAGS } from "../cli.ts";
+import { defaultServerBinary } from "../lib/config.ts";
 
 const { values: flags } = parseArgs({
   // `deno task bench -- --rows 10` passes the "--" through: drop it.
@@ -263,6 +264,18 @@ function count(conn: DatabaseSync): number {
   );
 }
 
+/** The version the benchmark's nats-server prints (the tests' binary). */
+function natsServerVersion(): string {
+  const out = new Deno.Command(defaultServerBinary(), {
+    args: ["--version"],
+    stdout: "piped",
+  }).outputSync();
+  return new TextDecoder().decode(out.stdout).trim().replace(
+    /^nats-server: v?/,
+    "",
+  );
+}
+
 async function main() {
   const dir = await Deno.makeTempDir({ prefix: "marmot_bench_" });
   const servers = await startCluster(`${dir}/nats`, 3);
@@ -454,6 +467,7 @@ async function main() {
       machine: {
         cores: navigator.hardwareConcurrency,
         deno: Deno.version.deno,
+        natsServer: natsServerVersion(),
       },
       limits: {
         sqliteInsertsPerSecond: plain,
@@ -596,7 +610,7 @@ function printTable(r: any) {
   ];
   const w = Math.max(...rows.map(([k]) => k.length));
   console.log(
-    `marmot bench ${r.date} (${r.machine.cores} cores, deno ${r.machine.deno}, ${r.options.shards} shards)`,
+    `marmot bench ${r.date} (${r.machine.cores} cores, deno ${r.machine.deno}, nats-server ${r.machine.natsServer}, ${r.options.shards} shards)`,
   );
   for (const [k, v] of rows) console.log(`${k.padEnd(w)}  ${v}`);
 }
