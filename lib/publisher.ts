@@ -19,11 +19,7 @@
  *
  * @module
  */
-import type {
-  JetStreamClient,
-  JetStreamManager,
-  PubAck,
-} from "@nats-io/jetstream";
+import type { JetStreamClient, PubAck } from "@nats-io/jetstream";
 import {
   type Batch,
   type Change,
@@ -34,7 +30,6 @@ import {
   type TableRef,
 } from "./codec.ts";
 import type { PendingChange, ReplicaDb } from "./db/replica_db.ts";
-import type { EchoTracker, Missing } from "./echo_tracker.ts";
 import type { Logger } from "./log.ts";
 import { delay } from "./nats/streams.ts";
 import { shardFor } from "./shard.ts";
@@ -55,15 +50,6 @@ export interface PublisherOptions {
   readLimit?: number;
   /** zstd-compress batches. @default true */
   compress?: boolean;
-  /** Told of every acknowledged message, to notice one that does not come back. */
-  echoes?: EchoTracker;
-  /**
-   * The stream of a shard: with it, own messages acknowledged recently are
-   * checked against a new stream leader (see {@linkcode Publisher}).
-   */
-  stream?: (shard: number) => string;
-  /** How often the stream leaders are looked at, in ms. @default 5000 */
-  leaderCheckMs?: number;
   /** Logger. */
   log: Logger;
 }
@@ -119,106 +105,10 @@ export class Publisher {
   /** Per shard with a queue: when it last published, or got its queue. */
   #progress = new Map<number, number>();
 
-  /** Per shard: own messages acknowledged lately, oldest first. */
-  #recent = new Map<number, RecentAck[]>();
-  /** Per shard: how many rows `#recent` holds. */
-  #recentKeys = new Map<number, number>();
-  /** Per shard: the stream leader last seen. */
-  #leaders = new Map<number, string>();
-  #leaderTimer: ReturnType<typeof setInterval> | undefined;
-  #checking = false;
-  #jsm: JetStreamManager | undefined;
-
   constructor(db: ReplicaDb, js: JetStreamClient, options: PublisherOptions) {
     this.#db = db;
     this.#js = js;
     this.#options = options;
-  }
-
-  /**
-   * Keeps what an acknowledged message carried, to check it against the
-   * stream leader should the leader change (see {@linkcode #checkLeaders}).
-   */
-  #remember(
-    shard: number,
-    seq: number,
-    msgID: string,
-    changes: PendingChange[],
-  ) {
-    if (!this.#options.stream) return;
-    let list = this.#recent.get(shard);
-    if (!list) this.#recent.set(shard, list = []);
-    // One string per message: a row per change would cost an object each.
-    list.push({
-      seq,
-      msgID,
-      at: Date.now(),
-      rows: changes.length,
-      keys: changes.map((c) => `${c.table.name}\u0000${c.key}`).join("\u0001"),
-    });
-    let keys = (this.#recentKeys.get(shard) ?? 0) + changes.length;
-    while (list.length > 1 && keys > RECENT_KEYS) {
-      keys -= list.shift()!.rows;
-    }
-    this.#recentKeys.set(shard, keys);
-    this.#leaderTimer ??= setInterval(
-      () => this.#checkLeaders(),
-      this.#options.leaderCheckMs ?? LEADER_CHECK_MS,
-    );
-  }
-
-  /**
-   * nats-server 2.9 can acknowledge a message on a stream leader cut off
-   * from the others and keep it on that leader's replica only: after the
-   * partition heals, the stream the other replicas serve has another message
-   * at that sequence, and this node, reading the cut-off replica, saw its
-   * own copy come back. So when a shard's stream leader changes, the own
-   * messages acknowledged lately are looked up on the new leader; the rows
-   * of those it does not have are captured again and published anew.
-   */
-  async #checkLeaders(): Promise<void> {
-    if (this.#checking || this.#abort.signal.aborted) return;
-    this.#checking = true;
-    try {
-      // Without the API check: that would be one more request each time.
-      const jsm = this.#jsm ??= await this.#js.jetstreamManager(false);
-      for (const [shard, list] of this.#recent) {
-        const name = this.#options.stream!(shard);
-        const now = Date.now();
-        while (list.length > 0 && now - list[0]!.at > RECENT_MS) {
-          this.#recentKeys.set(
-            shard,
-            this.#recentKeys.get(shard)! - list.shift()!.rows,
-          );
-        }
-        const leader = (await jsm.streams.info(name)).cluster?.leader;
-        const before = this.#leaders.get(shard);
-        if (leader) this.#leaders.set(shard, leader);
-        if (!leader || before === undefined || before === leader) continue;
-        const checked = list.splice(0);
-        this.#recentKeys.set(shard, 0);
-        const lost: [string, string][] = [];
-        for (const r of checked) {
-          const m = await jsm.streams.getMessage(name, { seq: r.seq });
-          if (m?.header?.get("Nats-Msg-Id") === r.msgID) continue;
-          for (const row of r.keys.split("\u0001")) {
-            const at = row.indexOf("\u0000");
-            lost.push([row.slice(0, at), row.slice(at + 1)]);
-          }
-        }
-        if (lost.length === 0) continue;
-        const captured = this.#db.recapture(lost);
-        this.#options.log.warn(
-          "The new stream leader lacks messages the old one acknowledged; capturing their rows again",
-          { shard, leader, was: before, rows: captured },
-        );
-        this.wake();
-      }
-    } catch (e) {
-      this.#options.log.debug("Cannot check the stream leaders", { error: e });
-    } finally {
-      this.#checking = false;
-    }
   }
 
   /** Starts a pass over the change log (or schedules one after the current). */
@@ -244,48 +134,6 @@ export class Publisher {
     this.wake();
   }
 
-  /**
-   * Publishes again, under new change sequences, the changes of messages
-   * that JetStream acknowledged but that did not come back from the stream
-   * (see {@linkcode EchoTracker}).
-   */
-  rerecord(shard: number, missing: Missing[]): void {
-    if (this.#abort.signal.aborted) return; // read again on the next start
-    let moved = 0;
-    try {
-      for (const r of missing) {
-        moved += this.#db.rerecord(
-          r.from,
-          r.to,
-          (table, key) => this.#shardOf(table, key) === shard,
-        );
-      }
-    } catch (e) {
-      // A busy or full database: those already moved are in the log under
-      // new sequences (moving one again is harmless); try the rest later.
-      this.#options.log.error(
-        "Cannot record lost changes again, retrying",
-        { shard, error: e },
-      );
-      delay(1000, this.#abort.signal).then(
-        () => this.rerecord(shard, missing),
-        () => {},
-      );
-      if (moved === 0) return;
-    }
-    if (moved === 0) return;
-    this.#options.log.warn(
-      "Published changes did not come back from their stream (it lost them); publishing them again",
-      {
-        shard,
-        changes: moved,
-        streamSeqs: missing.map((m) => m.streamSeq).join(","),
-        logSeqs: missing.map((m) => `${m.from}-${m.to}`).join(","),
-      },
-    );
-    this.wake();
-  }
-
   /** Resolves when everything captured so far is published. */
   async flush(): Promise<void> {
     this.wake();
@@ -301,7 +149,6 @@ export class Publisher {
   /** Stops publishing; changes not yet published stay in the change log. */
   async close(): Promise<void> {
     this.#abort.abort(new Error("Publisher closed"));
-    clearInterval(this.#leaderTimer);
     this.#wakeReader();
     while (this.#running || this.#senders.size > 0) {
       await this.#running?.catch(() => {});
@@ -543,16 +390,8 @@ export class Publisher {
     const msgID =
       `${this.#options.nodeId}.${this.#db.epoch}.${shard}.${first}.${last}`;
     const subject = this.#options.subject(shard);
-    const echoes = this.#options.echoes;
-    let from = first, to = last;
-    for (const c of changes) {
-      if (c.seq < from) from = c.seq;
-      if (c.seq > to) to = c.seq;
-    }
     if (bytes.length <= room) {
-      const ack = await this.#publish(subject, bytes, msgID);
-      echoes?.published(shard, ack.seq, { from, to }, ack.duplicate);
-      this.#remember(shard, ack.seq, msgID, changes);
+      await this.#publish(subject, bytes, msgID);
     } else {
       // One row too large for a message: its envelope goes in parts, one
       // after another, that every node puts back together.
@@ -568,8 +407,7 @@ export class Publisher {
         return this.#parkLocal(changes[0]!, (e as Error).message);
       }
       for (const [i, part] of parts.entries()) {
-        const ack = await this.#publish(subject, part, `${msgID}.p${i}`);
-        echoes?.published(shard, ack.seq, { from, to }, ack.duplicate);
+        await this.#publish(subject, part, `${msgID}.p${i}`);
       }
       this.stats.parts += parts.length;
     }
@@ -640,24 +478,6 @@ export class Publisher {
     }
   }
 }
-
-/** An own message acknowledged lately, and the rows it carried. */
-interface RecentAck {
-  seq: number;
-  msgID: string;
-  at: number;
-  /** How many rows. */
-  rows: number;
-  /** Each row's table and key text, NUL-separated; rows separated by U+0001. */
-  keys: string;
-}
-
-/** How often the shard streams' leaders are looked at. */
-const LEADER_CHECK_MS = 5000;
-/** How long an acknowledged message is kept for a check against a new leader. */
-const RECENT_MS = 5 * 60_000;
-/** Rows of acknowledged messages kept per shard for that check, at most. */
-const RECENT_KEYS = 2_500;
 
 /** Bytes of read changes that may wait in the shard queues. */
 const QUEUE_BYTES = 8 * 1024 * 1024;

@@ -4,7 +4,6 @@
  *
  * @module
  */
-import { EchoTracker } from "./echo_tracker.ts";
 import {
   CURRENT_TESTED_SERVER,
   serverVersionWarning,
@@ -332,13 +331,7 @@ export class Marmot implements AsyncDisposable {
         }
       }
       const js = jetstream(nc, { timeout: 5000 });
-      const echoes = new EchoTracker(
-        (shard, missing) => publisher.rerecord(shard, missing),
-        (shard) => subscriber.recheck(shard),
-      );
       const publisher = new Publisher(db, js, {
-        echoes,
-        stream: (s) => streamName(config.nats.streamPrefix, s),
         nodeId: config.nodeId,
         shards: config.replicationLog.shards,
         subject: (s) => subjectName(config.nats.subjectPrefix, s),
@@ -352,7 +345,6 @@ export class Marmot implements AsyncDisposable {
         stream: (s) => streamName(config.nats.streamPrefix, s),
         onStreamRestart: (s) => publisher.republish(s),
         onRerecorded: () => publisher.wake(),
-        echoes,
         log,
       });
       for (let attempt = 1;; attempt++) {

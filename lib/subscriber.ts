@@ -8,7 +8,6 @@
  *
  * @module
  */
-import type { EchoTracker } from "./echo_tracker.ts";
 import {
   type ConsumerMessages,
   DeliverPolicy,
@@ -44,8 +43,6 @@ export interface SubscriberOptions {
   onStreamRestart?: (shard: number) => void;
   /** Called when own changes got new sequences to publish again. */
   onRerecorded?: () => void;
-  /** Told what this node applied of its own messages, to notice one that does not come back. */
-  echoes?: EchoTracker;
   /** Called after each apply transaction (tests and the CLI use it for progress). */
   onApplied?: (result: { messages: number; applied: number }) => void;
   /** Logger. */
@@ -157,14 +154,12 @@ export class Subscriber {
     const info = await (await this.#js.streams.get(stream)).info();
     const known = this.#db.streamCreated(stream);
     if (known === info.created) {
-      this.#options.echoes?.resume(shard);
       return from;
     }
     if (
       (known === undefined && from - 1 <= info.state.last_seq) || from === 1
     ) {
       this.#db.setStreamCreated(stream, info.created);
-      this.#options.echoes?.resume(shard);
       return from;
     }
     // Its start may be gone already (its limits): the first message it has.
@@ -180,7 +175,6 @@ export class Subscriber {
     this.#db.setStreamCreated(stream, info.created, { shard, seq: start - 1 });
     this.#expected.set(shard, start);
     this.#gapped.delete(shard);
-    this.#options.echoes?.reset(shard);
     this.#options.onStreamRestart?.(shard);
     this.#options.log.error(
       "Shard stream was deleted and created again: this shard starts over from the new stream's first message. Changes of other nodes that the old stream held and this node had not applied are missing here; run `marmot verify`, and restore a snapshot if it finds differences",
@@ -433,22 +427,6 @@ export class Subscriber {
         { changes: result.rerecorded },
       );
       this.#options.onRerecorded?.();
-    }
-    const echoes = this.#options.echoes;
-    if (echoes) {
-      const upTo = new Map<number, number>();
-      const own = new Map<number, number[]>();
-      for (const m of messages) {
-        upTo.set(m.shard, Math.max(upTo.get(m.shard) ?? 0, m.seq));
-        if (!(m.batch instanceof Error) && this.#isOwn(m.batch)) {
-          const seqs = own.get(m.shard);
-          if (seqs) seqs.push(m.seq);
-          else own.set(m.shard, [m.seq]);
-        }
-      }
-      for (const [shard, seq] of upTo) {
-        echoes.applied(shard, seq, own.get(shard) ?? []);
-      }
     }
     this.stats.messages += messages.length;
     this.stats.applied += result.applied;

@@ -745,11 +745,8 @@ async function placeLeaders(
  * nats-server 2.9.10 that makes the stream's replicas diverge: the old leader
  * keeps a message it stored in the minority, at a sequence where the others
  * hold a different one, and consumers on it never see the majority's
- * message (reproduced without marmot). So by default the cut-off server
- * leads no stream; MARMOT_CHAOS_LEADER_PARTITION=1 runs that case too. Even
- * then a replica occasionally diverges when the partition heals (a leader on
- * the majority side deposed by the returning server's higher term, it seems);
- * `withDiagnostics` then names the stream and sequence.
+ * message (reproduced without marmot), so that case is skipped on 2.9. If a
+ * replica diverges, `withDiagnostics` names the stream and sequence.
  */
 async function partitionScenario(leaderCut: boolean): Promise<void> {
   await using dir = await tempDir("marmot_chaos_partition_");

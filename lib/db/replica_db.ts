@@ -434,58 +434,6 @@ export class ReplicaDb implements Disposable {
     });
   }
 
-  /**
-   * Gives the change log entries from `from` to `to` (for which `keep` says
-   * true) new sequences, past every other: their message is gone from the
-   * stream, and the other nodes may have applied later changes of this
-   * node, so under their old sequences they would be skipped.
-   *
-   * @returns how many entries moved
-   */
-  rerecord(
-    from: number,
-    to: number,
-    keep: (table: string, key: string) => boolean,
-  ): number {
-    return this.#transaction("IMMEDIATE", () => {
-      const rows = this.#stmt(
-        "changes.range",
-        () =>
-          `SELECT seq, tbl, CASE WHEN typeof(k) = 'text' THEN k END AS k, ${KEY_TEXT_OF_K} AS kq FROM ${T.changes} WHERE seq BETWEEN ? AND ? AND tbl IS NOT NULL ORDER BY seq`,
-      ).all(from, to) as {
-        seq: bigint;
-        tbl: string;
-        k: string | null;
-        kq: string;
-      }[];
-      let moved = 0;
-      for (const r of rows) {
-        const k = this.#keyText(r);
-        if (k === undefined || !keep(r.tbl, k)) continue;
-        this.#moveChange(r.seq);
-        moved++;
-      }
-      return moved;
-    });
-  }
-
-  /**
-   * Logs rows as changed again (table, key text), as a capture trigger
-   * would: their current state is published anew.
-   *
-   * @returns how many were logged
-   */
-  recapture(rows: [string, string][]): number {
-    return this.#transaction("IMMEDIATE", () => {
-      const insert = this.#stmt(
-        "changes.recapture",
-        () => `INSERT INTO ${T.changes}(tbl, k) VALUES (?, ?)`,
-      );
-      for (const [table, key] of rows) insert.run(table, storedKey(key));
-      return rows.length;
-    });
-  }
-
   /** Gives the change log entry `seq` the next sequence. */
   #moveChange(seq: bigint | number): void {
     this.#stmt(
