@@ -1,6 +1,7 @@
 // A real PocketBase (v0.39.11, built by .ci/run and found through
 // $MARMOT_POCKETBASE, or `pocketbase` on PATH) run by marmot with --exec on
-// two nodes: records written through either node's REST API reach the other.
+// two nodes: records written through either node's REST API reach the other,
+// and PocketBase waits for a write lock another process holds.
 import assert from "node:assert/strict";
 import {
   cli,
@@ -66,6 +67,37 @@ async function waitHealthy(base: string, what: string): Promise<void> {
       }, () => false),
     60000,
   );
+}
+
+/** A sqlite3 process holding `path`'s write lock until `release()`. */
+async function holdWriteLock(
+  path: string,
+): Promise<{ release(): Promise<void> }> {
+  const child = new Deno.Command("sqlite3", {
+    args: ["-batch", path],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  const writer = child.stdin.getWriter();
+  const encoder = new TextEncoder();
+  await writer.write(encoder.encode("BEGIN IMMEDIATE;\nSELECT 'locked';\n"));
+  const reader = child.stdout.pipeThrough(new TextDecoderStream())
+    .getReader();
+  let out = "";
+  while (!out.includes("locked")) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error("sqlite3 exited before it held the lock");
+    out += value;
+  }
+  return {
+    async release() {
+      await writer.write(encoder.encode("COMMIT;\n"));
+      await writer.close();
+      await reader.cancel();
+      await child.status;
+    },
+  };
 }
 
 Deno.test({
@@ -172,6 +204,20 @@ Deno.test({
       "node 1's delete through node 2's API",
       async () => (await get(1, firstId)).status === 404,
     );
+
+    // PocketBase (modernc.org/sqlite, no cgo) honours SQLite's file locks:
+    // its write waits while another process holds the write lock.
+    const lock = await holdWriteLock(db2);
+    const pending = api(urls[1], "POST", "/api/collections/notes/records", {
+      title: "written while another process held the lock",
+    });
+    const early = await Promise.race([
+      pending.then(() => "answered"),
+      new Promise((r) => setTimeout(() => r("waiting"), 500)),
+    ]);
+    await lock.release();
+    assert.equal(early, "waiting", "PocketBase wrote past another's lock");
+    assert.equal((await pending).status, 200);
 
     await waitConverged([db1, db2]);
     for (const node of [node1, node2]) {
