@@ -24,12 +24,18 @@ import {
   defaultConfig,
   type MarmotConfig,
   validateConfig,
-} from "./lib/config.ts";
+} from "./lib/config/config.ts";
 import { DatabaseError, removeMarmot } from "./lib/db/replica_db.ts";
 import { createLogger } from "./lib/log.ts";
-import { Marmot } from "./lib/replicator.ts";
-import { snapshotRestore, snapshotSave } from "./lib/snapshot_command.ts";
-import { verifyCommand, type VerifyFlags } from "./lib/verify_command.ts";
+import { Marmot } from "./lib/marmot.ts";
+import {
+  snapshotRestore,
+  snapshotSave,
+} from "./lib/snapshot/snapshot_command.ts";
+import {
+  verifyCommand,
+  type VerifyFlags,
+} from "./lib/verify/verify_command.ts";
 
 const USAGE =
   `marmot ${denoJson.version}: multi-primary SQLite replication over NATS JetStream
@@ -396,8 +402,8 @@ function waitClosed(_marmot: Marmot, signal: AbortSignal): Promise<void> {
 
 if (import.meta.main) {
   if (Deno.args[0] === "__watch") {
-    // The file watcher child of a `deno compile` binary (lib/file_watcher.ts).
-    const { watchMain } = await import("./lib/watch_main.ts");
+    // The file watcher child of a `deno compile` binary (lib/watch/file_watcher.ts).
+    const { watchMain } = await import("./lib/watch/watch_main.ts");
     await watchMain(Deno.args.slice(1));
     Deno.exit(0);
   }

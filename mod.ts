@@ -40,13 +40,13 @@ export {
   type MarmotOptions,
   type MarmotStats,
   resolveConfig,
-} from "./lib/replicator.ts";
+} from "./lib/marmot.ts";
 export {
   ConfigError,
   defaultConfig,
   type LogFormat,
   type MarmotConfig,
-} from "./lib/config.ts";
+} from "./lib/config/config.ts";
 export { DatabaseError, removeMarmot } from "./lib/db/replica_db.ts";
 export { NatsServerError } from "./lib/nats/nats_server.ts";
 export { CodecError } from "./lib/codec.ts";
@@ -54,7 +54,7 @@ export {
   restoreSnapshot,
   SnapshotError,
   type SnapshotInfo,
-} from "./lib/db/snapshot.ts";
+} from "./lib/snapshot/snapshot.ts";
 export { shardFor } from "./lib/shard.ts";
 export {
   createLogger,
@@ -74,7 +74,7 @@ export {
   type VerifyOptions,
   VerifyProblem,
   type VerifyResult,
-} from "./lib/verify.ts";
+} from "./lib/verify/verify.ts";
 export type { PublisherStats } from "./lib/publisher.ts";
 export type { SubscriberStats } from "./lib/subscriber.ts";
 export { main } from "./cli.ts";

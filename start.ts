@@ -13,7 +13,7 @@
 import { parseArgs } from "node:util";
 import { fileURLToPath } from "node:url";
 import { parseCommandLine, V8_FLAGS } from "./cli.ts";
-import { permissionFlags } from "./lib/permissions.ts";
+import { permissionFlags } from "./lib/config/permissions.ts";
 
 const CLI = fileURLToPath(new URL("./cli.ts", import.meta.url));
 

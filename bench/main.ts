@@ -21,7 +21,7 @@ import type { ObserverStart, Sample } from "./_observer.ts";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
 import { type NatsServer, startCluster } from "../lib/nats/nats_server.ts";
 import { V8_FLAGS } from "../cli.ts";
-import { defaultServerBinary } from "../lib/config.ts";
+import { defaultServerBinary } from "../lib/config/config.ts";
 
 const { values: flags } = parseArgs({
   // `deno task bench -- --rows 10` passes the "--" through: drop it.

@@ -3,7 +3,7 @@
  *
  * @module
  */
-import type { LogFormat } from "./config.ts";
+import type { LogFormat } from "./config/config.ts";
 
 /** Log levels, least to most severe. */
 export const LogLevel = {

@@ -3,7 +3,7 @@
 // compare nodes.
 import { fileURLToPath } from "node:url";
 import { V8_FLAGS } from "../cli.ts";
-import { defaultServerBinary } from "../lib/config.ts";
+import { defaultServerBinary } from "../lib/config/config.ts";
 import { pickFreePorts, startCluster } from "../lib/nats/nats_server.ts";
 
 export const CLI = fileURLToPath(new URL("../cli.ts", import.meta.url));

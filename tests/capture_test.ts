@@ -12,7 +12,7 @@ import {
   splitEnvelope,
   type SqlValue,
 } from "../lib/codec.ts";
-import { parseKey } from "../lib/db/_sql.ts";
+import { parseKey } from "../lib/db/sql.ts";
 import {
   type IncomingMessage,
   type PendingChange,

@@ -14,7 +14,7 @@ import { fileURLToPath } from "node:url";
 import { type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { V8_FLAGS } from "../cli.ts";
-import { defaultServerBinary } from "../lib/config.ts";
+import { defaultServerBinary } from "../lib/config/config.ts";
 import {
   NatsServer,
   pickFreePorts,

@@ -1,4 +1,4 @@
-// Unit tests of the configuration (lib/config.ts): a TOML file sets every
+// Unit tests of the configuration (lib/config/config.ts): a TOML file sets every
 // field, and every kind of bad input is refused with a ConfigError that names
 // the key and the value.
 import assert from "node:assert/strict";
@@ -11,7 +11,7 @@ import {
   type MarmotConfig,
   nodeIdFromHost,
   validateConfig,
-} from "../lib/config.ts";
+} from "../lib/config/config.ts";
 import { createUser } from "@nats-io/nkeys";
 import { loadSecurity, routeCredentials } from "../lib/nats/auth.ts";
 
@@ -532,7 +532,7 @@ Deno.test("nodeIdFromHost() ids are accepted as node_id", () => {
 Deno.test({
   name:
     "applyToml() says that a section name given a plain value must be a table",
-  // BUG: lib/config.ts applyToml() reports a known section written as a plain
+  // BUG: lib/config/config.ts applyToml() reports a known section written as a plain
   // value as an unknown key. Input: `nats = "x"`; observed:
   // 'Invalid config file "bad.toml": unknown key "nats"', which sends the
   // user looking for a typo in a key that exists and omits the value.

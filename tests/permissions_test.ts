@@ -7,8 +7,8 @@ import {
   ConfigError,
   defaultConfig,
   defaultServerBinary,
-} from "../lib/config.ts";
-import { permissionFlags, permissionsFor } from "../lib/permissions.ts";
+} from "../lib/config/config.ts";
+import { permissionFlags, permissionsFor } from "../lib/config/permissions.ts";
 import {
   embeddedArgs,
   pickFreePorts,

@@ -7,7 +7,7 @@ import { connect } from "@nats-io/transport-node";
 import { createUser } from "@nats-io/nkeys";
 import { startCluster } from "../lib/nats/nats_server.ts";
 import { guardDiscardedSockets } from "../lib/nats/socket_guard.ts";
-import { verify, VerifyError } from "../lib/verify.ts";
+import { verify, VerifyError } from "../lib/verify/verify.ts";
 import {
   embeddedArgs,
   MarmotProcess,

@@ -8,9 +8,9 @@ import {
   restoreSnapshot,
   SnapshotError,
   type SnapshotInfo,
-} from "../lib/db/snapshot.ts";
+} from "../lib/snapshot/snapshot.ts";
 import { silentLogger } from "../lib/log.ts";
-import { Marmot } from "../lib/replicator.ts";
+import { Marmot } from "../lib/marmot.ts";
 import {
   cli,
   PROCESS_TEST,

@@ -9,9 +9,9 @@ import {
   checksumRanges,
   checksumTable,
   rowDigests,
-} from "../lib/db/checksum.ts";
+} from "../lib/verify/checksum.ts";
 import { listTables, type TableInfo } from "../lib/db/schema.ts";
-import { verify } from "../lib/verify.ts";
+import { verify } from "../lib/verify/verify.ts";
 import {
   CLI,
   cli,

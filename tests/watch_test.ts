@@ -1,10 +1,10 @@
-// Commit detection (lib/file_watcher.ts and its child, lib/watch_main.ts)
+// Commit detection (lib/watch/file_watcher.ts and its child, lib/watch/watch_main.ts)
 // on real SQLite files written by the sqlite3 command.
 import assert from "node:assert/strict";
 import { DatabaseSync } from "node:sqlite";
 import { removeMarmot, ReplicaDb } from "../lib/db/replica_db.ts";
-import { watchDatabase } from "../lib/file_watcher.ts";
-import { RETRY_MS } from "../lib/watch_main.ts";
+import { watchDatabase } from "../lib/watch/file_watcher.ts";
+import { RETRY_MS } from "../lib/watch/watch_main.ts";
 import { createLogger } from "../lib/log.ts";
 import { PROCESS_TEST, sqlite, tempDir, waitFor } from "./_helpers.ts";
 
@@ -57,7 +57,7 @@ async function everyCommit(changeLog: boolean) {
 
 /** The watcher child itself, its lines kept apart ("a", "c", ...). */
 function watcherChild(dir: string, name: string) {
-  const main = new URL("../lib/watch_main.ts", import.meta.url).pathname;
+  const main = new URL("../lib/watch/watch_main.ts", import.meta.url).pathname;
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", `--allow-read=${dir}`, main, dir, name, `${name}-wal`],
     stdout: "piped",

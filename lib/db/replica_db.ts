@@ -33,7 +33,7 @@ import {
   type SqlValue,
   type TableRef,
 } from "../codec.ts";
-import { parseKey, quoteIdent, quoteText } from "./_sql.ts";
+import { parseKey, quoteIdent, quoteText } from "./sql.ts";
 import { listTables, MARMOT_PREFIX, type TableInfo } from "./schema.ts";
 
 const T = {

@@ -18,7 +18,7 @@ import {
   nkeyAuthenticator,
 } from "@nats-io/transport-node";
 import { fromSeed } from "@nats-io/nkeys";
-import { ConfigError, type MarmotConfig } from "../config.ts";
+import { ConfigError, type MarmotConfig } from "../config/config.ts";
 
 /** Loaded credentials and TLS files. */
 export interface NatsSecurity {
@@ -203,7 +203,7 @@ export function isSecured(s: NatsSecurity): boolean {
   return Boolean(s.user || s.token || s.nkeySeed || s.tls);
 }
 
-export { redactUserInfo } from "../config.ts";
+export { redactUserInfo } from "../config/config.ts";
 
 /** Replaces every secret of `s` that occurs in `text` with `***`. */
 export function redactSecrets(s: NatsSecurity, text: string): string {

@@ -6,7 +6,7 @@
  * @module
  */
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import type { MarmotConfig } from "../config.ts";
+import type { MarmotConfig } from "../config/config.ts";
 import { clientOptions, loadSecurity, redactUserInfo } from "./auth.ts";
 import { guardDiscardedSockets } from "./socket_guard.ts";
 

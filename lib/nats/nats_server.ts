@@ -7,7 +7,7 @@
 
 import { jetstreamManager } from "@nats-io/jetstream";
 import { connect, type ConnectionOptions } from "@nats-io/transport-node";
-import { defaultServerBinary } from "../config.ts";
+import { defaultServerBinary } from "../config/config.ts";
 
 /** Options for {@linkcode NatsServer.start}. */
 export interface NatsServerOptions {

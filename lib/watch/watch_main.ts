@@ -37,7 +37,7 @@
  * @module
  */
 import { DatabaseSync, type StatementSync } from "node:sqlite";
-import { MARMOT_PREFIX } from "./db/schema.ts";
+import { MARMOT_PREFIX } from "../db/schema.ts";
 
 /** Milliseconds without a change after which polling stops and the watch is armed again. */
 export const QUIET_MS = 200;

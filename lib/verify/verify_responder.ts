@@ -23,7 +23,7 @@ import type {
   NatsConnection,
   Subscription,
 } from "@nats-io/transport-node";
-import type { MarmotConfig } from "./config.ts";
+import type { MarmotConfig } from "../config/config.ts";
 import {
   boundaryKeys,
   checksumRanges,
@@ -31,9 +31,9 @@ import {
   type RowDigest,
   rowDigests,
   type RowsDigest,
-} from "./db/checksum.ts";
-import { listTables, type TableInfo } from "./db/schema.ts";
-import type { Logger } from "./log.ts";
+} from "./checksum.ts";
+import { listTables, type TableInfo } from "../db/schema.ts";
+import type { Logger } from "../log.ts";
 
 /** The version of the verify protocol. */
 export const VERIFY_PROTOCOL = 1;

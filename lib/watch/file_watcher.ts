@@ -8,7 +8,7 @@
  * @module
  */
 import { basename, dirname } from "node:path";
-import type { Logger } from "./log.ts";
+import type { Logger } from "../log.ts";
 
 /** A running database watch. */
 export interface FileWatcher {

@@ -10,9 +10,9 @@
  * @module
  */
 import type { KV } from "@nats-io/kv";
-import type { SnapshotInfo } from "./db/snapshot.ts";
-import type { Logger } from "./log.ts";
-import { progress, type SnapshotStore } from "./nats/snapshot_store.ts";
+import type { SnapshotInfo } from "./snapshot.ts";
+import type { Logger } from "../log.ts";
+import { progress, type SnapshotStore } from "./snapshot_store.ts";
 
 /** Options for {@linkcode SnapshotScheduler}. */
 export interface SnapshotSchedulerOptions {

@@ -7,8 +7,8 @@
  */
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Objm } from "@nats-io/obj";
-import type { MarmotConfig } from "../config.ts";
-import type { SnapshotInfo } from "../db/snapshot.ts";
+import type { MarmotConfig } from "../config/config.ts";
+import type { SnapshotInfo } from "./snapshot.ts";
 import type { Logger } from "../log.ts";
 
 /** Called while a snapshot streams in or out. */

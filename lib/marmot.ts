@@ -22,21 +22,21 @@ import {
   defaultConfig,
   type MarmotConfig,
   validateConfig,
-} from "./config.ts";
+} from "./config/config.ts";
 import { ReplicaDb } from "./db/replica_db.ts";
 import {
   restoreSnapshot,
   SnapshotError,
   type SnapshotInfo,
   takeSnapshot,
-} from "./db/snapshot.ts";
+} from "./snapshot/snapshot.ts";
 import {
   openSnapshotStore,
   progress,
   type SnapshotStore,
-} from "./nats/snapshot_store.ts";
-import { SnapshotScheduler } from "./snapshot_scheduler.ts";
-import { type FileWatcher, watchDatabase } from "./file_watcher.ts";
+} from "./snapshot/snapshot_store.ts";
+import { SnapshotScheduler } from "./snapshot/snapshot_scheduler.ts";
+import { type FileWatcher, watchDatabase } from "./watch/file_watcher.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { type NatsAuthorization, NatsServer } from "./nats/nats_server.ts";
 import {
@@ -55,7 +55,7 @@ import {
 } from "./nats/streams.ts";
 import { Publisher, type PublisherStats } from "./publisher.ts";
 import { Subscriber, type SubscriberStats } from "./subscriber.ts";
-import { VerifyResponder } from "./verify_responder.ts";
+import { VerifyResponder } from "./verify/verify_responder.ts";
 
 /** Everything {@linkcode Marmot.start} accepts: a config with every part optional but the database path. */
 export type MarmotOptions =
@@ -527,7 +527,7 @@ export class Marmot implements AsyncDisposable {
 
   /**
    * Takes a consistent snapshot of the database into `path` (see
-   * `lib/db/snapshot.ts`), while replication and the application go on.
+   * `lib/snapshot/snapshot.ts`), while replication and the application go on.
    *
    * @returns what the snapshot covers, to store beside it
    */

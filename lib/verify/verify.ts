@@ -13,7 +13,7 @@
  *
  * @module
  */
-import { guardDiscardedSockets } from "./nats/socket_guard.ts";
+import { guardDiscardedSockets } from "../nats/socket_guard.ts";
 import {
   connect,
   type NatsConnection,
@@ -23,10 +23,10 @@ import {
   compareKeyTexts,
   type RowDigest,
   type RowsDigest,
-} from "./db/checksum.ts";
-import { createLogger, type Logger } from "./log.ts";
-import { clientOptions, redactUserInfo } from "./nats/auth.ts";
-import { delay } from "./nats/streams.ts";
+} from "./checksum.ts";
+import { createLogger, type Logger } from "../log.ts";
+import { clientOptions, redactUserInfo } from "../nats/auth.ts";
+import { delay } from "../nats/streams.ts";
 import {
   type NodeState,
   type TableSummary,

@@ -4,21 +4,21 @@
  *
  * @module
  */
-import { connectCommand } from "./nats/command_connection.ts";
-import type { MarmotConfig } from "./config.ts";
-import { ReplicaDb } from "./db/replica_db.ts";
+import { connectCommand } from "../nats/command_connection.ts";
+import type { MarmotConfig } from "../config/config.ts";
+import { ReplicaDb } from "../db/replica_db.ts";
 import {
   restoreSnapshot,
   type SnapshotInfo,
   takeSnapshot,
-} from "./db/snapshot.ts";
-import type { Logger } from "./log.ts";
+} from "./snapshot.ts";
+import type { Logger } from "../log.ts";
 import {
   directorySnapshots,
   objectStoreSnapshots,
   progress,
   type SnapshotStore,
-} from "./nats/snapshot_store.ts";
+} from "./snapshot_store.ts";
 
 async function withStore<T>(
   config: MarmotConfig,

@@ -29,9 +29,9 @@
 import { createHash } from "node:crypto";
 import type { DatabaseSync, StatementSync } from "node:sqlite";
 import type { SqlValue } from "../codec.ts";
-import { parseKey, quoteIdent } from "./_sql.ts";
-import { keyExpr } from "./replica_db.ts";
-import type { TableInfo } from "./schema.ts";
+import { parseKey, quoteIdent } from "../db/sql.ts";
+import { keyExpr } from "../db/replica_db.ts";
+import type { TableInfo } from "../db/schema.ts";
 
 /** The count and SHA-256 of a set of rows. */
 export interface RowsDigest {

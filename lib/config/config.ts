@@ -5,7 +5,7 @@
  * @module
  */
 import { parse as parseToml } from "smol-toml";
-import { fnv1a64 } from "./shard.ts";
+import { fnv1a64 } from "../shard.ts";
 
 /** Log output formats. */
 export const LogFormat = { Console: "console", Json: "json" } as const;

@@ -4,9 +4,9 @@
  *
  * @module
  */
-import { ConfigError, type MarmotConfig } from "./config.ts";
-import type { Logger } from "./log.ts";
-import { connectCommand } from "./nats/command_connection.ts";
+import { ConfigError, type MarmotConfig } from "../config/config.ts";
+import type { Logger } from "../log.ts";
+import { connectCommand } from "../nats/command_connection.ts";
 import { formatVerifyResult, verifyOver } from "./verify.ts";
 
 /** The flags of `marmot verify`. */
