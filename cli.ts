@@ -37,6 +37,8 @@ import {
   type VerifyFlags,
 } from "./lib/verify/verify_command.ts";
 
+export type { MarmotConfig, VerifyFlags };
+
 const USAGE =
   `marmot ${denoJson.version}: multi-primary SQLite replication over NATS JetStream
 
@@ -80,7 +82,7 @@ Options (override the config file):
 export const V8_FLAGS = "--v8-flags=--max-semi-space-size=8";
 
 /** What the command line asks for. */
-type Command =
+export type Command =
   | "run"
   | "cleanup"
   | "snapshot-save"

@@ -77,7 +77,6 @@ export {
 } from "./lib/verify/verify.ts";
 export type { PublisherStats } from "./lib/publisher.ts";
 export type { SubscriberStats } from "./lib/subscriber.ts";
-export { main } from "./cli.ts";
 
 if (import.meta.main) {
   const { main } = await import("./cli.ts");
