@@ -47,12 +47,8 @@ import {
   redactUserInfo,
   routeCredentials,
 } from "./nats/auth.ts";
-import {
-  delay,
-  ensureStreams,
-  streamName,
-  subjectName,
-} from "./nats/streams.ts";
+import { delay } from "./_delay.ts";
+import { ensureStreams, streamName, subjectName } from "./nats/streams.ts";
 import { Publisher, type PublisherStats } from "./publisher.ts";
 import { Subscriber, type SubscriberStats } from "./subscriber.ts";
 import { VerifyResponder } from "./verify/verify_responder.ts";
@@ -361,7 +357,7 @@ export class Marmot implements AsyncDisposable {
               error: e,
             },
           );
-          await delay(Math.min(2000, 100 * attempt), signal);
+          await delay(Math.min(2000, 100 * attempt), { signal });
         }
       }
       let scheduler: SnapshotScheduler | undefined;
@@ -517,7 +513,7 @@ export class Marmot implements AsyncDisposable {
         });
         return false;
       }
-      await delay(20, signal);
+      await delay(20, { signal });
     }
     this.#log.info("Caught up with the streams", {
       messages: targets.reduce((a, b) => a + b, 0),
@@ -628,7 +624,7 @@ async function truncatedShards(
         );
         return [];
       }
-      await delay(500 * attempt, signal);
+      await delay(500 * attempt, { signal });
     }
   }
 }
@@ -722,7 +718,7 @@ async function bootstrap(
     } finally {
       await Deno.remove(temp).catch(() => {});
     }
-    await delay(1000, signal);
+    await delay(1000, { signal });
   }
 }
 
@@ -815,7 +811,7 @@ async function connectWithRetry(
           error: e,
         },
       );
-      await delay(Math.min(2000, 100 * attempt), signal);
+      await delay(Math.min(2000, 100 * attempt), { signal });
     }
   }
 }

@@ -31,7 +31,7 @@ import {
 } from "./codec.ts";
 import type { PendingChange, ReplicaDb } from "./db/replica_db.ts";
 import type { Logger } from "./log.ts";
-import { delay } from "./nats/streams.ts";
+import { delay } from "./_delay.ts";
 import { shardFor } from "./shard.ts";
 
 /** Options for {@linkcode Publisher}. */
@@ -169,7 +169,7 @@ export class Publisher {
           if (this.#abort.signal.aborted) return;
           this.#error = e;
           this.#options.log.error("Cannot publish changes", { error: e });
-          await delay(1000, this.#abort.signal).catch(() => {});
+          await delay(1000, { signal: this.#abort.signal }).catch(() => {});
           this.#again = true;
         }
       } while (this.#again && !this.#abort.signal.aborted);
@@ -340,7 +340,7 @@ export class Publisher {
             shard,
             error: e,
           });
-          await delay(1000, this.#abort.signal).catch(() => {});
+          await delay(1000, { signal: this.#abort.signal }).catch(() => {});
           continue;
         }
         queue.splice(0, end);
@@ -470,10 +470,9 @@ export class Publisher {
             error: e,
           },
         );
-        await delay(
-          Math.min(2000, 50 * 2 ** Math.min(attempt, 6)),
-          this.#abort.signal,
-        );
+        await delay(Math.min(2000, 50 * 2 ** Math.min(attempt, 6)), {
+          signal: this.#abort.signal,
+        });
       }
     }
   }

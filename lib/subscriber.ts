@@ -8,6 +8,7 @@
  *
  * @module
  */
+import { delay } from "./_delay.ts";
 import {
   type ConsumerMessages,
   DeliverPolicy,
@@ -327,7 +328,7 @@ export class Subscriber {
         this.#queue.unshift(...taken);
         for (const t of taken) this.#queuedBytes += t.msg.data.length;
         this.#options.log.error("Cannot apply changes, retrying", { error: e });
-        await new Promise((r) => setTimeout(r, 500));
+        await delay(500);
       }
     }
   }

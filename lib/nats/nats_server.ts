@@ -5,6 +5,7 @@
  * @module
  */
 
+import { delay } from "../_delay.ts";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { connect, type ConnectionOptions } from "@nats-io/transport-node";
 import { defaultServerBinary } from "../config/config.ts";
@@ -759,8 +760,4 @@ async function removeIfExists(path: string): Promise<void> {
   } catch (error) {
     if (!(error instanceof Deno.errors.NotFound)) throw error;
   }
-}
-
-function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }

@@ -3,6 +3,7 @@
  *
  * @module
  */
+import { delay } from "../_delay.ts";
 import {
   DiscardPolicy,
   JetStreamApiError,
@@ -91,7 +92,7 @@ export async function ensureStreams(
           attempt,
           error: e instanceof Error ? e.message : String(e),
         });
-        await delay(Math.min(2000, 100 * attempt), signal);
+        await delay(Math.min(2000, 100 * attempt), { signal });
       }
     }
   }
@@ -116,20 +117,4 @@ async function upsertStream(
     }
     throw e;
   }
-}
-
-/** Resolves after `ms`, or rejects when `signal` aborts. */
-export function delay(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(signal.reason);
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(signal!.reason);
-    };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
-    signal?.addEventListener("abort", onAbort, { once: true });
-  });
 }

@@ -26,7 +26,7 @@ import {
 } from "./checksum.ts";
 import { createLogger, type Logger } from "../log.ts";
 import { clientOptions, redactUserInfo } from "../nats/auth.ts";
-import { delay } from "../nats/streams.ts";
+import { delay } from "../_delay.ts";
 import {
   type NodeState,
   type TableSummary,
@@ -252,7 +252,7 @@ export async function verifyOver(
       attempt,
       state: outcome.unsettled,
     });
-    await delay(options.retryDelay ?? 1000, options.signal);
+    await delay(options.retryDelay ?? 1000, { signal: options.signal });
   }
 }
 

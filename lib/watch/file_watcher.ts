@@ -7,6 +7,7 @@
  *
  * @module
  */
+import { delay } from "../_delay.ts";
 import { basename, dirname } from "node:path";
 import type { Logger } from "../log.ts";
 
@@ -135,7 +136,7 @@ export function watchDatabase(
         });
       }
       polling = false;
-      await new Promise((r) => setTimeout(r, Math.min(10000, 500 * attempt)));
+      await delay(Math.min(10000, 500 * attempt));
     }
   };
   const task = run();

@@ -36,6 +36,7 @@
  *
  * @module
  */
+import { delay } from "../_delay.ts";
 import { DatabaseSync, type StatementSync } from "node:sqlite";
 import { MARMOT_PREFIX } from "../db/schema.ts";
 
@@ -97,7 +98,7 @@ export async function watchMain(args: string[]): Promise<void> {
     // first read, and polling every one after it.
     const version = poller.open();
     if (version === undefined) {
-      await new Promise((r) => setTimeout(r, QUIET_MS));
+      await delay(QUIET_MS);
       continue;
     }
     say("c");
