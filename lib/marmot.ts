@@ -220,210 +220,122 @@ export class Marmot implements AsyncDisposable {
       format: config.logging.format,
       fields: { node: config.nodeId },
     });
-    const openDb = () =>
-      ReplicaDb.open(config.dbPath, {
-        include: config.include,
-        exclude: config.exclude,
-        nodeId: config.nodeId,
-        log: (level, message) => log.log(level, message),
-      });
-    // Without bootstrap, a missing database fails here, before NATS starts.
+    // Each step registers how to undo it: a failure at any later step undoes
+    // every step before it, in reverse order.
+    await using steps = new AsyncDisposableStack();
+
+    // 1. The database (without bootstrap, a missing one fails here, before
+    // NATS starts).
     let db = config.snapshot.bootstrap && !fileExists(config.dbPath)
       ? undefined
-      : openDb();
-    let server: NatsServer | undefined;
-    let nc: NatsConnection | undefined;
-    try {
-      const security = await loadSecurity(config);
-      let urls = config.nats.urls;
-      let clusterSize = 1;
-      if (urls.length === 0) {
-        const routes = await resolvePeers(config.nats.clusterPeers);
-        clusterSize = 1 +
-          routes.filter((r) => !isOwnRoute(r, config.nats.clusterAddr)).length;
-        server = await startEmbedded(config, routes, security, log, signal);
-        urls = [server.clientUrl];
-      }
-      nc = await connectWithRetry(urls, security, log, signal);
-      const serverVersion = nc.info?.version ?? "";
-      const versionWarning = serverVersionWarning(serverVersion);
-      if (versionWarning) {
-        log.warn("This nats-server is outside the tested range", {
-          version: serverVersion,
-          reason: versionWarning,
-          hint: `run nats-server ${CURRENT_TESTED_SERVER} or newer`,
-        });
-      }
-      if (config.nats.urls.length > 0) {
-        clusterSize = Math.max(1, new Set(nc.info?.connect_urls ?? []).size);
-      }
-      const replicas = config.replicationLog.replicas ??
-        Math.min(3, clusterSize);
-      const jsm = await jetstreamManager(nc, {
-        timeout: 5000,
-        checkAPI: false,
-      });
-      await ensureStreams(
-        jsm,
-        {
-          shards: config.replicationLog.shards,
-          streamPrefix: config.nats.streamPrefix,
-          subjectPrefix: config.nats.subjectPrefix,
-          replicas,
-          maxEntries: config.replicationLog.maxEntries,
-          maxBytes: config.replicationLog.maxBytes,
-          maxAgeSeconds: config.replicationLog.maxAgeSeconds,
-        },
+      : openReplicaDb(config, log);
+    steps.defer(() => db?.close());
+
+    // 2. NATS: the embedded server or external ones, and the shard streams.
+    const nats = await connectNats(config, log, signal);
+    steps.defer(async () => {
+      await nats.nc.close().catch(() => {});
+      await nats.server?.stop().catch(() => {});
+    });
+    const replicas = config.replicationLog.replicas ??
+      Math.min(3, nats.clusterSize);
+    const jsm = await jetstreamManager(nats.nc, {
+      timeout: 5000,
+      checkAPI: false,
+    });
+    await ensureStreams(
+      jsm,
+      {
+        shards: config.replicationLog.shards,
+        streamPrefix: config.nats.streamPrefix,
+        subjectPrefix: config.nats.subjectPrefix,
+        replicas,
+        maxEntries: config.replicationLog.maxEntries,
+        maxBytes: config.replicationLog.maxBytes,
+        maxAgeSeconds: config.replicationLog.maxAgeSeconds,
+      },
+      log,
+      signal,
+    );
+
+    // 3. The database restored from the newest snapshot where it must be.
+    const restore = async () => {
+      db?.close();
+      db = undefined;
+      await bootstrap(
+        config,
+        () => openSnapshotStore(config, nats.nc, replicas),
         log,
         signal,
       );
-      const restore = async () => {
-        db?.close();
-        const client = nc!;
-        await bootstrap(
-          config,
-          () => openSnapshotStore(config, client, replicas),
-          log,
-          signal,
-        );
-        return openDb();
-      };
-      if (!db) {
-        db = await restore();
-      } else {
-        // A database with no tables yet, or one whose stream position is gone,
-        // needs the newest snapshot too. Replacing the file is safe only
-        // before the application opens it (--exec), and loses nothing only
-        // without unpublished local changes.
-        const truncated = await truncatedShards(db, jsm, config, log, signal);
-        const empty = db.tables.size === 0;
-        const where = truncated.map((t) =>
-          `shard ${t.shard} applied ${t.applied}, stream starts at ${t.first}`
-        )
-          .join("; ");
-        const reason = empty
-          ? "the database has no tables yet"
-          : truncated.length > 0
-          ? "this node's stream position was removed by the stream limits"
-          : undefined;
-        if (
-          reason && config.snapshot.bootstrap && config.exec !== undefined &&
-          db.pendingCount() === 0
-        ) {
-          log.warn(
-            `Restoring the newest snapshot: ${reason}`,
-            where ? { where } : {},
-          );
-          db = await restore();
-        } else if (truncated.length > 0) {
-          log.error(
-            "This node's stream position was removed by the stream limits: it cannot catch up from the streams. Stop the application and run `marmot snapshot restore`, or run it under marmot with --exec and --bootstrap so that marmot restores before starting it",
-            { where, pending: db.pendingCount() },
-          );
-        } else if (empty && config.snapshot.bootstrap) {
-          log.warn(
-            "The database has no tables yet; not restoring a snapshot because an application may have it open (run it under marmot with --exec, or run `marmot snapshot restore` before starting it)",
-          );
-        }
-      }
-      const js = jetstream(nc, { timeout: 5000 });
-      const publisher = new Publisher(db, js, {
-        nodeId: config.nodeId,
-        shards: config.replicationLog.shards,
-        subject: (s) => subjectName(config.nats.subjectPrefix, s),
-        maxPayload: nc.info?.max_payload ?? 1024 * 1024,
-        compress: config.replicationLog.compress,
-        log,
-      });
-      const subscriber = new Subscriber(db, js, {
-        nodeId: config.nodeId,
-        shards: config.replicationLog.shards,
-        stream: (s) => streamName(config.nats.streamPrefix, s),
-        onStreamRestart: (s) => publisher.republish(s),
-        onRerecorded: () => publisher.wake(),
-        log,
-      });
-      for (let attempt = 1;; attempt++) {
-        try {
-          await subscriber.start();
-          break;
-        } catch (e) {
-          await subscriber.close();
-          log.log(
-            attempt % 10 === 1 ? "warn" : "debug",
-            "Cannot start the shard consumers yet, retrying",
-            {
-              attempt,
-              error: e,
-            },
-          );
-          await delay(Math.min(2000, 100 * attempt), { signal });
-        }
-      }
-      let scheduler: SnapshotScheduler | undefined;
-      const { intervalSeconds, everyMessages } = config.snapshot;
-      if (intervalSeconds > 0 || everyMessages > 0) {
-        const client = nc;
-        scheduler = new SnapshotScheduler(
-          () => openSnapshotStore(config, client, replicas),
-          () =>
-            new Kvm(client).create(`${config.nats.streamPrefix}-leases`, {
-              replicas,
-              ttl: 10 * 60 * 1000, // a lease outlives a crashed holder by at most this
-            }),
-          {
-            nodeId: config.nodeId,
-            intervalSeconds,
-            everyMessages,
-            tempPath: `${config.dbPath}.snapshot`,
-            take: (path) =>
-              takeSnapshot(
-                db!,
-                path,
-                config.replicationLog.shards,
-                config.nodeId,
-              ),
-            lastSequences: () => lastSequences(jsm, config),
-            log,
-          },
-        );
-        scheduler.start(
-          Math.min(
-            30_000,
-            intervalSeconds > 0 ? intervalSeconds * 500 : 30_000,
-          ),
-        );
-      }
-      const marmot = new Marmot(
-        config,
-        log,
-        db,
-        nc,
-        server,
-        publisher,
-        subscriber,
-        scheduler,
-      );
-      marmot.#run(options.scanInterval ?? 1000);
-      marmot.#verify = VerifyResponder.start(nc, config, log);
-      log.info("Replicating", {
-        db: config.dbPath,
-        tables: db.tables.size,
-        shards: config.replicationLog.shards,
-        replicas,
-        nats: server
-          ? `embedded ${server.clientUrl}`
-          : redactUserInfo(urls.join(",")),
-        auth: describeSecurity(security),
-        server: serverVersion,
-      });
-      return marmot;
-    } catch (e) {
-      await nc?.close().catch(() => {});
-      await server?.stop().catch(() => {});
-      db?.close();
-      throw e;
-    }
+      return openReplicaDb(config, log);
+    };
+    db = db
+      ? await restoreIfNeeded(db, jsm, restore, config, log, signal)
+      : await restore();
+    const ready = db;
+
+    // 4. The pipeline: the publisher and the shard consumers.
+    const { publisher, subscriber } = await startPipeline(
+      ready,
+      nats.nc,
+      config,
+      log,
+      signal,
+    );
+    steps.defer(async () => {
+      await publisher.close();
+      await subscriber.close();
+    });
+
+    // 5. The snapshot scheduler.
+    const scheduler = startScheduler(
+      ready,
+      nats.nc,
+      jsm,
+      replicas,
+      config,
+      log,
+    );
+    steps.defer(() => scheduler?.close());
+
+    // 6. Watching the database, the scan timer, the embedded server's
+    // supervision, and the verify responder.
+    const marmot = new Marmot(
+      config,
+      log,
+      ready,
+      nats.nc,
+      nats.server,
+      publisher,
+      subscriber,
+      scheduler,
+    );
+    steps.defer(() => marmot.#stopWatching());
+    marmot.#run(options.scanInterval ?? 1000);
+    marmot.#verify = VerifyResponder.start(nats.nc, config, log);
+    steps.defer(() => marmot.#verify?.close());
+
+    log.info("Replicating", {
+      db: config.dbPath,
+      tables: ready.tables.size,
+      shards: config.replicationLog.shards,
+      replicas,
+      nats: nats.server
+        ? `embedded ${nats.server.clientUrl}`
+        : redactUserInfo(nats.urls.join(",")),
+      auth: describeSecurity(nats.security),
+      server: nats.serverVersion,
+    });
+    steps.move(); // started: the steps are undone by close() from now on
+    return marmot;
+  }
+
+  /** Stops watching the database and supervising the embedded server. */
+  async #stopWatching(): Promise<void> {
+    this.#closing = true;
+    clearInterval(this.#timer);
+    await this.#watcher?.close();
   }
 
   #run(scanInterval: number): void {
@@ -581,6 +493,197 @@ export class Marmot implements AsyncDisposable {
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
   }
+}
+
+/** Opens the database for replication with the configured tables. */
+function openReplicaDb(config: MarmotConfig, log: Logger): ReplicaDb {
+  return ReplicaDb.open(config.dbPath, {
+    include: config.include,
+    exclude: config.exclude,
+    nodeId: config.nodeId,
+    log: (level, message) => log.log(level, message),
+  });
+}
+
+/** A NATS connection, and the embedded server behind it if marmot runs one. */
+interface NatsLink {
+  nc: NatsConnection;
+  server: NatsServer | undefined;
+  urls: string[];
+  security: NatsSecurity;
+  /** Servers in the cluster, for the default replica count. */
+  clusterSize: number;
+  serverVersion: string;
+}
+
+/**
+ * Starts the embedded nats-server (without `[nats] urls`) and connects,
+ * retrying until a server answers; warns about an untested server version.
+ */
+async function connectNats(
+  config: MarmotConfig,
+  log: Logger,
+  signal: AbortSignal | undefined,
+): Promise<NatsLink> {
+  const security = await loadSecurity(config);
+  let urls = config.nats.urls;
+  let clusterSize = 1;
+  let server: NatsServer | undefined;
+  if (urls.length === 0) {
+    const routes = await resolvePeers(config.nats.clusterPeers);
+    clusterSize = 1 +
+      routes.filter((r) => !isOwnRoute(r, config.nats.clusterAddr)).length;
+    server = await startEmbedded(config, routes, security, log, signal);
+    urls = [server.clientUrl];
+  }
+  let nc: NatsConnection;
+  try {
+    nc = await connectWithRetry(urls, security, log, signal);
+  } catch (e) {
+    await server?.stop().catch(() => {});
+    throw e;
+  }
+  const serverVersion = nc.info?.version ?? "";
+  const versionWarning = serverVersionWarning(serverVersion);
+  if (versionWarning) {
+    log.warn("This nats-server is outside the tested range", {
+      version: serverVersion,
+      reason: versionWarning,
+      hint: `run nats-server ${CURRENT_TESTED_SERVER} or newer`,
+    });
+  }
+  if (config.nats.urls.length > 0) {
+    clusterSize = Math.max(1, new Set(nc.info?.connect_urls ?? []).size);
+  }
+  return { nc, server, urls, security, clusterSize, serverVersion };
+}
+
+/**
+ * A database with no tables yet, or one whose stream position is gone,
+ * needs the newest snapshot too. Replacing the file is safe only before the
+ * application opens it (--exec), and loses nothing only without unpublished
+ * local changes; otherwise this says what to do.
+ */
+async function restoreIfNeeded(
+  db: ReplicaDb,
+  jsm: JetStreamManager,
+  restore: () => Promise<ReplicaDb>,
+  config: MarmotConfig,
+  log: Logger,
+  signal: AbortSignal | undefined,
+): Promise<ReplicaDb> {
+  const truncated = await truncatedShards(db, jsm, config, log, signal);
+  const empty = db.tables.size === 0;
+  const where = truncated.map((t) =>
+    `shard ${t.shard} applied ${t.applied}, stream starts at ${t.first}`
+  ).join("; ");
+  const reason = empty
+    ? "the database has no tables yet"
+    : truncated.length > 0
+    ? "this node's stream position was removed by the stream limits"
+    : undefined;
+  if (
+    reason && config.snapshot.bootstrap && config.exec !== undefined &&
+    db.pendingCount() === 0
+  ) {
+    log.warn(
+      `Restoring the newest snapshot: ${reason}`,
+      where ? { where } : {},
+    );
+    return await restore();
+  }
+  if (truncated.length > 0) {
+    log.error(
+      "This node's stream position was removed by the stream limits: it cannot catch up from the streams. Stop the application and run `marmot snapshot restore`, or run it under marmot with --exec and --bootstrap so that marmot restores before starting it",
+      { where, pending: db.pendingCount() },
+    );
+  } else if (empty && config.snapshot.bootstrap) {
+    log.warn(
+      "The database has no tables yet; not restoring a snapshot because an application may have it open (run it under marmot with --exec, or run `marmot snapshot restore` before starting it)",
+    );
+  }
+  return db;
+}
+
+/** Creates the publisher and starts the shard consumers (retrying until they start). */
+async function startPipeline(
+  db: ReplicaDb,
+  nc: NatsConnection,
+  config: MarmotConfig,
+  log: Logger,
+  signal: AbortSignal | undefined,
+): Promise<{ publisher: Publisher; subscriber: Subscriber }> {
+  const js = jetstream(nc, { timeout: 5000 });
+  const publisher = new Publisher(db, js, {
+    nodeId: config.nodeId,
+    shards: config.replicationLog.shards,
+    subject: (s) => subjectName(config.nats.subjectPrefix, s),
+    maxPayload: nc.info?.max_payload ?? 1024 * 1024,
+    compress: config.replicationLog.compress,
+    log,
+  });
+  const subscriber = new Subscriber(db, js, {
+    nodeId: config.nodeId,
+    shards: config.replicationLog.shards,
+    stream: (s) => streamName(config.nats.streamPrefix, s),
+    onStreamRestart: (s) => publisher.republish(s),
+    onRerecorded: () => publisher.wake(),
+    log,
+  });
+  for (let attempt = 1;; attempt++) {
+    try {
+      await subscriber.start();
+      return { publisher, subscriber };
+    } catch (e) {
+      await subscriber.close();
+      log.log(
+        attempt % 10 === 1 ? "warn" : "debug",
+        "Cannot start the shard consumers yet, retrying",
+        { attempt, error: e },
+      );
+      try {
+        await delay(Math.min(2000, 100 * attempt), { signal });
+      } catch (aborted) {
+        await publisher.close();
+        throw aborted;
+      }
+    }
+  }
+}
+
+/** Starts the snapshot scheduler, unless scheduled snapshots are off. */
+function startScheduler(
+  db: ReplicaDb,
+  nc: NatsConnection,
+  jsm: JetStreamManager,
+  replicas: number,
+  config: MarmotConfig,
+  log: Logger,
+): SnapshotScheduler | undefined {
+  const { intervalSeconds, everyMessages } = config.snapshot;
+  if (intervalSeconds <= 0 && everyMessages <= 0) return undefined;
+  const scheduler = new SnapshotScheduler(
+    () => openSnapshotStore(config, nc, replicas),
+    () =>
+      new Kvm(nc).create(`${config.nats.streamPrefix}-leases`, {
+        replicas,
+        ttl: 10 * 60 * 1000, // a lease outlives a crashed holder by at most this
+      }),
+    {
+      nodeId: config.nodeId,
+      intervalSeconds,
+      everyMessages,
+      tempPath: `${config.dbPath}.snapshot`,
+      take: (path) =>
+        takeSnapshot(db, path, config.replicationLog.shards, config.nodeId),
+      lastSequences: () => lastSequences(jsm, config),
+      log,
+    },
+  );
+  scheduler.start(
+    Math.min(30_000, intervalSeconds > 0 ? intervalSeconds * 500 : 30_000),
+  );
+  return scheduler;
 }
 
 /**
