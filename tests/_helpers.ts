@@ -4,6 +4,7 @@
 import { fileURLToPath } from "node:url";
 import { V8_FLAGS } from "../cli.ts";
 import { defaultServerBinary } from "../lib/config/config.ts";
+import { delay } from "../lib/_delay.ts";
 import { pickFreePorts, startCluster } from "../lib/nats/nats_server.ts";
 
 export const CLI = fileURLToPath(new URL("../cli.ts", import.meta.url));
@@ -26,6 +27,9 @@ export const NATS_SERVER_VERSION: string = (() => {
     return "";
   }
 })();
+
+/** Resolves after `ms` milliseconds. */
+export const sleep = (ms: number): Promise<void> => delay(ms);
 
 /** Options for tests that start processes and servers. */
 export const PROCESS_TEST = { sanitizeResources: false, sanitizeOps: false };

@@ -21,7 +21,7 @@ import {
 } from "../lib/db/replica_db.ts";
 import { listTables } from "../lib/db/schema.ts";
 import { toBatch as publisherBatch } from "../lib/publisher.ts";
-import { sqlite } from "./_helpers.ts";
+import { PROCESS_TEST, sqlite } from "./_helpers.ts";
 
 /** Builds a batch from pending changes, the way the publisher does. */
 function toBatch(
@@ -32,8 +32,6 @@ function toBatch(
 ): Batch {
   return publisherBatch(origin, epoch, shard, pending);
 }
-
-const PROCESS_TEST = { sanitizeResources: false, sanitizeOps: false };
 
 async function query<T = Record<string, unknown>>(
   path: string,

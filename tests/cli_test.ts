@@ -4,10 +4,9 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
-import { cli } from "./_helpers.ts";
+import { cli, PROCESS_TEST } from "./_helpers.ts";
 
 const DENO_JSON = fileURLToPath(new URL("../deno.json", import.meta.url));
-const PROCESS_TEST = { sanitizeResources: false, sanitizeOps: false };
 const decoder = new TextDecoder();
 
 interface Run {

@@ -6,8 +6,7 @@ import {
   NatsServerError,
   startCluster,
 } from "../lib/nats/nats_server.ts";
-
-const testOptions = { sanitizeResources: false, sanitizeOps: false };
+import { PROCESS_TEST } from "./_helpers.ts";
 
 async function roundTrip(nc: NatsConnection, text: string): Promise<string> {
   const sub = nc.subscribe("marmot.test", { max: 1 });
@@ -19,7 +18,7 @@ async function roundTrip(nc: NatsConnection, text: string): Promise<string> {
 Deno.test({
   name:
     "NatsServer.start() serves clients and restart() reuses the port after kill()",
-  ...testOptions,
+  ...PROCESS_TEST,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "marmot_nats_" });
     let server: NatsServer | undefined;
@@ -65,7 +64,7 @@ Deno.test({
 
 Deno.test({
   name: "startCluster() starts a cluster that acks publishes to an R3 stream",
-  ...testOptions,
+  ...PROCESS_TEST,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "marmot_nats_" });
     let servers: NatsServer[] = [];
@@ -103,7 +102,7 @@ Deno.test({
 
 Deno.test({
   name: "NatsServer.start() explains how to install a missing binary",
-  ...testOptions,
+  ...PROCESS_TEST,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "marmot_nats_" });
     try {
@@ -132,7 +131,7 @@ Deno.test({
 
 Deno.test({
   name: "NatsServer.start() reports the server's output when it exits early",
-  ...testOptions,
+  ...PROCESS_TEST,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "marmot_nats_" });
     try {

@@ -6,7 +6,7 @@ import { removeMarmot, ReplicaDb } from "../lib/db/replica_db.ts";
 import { watchDatabase } from "../lib/watch/file_watcher.ts";
 import { RETRY_MS } from "../lib/watch/watch_main.ts";
 import { createLogger } from "../lib/log.ts";
-import { PROCESS_TEST, sqlite, tempDir, waitFor } from "./_helpers.ts";
+import { PROCESS_TEST, sleep, sqlite, tempDir, waitFor } from "./_helpers.ts";
 
 function watch(path: string) {
   const lines: string[] = [];
@@ -37,7 +37,7 @@ async function everyCommit(changeLog: boolean) {
   // With the log, every insert logs a change; without, every commit counts.
   if (changeLog) ReplicaDb.open(path).close();
   await using w = watch(path);
-  await new Promise((r) => setTimeout(r, 500)); // the child armed its watch
+  await sleep(500); // the child armed its watch
   const before = w.checks;
   // Commits closer together than the quiet period: after the first, the
   // child sees them by polling, not through the file watch.
@@ -46,7 +46,7 @@ async function everyCommit(changeLog: boolean) {
   }
   await waitFor("a check per commit", () => w.checks - before >= 20);
   // Quiet, so the child arms its watch again; then another busy period.
-  await new Promise((r) => setTimeout(r, 500));
+  await sleep(500);
   const again = w.checks;
   for (let i = 20; i < 30; i++) {
     await sqlite(path, `INSERT INTO t VALUES (${i});`);
@@ -96,7 +96,6 @@ async function pollingRun(
   w: { lines: string[] },
   phases: [() => void, number][],
 ): Promise<string[][] | undefined> {
-  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
   const until = async (what: string, done: () => boolean) => {
     const deadline = Date.now() + 10_000;
     while (!done()) {
@@ -220,7 +219,7 @@ Deno.test({
     const path = `${dir.path}/app.db`;
     await Deno.writeTextFile(path, "not a database\n".repeat(100));
     await using w = watch(path);
-    await new Promise((r) => setTimeout(r, 500));
+    await sleep(500);
     await Deno.writeTextFile(path, "still not\n", { append: true });
     await waitFor(
       "the warning",
@@ -241,7 +240,7 @@ Deno.test({
     const valid = `${dir.path}/valid.db`;
     await sqlite(valid, "PRAGMA journal_mode = WAL; CREATE TABLE t(x);");
     await Deno.writeFile(path, await Deno.readFile(valid));
-    await new Promise((r) => setTimeout(r, RETRY_MS + 200));
+    await sleep(RETRY_MS + 200);
     await sqlite(path, "INSERT INTO t VALUES (1);");
     await waitFor(
       "the child polling again",

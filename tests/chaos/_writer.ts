@@ -1,7 +1,7 @@
-// The application of one node in tests/chaos_test.ts: a separate process
+// The application of one node in tests/chaos/chaos_test.ts: a separate process
 // that writes the node's database in small transactions until SIGTERM.
 //
-//   deno run -A tests/_chaos_writer.ts DB NODE IDS_FILE
+//   deno run -A tests/chaos/_writer.ts DB NODE IDS_FILE
 //
 // Each transaction inserts one to three rows into `items` with ids unique to
 // the node (NODE * 1e9 + k) and bumps one of the shared `hot` rows. Only
@@ -11,10 +11,11 @@
 // back and retry it with backoff (each new error message goes to stderr). On
 // exit it prints one JSON line of counts.
 import { DatabaseSync } from "node:sqlite";
+import { delay } from "../../lib/_delay.ts";
 
 const [db, nodeArg, idsFile] = Deno.args;
 if (!db || !nodeArg || !idsFile) {
-  console.error("usage: _chaos_writer.ts DB NODE IDS_FILE");
+  console.error("usage: _writer.ts DB NODE IDS_FILE");
   Deno.exit(2);
 }
 const node = Number(nodeArg);
@@ -42,7 +43,7 @@ const insert = conn.prepare(
 const bump = conn.prepare("UPDATE hot SET v = v + 1, by = ? WHERE id = ?");
 const out = Deno.openSync(idsFile, { append: true, create: true });
 const encoder = new TextEncoder();
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const sleep = (ms: number) => delay(ms);
 const padding = "x".repeat(200);
 
 let k = 0;

@@ -13,25 +13,26 @@ import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { V8_FLAGS } from "../cli.ts";
-import { defaultServerBinary } from "../lib/config/config.ts";
+import { V8_FLAGS } from "../../cli.ts";
+import { defaultServerBinary } from "../../lib/config/config.ts";
 import {
   NatsServer,
   pickFreePorts,
   startCluster,
-} from "../lib/nats/nats_server.ts";
+} from "../../lib/nats/nats_server.ts";
 import {
   CLI,
   LoggedProcess,
   NATS_SERVER_VERSION,
   PROCESS_TEST,
+  sleep,
   sqlite,
   tempDir,
   waitConverged,
   waitFor,
-} from "./_helpers.ts";
+} from "../_helpers.ts";
 
-const WRITER = fileURLToPath(new URL("./_chaos_writer.ts", import.meta.url));
+const WRITER = fileURLToPath(new URL("./_writer.ts", import.meta.url));
 const SHARDS = 4;
 const STREAMS = Array.from({ length: SHARDS }, (_, s) => `marmot-changes-${s}`);
 const SCHEMA = `
@@ -48,7 +49,6 @@ function trace(what: string): void {
   if (!TRACING) return;
   console.error(`${((performance.now() - T0) / 1000).toFixed(1)}s ${what}`);
 }
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const decoder = new TextDecoder();
 
 /** Runs a command to completion; throws with its stderr when it fails. */
