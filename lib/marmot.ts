@@ -47,7 +47,7 @@ import {
   redactUserInfo,
   routeCredentials,
 } from "./nats/auth.ts";
-import { delay } from "./_delay.ts";
+import { delay, retry } from "./_retry.ts";
 import { ensureStreams, streamName, subjectName } from "./nats/streams.ts";
 import { Publisher, type PublisherStats } from "./publisher.ts";
 import { Subscriber, type SubscriberStats } from "./subscriber.ts";
@@ -630,25 +630,24 @@ async function startPipeline(
     onRerecorded: () => publisher.wake(),
     log,
   });
-  for (let attempt = 1;; attempt++) {
-    try {
-      await subscriber.start();
-      return { publisher, subscriber };
-    } catch (e) {
-      await subscriber.close();
-      log.log(
-        attempt % 10 === 1 ? "warn" : "debug",
-        "Cannot start the shard consumers yet, retrying",
-        { attempt, error: e },
-      );
-      try {
-        await delay(Math.min(2000, 100 * attempt), { signal });
-      } catch (aborted) {
-        await publisher.close();
-        throw aborted;
-      }
-    }
+  try {
+    await retry(() => subscriber.start(), {
+      signal,
+      onRetry: async (error, attempt) => {
+        await subscriber.close();
+        log.log(
+          attempt % 10 === 1 ? "warn" : "debug",
+          "Cannot start the shard consumers yet, retrying",
+          { attempt, error },
+        );
+      },
+    });
+  } catch (aborted) {
+    await subscriber.close();
+    await publisher.close();
+    throw aborted;
   }
+  return { publisher, subscriber };
 }
 
 /** Starts the snapshot scheduler, unless scheduled snapshots are off. */
@@ -889,32 +888,26 @@ async function connectWithRetry(
   log: Logger,
   signal?: AbortSignal,
 ): Promise<NatsConnection> {
-  for (let attempt = 1;; attempt++) {
-    signal?.throwIfAborted();
-    try {
-      guardDiscardedSockets();
-      return await connect({
-        ...clientOptions(security),
-        servers: urls,
-        name: "marmot",
-        maxReconnectAttempts: -1,
-        reconnectTimeWait: 250,
-        timeout: 5000,
-        // Every publish is a request; a stack trace captured for each one
-        // costs CPU on the hot path, and marmot logs its own context.
-        noAsyncTraces: true,
-      });
-    } catch (e) {
+  return await retry(() => {
+    guardDiscardedSockets();
+    return connect({
+      ...clientOptions(security),
+      servers: urls,
+      name: "marmot",
+      maxReconnectAttempts: -1,
+      reconnectTimeWait: 250,
+      timeout: 5000,
+      // Every publish is a request; a stack trace captured for each one
+      // costs CPU on the hot path, and marmot logs its own context.
+      noAsyncTraces: true,
+    });
+  }, {
+    signal,
+    onRetry: (error, attempt) =>
       log.log(
         attempt % 10 === 1 ? "warn" : "debug",
         "Cannot connect to NATS yet, retrying",
-        {
-          servers: redactUserInfo(urls.join(",")),
-          attempt,
-          error: e,
-        },
-      );
-      await delay(Math.min(2000, 100 * attempt), { signal });
-    }
-  }
+        { servers: redactUserInfo(urls.join(",")), attempt, error },
+      ),
+  });
 }

@@ -31,7 +31,7 @@ import {
 } from "./codec.ts";
 import type { PendingChange, ReplicaDb } from "./db/replica_db.ts";
 import type { Logger } from "./log.ts";
-import { delay } from "./_delay.ts";
+import { delay } from "./_retry.ts";
 import { shardFor } from "./shard.ts";
 
 /** Options for {@linkcode Publisher}. */

@@ -8,7 +8,7 @@
  *
  * @module
  */
-import { delay } from "./_delay.ts";
+import { delay } from "./_retry.ts";
 import {
   type ConsumerMessages,
   DeliverPolicy,

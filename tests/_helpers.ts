@@ -4,7 +4,7 @@
 import { fileURLToPath } from "node:url";
 import { V8_FLAGS } from "../cli.ts";
 import { defaultServerBinary } from "../lib/config/config.ts";
-import { delay } from "../lib/_delay.ts";
+import { delay } from "../lib/_retry.ts";
 import { pickFreePorts, startCluster } from "../lib/nats/nats_server.ts";
 
 export const CLI = fileURLToPath(new URL("../cli.ts", import.meta.url));

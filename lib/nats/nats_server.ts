@@ -5,7 +5,7 @@
  * @module
  */
 
-import { delay } from "../_delay.ts";
+import { delay } from "../_retry.ts";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { connect, type ConnectionOptions } from "@nats-io/transport-node";
 import { defaultServerBinary } from "../config/config.ts";

@@ -3,7 +3,7 @@
  *
  * @module
  */
-import { delay } from "../_delay.ts";
+import { delay } from "../_retry.ts";
 import {
   DiscardPolicy,
   JetStreamApiError,

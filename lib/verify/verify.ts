@@ -26,7 +26,7 @@ import {
 } from "./checksum.ts";
 import { createLogger, type Logger } from "../log.ts";
 import { clientOptions, redactUserInfo } from "../nats/auth.ts";
-import { delay } from "../_delay.ts";
+import { delay } from "../_retry.ts";
 import {
   type NodeState,
   type TableSummary,

@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { delay } from "../_delay.ts";
+import { delay } from "../_retry.ts";
 import { basename, dirname } from "node:path";
 import type { Logger } from "../log.ts";
 

@@ -36,7 +36,7 @@
  *
  * @module
  */
-import { delay } from "../_delay.ts";
+import { delay } from "../_retry.ts";
 import { DatabaseSync, type StatementSync } from "node:sqlite";
 import { MARMOT_PREFIX } from "../db/schema.ts";
 

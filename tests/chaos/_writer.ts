@@ -11,7 +11,7 @@
 // back and retry it with backoff (each new error message goes to stderr). On
 // exit it prints one JSON line of counts.
 import { DatabaseSync } from "node:sqlite";
-import { delay } from "../../lib/_delay.ts";
+import { delay } from "../../lib/_retry.ts";
 
 const [db, nodeArg, idsFile] = Deno.args;
 if (!db || !nodeArg || !idsFile) {
