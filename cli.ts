@@ -22,6 +22,7 @@ import {
   applyToml,
   ConfigError,
   defaultConfig,
+  type LogFormat,
   type MarmotConfig,
   validateConfig,
 } from "./lib/config/config.ts";
@@ -37,7 +38,7 @@ import {
   type VerifyFlags,
 } from "./lib/verify/verify_command.ts";
 
-export type { MarmotConfig, VerifyFlags };
+export type { LogFormat, MarmotConfig, VerifyFlags };
 
 const USAGE =
   `marmot ${denoJson.version}: multi-primary SQLite replication over NATS JetStream
@@ -269,9 +270,9 @@ export async function parseCommandLine(
  * @param args the arguments after the program name
  */
 export async function main(args: string[]): Promise<number> {
-  let command, config, verify;
+  let parsed: Parsed;
   try {
-    ({ command, config, verify } = await parseCommandLine(args));
+    parsed = await parseCommandLine(args);
   } catch (e) {
     if (e instanceof UsageError || e instanceof ConfigError) {
       console.error(`marmot: ${e.message}`);
@@ -279,27 +280,24 @@ export async function main(args: string[]): Promise<number> {
     }
     throw e;
   }
-  if (command === "help") {
+  return await COMMANDS[parsed.command](parsed);
+}
+
+/** What {@linkcode parseCommandLine} returns. */
+type Parsed = Awaited<ReturnType<typeof parseCommandLine>>;
+
+/** Each command: its exit code. */
+const COMMANDS: Record<Command, (parsed: Parsed) => Promise<number>> = {
+  help: () => {
     console.log(USAGE);
-    return 0;
-  }
-  if (command === "version") {
+    return Promise.resolve(0);
+  },
+  version: () => {
     console.log(denoJson.version);
-    return 0;
-  }
-  if (command === "cleanup") {
-    try {
-      const dropped = removeMarmot(config.dbPath);
-      console.log(
-        `Removed ${dropped.length} marmot triggers and tables from "${config.dbPath}"`,
-      );
-      return 0;
-    } catch (e) {
-      console.error(`marmot: ${e instanceof Error ? e.message : e}`);
-      return e instanceof DatabaseError ? 2 : 1;
-    }
-  }
-  if (command === "verify") {
+    return Promise.resolve(0);
+  },
+  cleanup: ({ config }) => Promise.resolve(cleanup(config)),
+  verify: async ({ config, verify }) => {
     const log = createLogger({
       verbose: config.logging.verbose,
       format: config.logging.format,
@@ -310,31 +308,55 @@ export async function main(args: string[]): Promise<number> {
       console.error(`marmot: ${e instanceof Error ? e.message : e}`);
       return e instanceof ConfigError ? 2 : 1;
     }
+  },
+  "snapshot-save": ({ config }) => snapshot(config, "save"),
+  "snapshot-restore": ({ config }) => snapshot(config, "restore"),
+  run: ({ config }) => run(config),
+};
+
+function cleanup(config: MarmotConfig): number {
+  try {
+    const dropped = removeMarmot(config.dbPath);
+    console.log(
+      `Removed ${dropped.length} marmot triggers and tables from "${config.dbPath}"`,
+    );
+    return 0;
+  } catch (e) {
+    console.error(`marmot: ${e instanceof Error ? e.message : e}`);
+    return e instanceof DatabaseError ? 2 : 1;
   }
-  if (command === "snapshot-save" || command === "snapshot-restore") {
-    const log = createLogger({
-      verbose: config.logging.verbose,
-      format: config.logging.format,
-      fields: { node: config.nodeId },
-    });
-    try {
-      if (command === "snapshot-save") {
-        await snapshotSave(config, log);
-        return 0;
-      }
-      const info = await snapshotRestore(config, log);
-      if (!info) {
-        console.error(
-          "marmot: no snapshot has been saved yet (run `marmot snapshot save` on a node that has the database)",
-        );
-        return 1;
-      }
+}
+
+async function snapshot(
+  config: MarmotConfig,
+  what: "save" | "restore",
+): Promise<number> {
+  const log = createLogger({
+    verbose: config.logging.verbose,
+    format: config.logging.format,
+    fields: { node: config.nodeId },
+  });
+  try {
+    if (what === "save") {
+      await snapshotSave(config, log);
       return 0;
-    } catch (e) {
-      console.error(`marmot: ${e instanceof Error ? e.message : e}`);
-      return e instanceof DatabaseError ? 2 : 1;
     }
+    const info = await snapshotRestore(config, log);
+    if (!info) {
+      console.error(
+        "marmot: no snapshot has been saved yet (run `marmot snapshot save` on a node that has the database)",
+      );
+      return 1;
+    }
+    return 0;
+  } catch (e) {
+    console.error(`marmot: ${e instanceof Error ? e.message : e}`);
+    return e instanceof DatabaseError ? 2 : 1;
   }
+}
+
+/** Replicates until a signal (or, with `exec`, until the application exits). */
+async function run(config: MarmotConfig): Promise<number> {
   const abort = new AbortController();
   let stopping = false;
   let marmot: Marmot | undefined;
