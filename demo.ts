@@ -7,7 +7,7 @@
  * @module
  */
 import { DatabaseSync } from "node:sqlite";
-import { pickFreePorts } from "./lib/nats/nats_server.ts";
+import { pickFreePorts } from "./lib/nats/nats_cluster.ts";
 import { V8_FLAGS } from "./cli.ts";
 
 const CLI = new URL("./cli.ts", import.meta.url).pathname;

@@ -19,7 +19,8 @@ import { parseArgs } from "node:util";
 import { decodeBatch, isPart } from "../lib/codec.ts";
 import type { ObserverStart, Sample } from "./_observer.ts";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
-import { type NatsServer, startCluster } from "../lib/nats/nats_server.ts";
+import type { NatsServer } from "../lib/nats/nats_server.ts";
+import { startCluster } from "../lib/nats/nats_cluster.ts";
 import { V8_FLAGS } from "../cli.ts";
 import { defaultServerBinary } from "../lib/config/config.ts";
 

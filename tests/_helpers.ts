@@ -5,7 +5,7 @@ import { fileURLToPath } from "node:url";
 import { V8_FLAGS } from "../cli.ts";
 import { defaultServerBinary } from "../lib/config/config.ts";
 import { delay } from "../lib/_retry.ts";
-import { pickFreePorts, startCluster } from "../lib/nats/nats_server.ts";
+import { pickFreePorts, startCluster } from "../lib/nats/nats_cluster.ts";
 
 export const CLI = fileURLToPath(new URL("../cli.ts", import.meta.url));
 const decoder = new TextDecoder();

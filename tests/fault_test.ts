@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { jetstreamManager, type StreamConfig } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
-import { startCluster } from "../lib/nats/nats_server.ts";
+import { startCluster } from "../lib/nats/nats_cluster.ts";
 import {
   embeddedArgs,
   externalArgs,

@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { createLogger } from "../lib/log.ts";
 import { Marmot } from "../lib/marmot.ts";
-import { startCluster } from "../lib/nats/nats_server.ts";
+import { startCluster } from "../lib/nats/nats_cluster.ts";
 import { sqlite } from "./_helpers.ts";
 
 /** Process ids whose command line mentions `text`. */

@@ -1,11 +1,8 @@
 import assert from "node:assert/strict";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import {
-  NatsServer,
-  NatsServerError,
-  startCluster,
-} from "../lib/nats/nats_server.ts";
+import { NatsServer, NatsServerError } from "../lib/nats/nats_server.ts";
+import { startCluster } from "../lib/nats/nats_cluster.ts";
 import { PROCESS_TEST } from "./_helpers.ts";
 
 async function roundTrip(nc: NatsConnection, text: string): Promise<string> {

@@ -10,7 +10,7 @@ import { connect } from "@nats-io/transport-node";
 import { decodeBatch } from "../lib/codec.ts";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
 import { createLogger, silentLogger } from "../lib/log.ts";
-import { startCluster } from "../lib/nats/nats_server.ts";
+import { startCluster } from "../lib/nats/nats_cluster.ts";
 import { Publisher, type PublisherOptions } from "../lib/publisher.ts";
 import { shardFor } from "../lib/shard.ts";
 import { PROCESS_TEST, sqlite, tempDir, waitFor } from "./_helpers.ts";

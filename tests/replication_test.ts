@@ -2,7 +2,8 @@
 // separate sqlite3 processes, over a real 3-server JetStream cluster and over
 // the embedded default (each marmot runs its own clustered nats-server).
 import assert from "node:assert/strict";
-import { type NatsServer, startCluster } from "../lib/nats/nats_server.ts";
+import type { NatsServer } from "../lib/nats/nats_server.ts";
+import { startCluster } from "../lib/nats/nats_cluster.ts";
 import {
   dump,
   embeddedArgs,

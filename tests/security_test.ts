@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { connect } from "@nats-io/transport-node";
 import { createUser } from "@nats-io/nkeys";
-import { startCluster } from "../lib/nats/nats_server.ts";
+import { startCluster } from "../lib/nats/nats_cluster.ts";
 import { guardDiscardedSockets } from "../lib/nats/socket_guard.ts";
 import { verify, VerifyError } from "../lib/verify/verify.ts";
 import {

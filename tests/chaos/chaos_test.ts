@@ -15,11 +15,8 @@ import { type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { V8_FLAGS } from "../../cli.ts";
 import { defaultServerBinary } from "../../lib/config/config.ts";
-import {
-  NatsServer,
-  pickFreePorts,
-  startCluster,
-} from "../../lib/nats/nats_server.ts";
+import { NatsServer } from "../../lib/nats/nats_server.ts";
+import { pickFreePorts, startCluster } from "../../lib/nats/nats_cluster.ts";
 import {
   CLI,
   LoggedProcess,
