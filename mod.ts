@@ -49,7 +49,6 @@ export {
 } from "./lib/config/config.ts";
 export { DatabaseError, removeMarmot } from "./lib/db/replica_db.ts";
 export { NatsServerError } from "./lib/nats/nats_server.ts";
-export { CodecError } from "./lib/codec.ts";
 export {
   restoreSnapshot,
   SnapshotError,

@@ -53,22 +53,33 @@ import { Publisher, type PublisherStats } from "./publisher.ts";
 import { Subscriber, type SubscriberStats } from "./subscriber.ts";
 import { VerifyResponder } from "./verify/verify_responder.ts";
 
-/** Everything {@linkcode Marmot.start} accepts: a config with every part optional but the database path. */
-export type MarmotOptions =
-  & Partial<
-    Omit<MarmotConfig, "replicationLog" | "nats" | "logging" | "snapshot">
-  >
-  & {
-    dbPath: string;
-    replicationLog?: Partial<MarmotConfig["replicationLog"]>;
-    nats?: Partial<MarmotConfig["nats"]>;
-    logging?: Partial<MarmotConfig["logging"]>;
-    snapshot?: Partial<MarmotConfig["snapshot"]>;
-    /** A logger to use instead of one built from `logging`. */
-    logger?: Logger;
-    /** Milliseconds between safety scans of the change log and schema. @default 1000 */
-    scanInterval?: number;
-  };
+/**
+ * Everything {@linkcode Marmot.start} accepts: the config file's settings in
+ * camelCase, every one optional but the database path (defaults in
+ * `docs/configuration.md`).
+ */
+export interface MarmotOptions extends
+  Partial<
+    Omit<
+      MarmotConfig,
+      "dbPath" | "replicationLog" | "nats" | "logging" | "snapshot"
+    >
+  > {
+  /** The SQLite database to replicate; it must exist unless `snapshot.bootstrap`. */
+  dbPath: string;
+  /** The shard streams: count, replicas, limits, compression. */
+  replicationLog?: Partial<MarmotConfig["replicationLog"]>;
+  /** External servers or the embedded one, its routes, auth and TLS. */
+  nats?: Partial<MarmotConfig["nats"]>;
+  /** Verbosity and format of the built-in logger. */
+  logging?: Partial<MarmotConfig["logging"]>;
+  /** Scheduled snapshots, their store, and bootstrap. */
+  snapshot?: Partial<MarmotConfig["snapshot"]>;
+  /** A logger to use instead of one built from `logging`. */
+  logger?: Logger;
+  /** Milliseconds between safety scans of the change log and schema. @default {1000} */
+  scanInterval?: number;
+}
 
 /** Counters of a running node. */
 export interface MarmotStats {
