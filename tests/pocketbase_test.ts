@@ -57,6 +57,20 @@ async function api(
   return { status: res.status, json: text ? JSON.parse(text) : {} };
 }
 
+/** Calls the API and asserts the answer's status. */
+async function expectApi(
+  status: number,
+  ...args: Parameters<typeof api>
+): Promise<Record<string, unknown>> {
+  const res = await api(...args);
+  assert.equal(
+    res.status,
+    status,
+    `${args[1]} ${args[2]}: ${JSON.stringify(res.json)}`,
+  );
+  return res.json;
+}
+
 async function waitHealthy(base: string, what: string): Promise<void> {
   await waitFor(
     `${what}'s /api/health`,
@@ -128,15 +142,15 @@ Deno.test({
     assert.ok(upsert.success, new TextDecoder().decode(upsert.stderr));
     const node1 = bed.start(db1, 1, ["--exec", serve(0)]);
     await waitHealthy(urls[0], "node 1");
-    const auth = await api(
+    const auth = await expectApi(
+      200,
       urls[0],
       "POST",
       "/api/collections/_superusers/auth-with-password",
       ADMIN,
     );
-    assert.equal(auth.status, 200, JSON.stringify(auth.json));
-    const token = auth.json.token as string;
-    const created = await api(urls[0], "POST", "/api/collections", {
+    const token = auth.token as string;
+    await expectApi(200, urls[0], "POST", "/api/collections", {
       name: "notes",
       type: "base",
       fields: [{ name: "title", type: "text" }],
@@ -146,11 +160,15 @@ Deno.test({
       updateRule: "",
       deleteRule: "",
     }, token);
-    assert.equal(created.status, 200, JSON.stringify(created.json));
-    const first = await api(urls[0], "POST", "/api/collections/notes/records", {
-      title: "written before the snapshot",
-    });
-    assert.equal(first.status, 200, JSON.stringify(first.json));
+    const first = await expectApi(
+      200,
+      urls[0],
+      "POST",
+      "/api/collections/notes/records",
+      {
+        title: "written before the snapshot",
+      },
+    );
 
     // Node 2 starts from an empty directory: a snapshot of node 1.
     const saved = await cli(["snapshot", "save", ...bed.args(db1, 1)]);
@@ -159,47 +177,52 @@ Deno.test({
     await waitHealthy(urls[1], "node 2");
 
     // The superuser token of node 1 is accepted by node 2.
-    const listed = await api(
+    await expectApi(
+      200,
       urls[1],
       "GET",
       "/api/collections/notes",
       undefined,
       token,
     );
-    assert.equal(listed.status, 200, JSON.stringify(listed.json));
 
     const get = (i: number, id: string) =>
       api(urls[i]!, "GET", `/api/collections/notes/records/${id}`);
-    const firstId = first.json.id as string;
-    assert.equal((await get(1, firstId)).json.title, first.json.title);
+    const firstId = first.id as string;
+    assert.equal((await get(1, firstId)).json.title, first.title);
 
     // Written on node 1, read on node 2; updated on node 2, read on node 1.
-    const note = await api(urls[0], "POST", "/api/collections/notes/records", {
-      title: "from node 1",
-    });
-    assert.equal(note.status, 200, JSON.stringify(note.json));
-    const id = note.json.id as string;
+    const note = await expectApi(
+      200,
+      urls[0],
+      "POST",
+      "/api/collections/notes/records",
+      {
+        title: "from node 1",
+      },
+    );
+    const id = note.id as string;
     await waitFor(
       "node 1's record through node 2's API",
       async () => (await get(1, id)).json.title === "from node 1",
     );
-    const patched = await api(
+    await expectApi(
+      200,
       urls[1],
       "PATCH",
       `/api/collections/notes/records/${id}`,
       { title: "edited on node 2" },
     );
-    assert.equal(patched.status, 200, JSON.stringify(patched.json));
     await waitFor(
       "node 2's edit through node 1's API",
       async () => (await get(0, id)).json.title === "edited on node 2",
     );
-    const deleted = await api(
+    await expectApi(
+      204,
       urls[0],
       "DELETE",
       `/api/collections/notes/records/${firstId}`,
     );
-    assert.equal(deleted.status, 204, JSON.stringify(deleted.json));
     await waitFor(
       "node 1's delete through node 2's API",
       async () => (await get(1, firstId)).status === 404,
