@@ -26,7 +26,8 @@ import {
   type MarmotConfig,
   validateConfig,
 } from "./lib/config/config.ts";
-import { DatabaseError, removeMarmot } from "./lib/db/replica_db.ts";
+import { DatabaseError } from "./lib/db/replica_db.ts";
+import { removeMarmot } from "./lib/db/cleanup.ts";
 import { createLogger } from "./lib/log.ts";
 import { Marmot } from "./lib/marmot.ts";
 import {

@@ -47,7 +47,8 @@ export {
   type LogFormat,
   type MarmotConfig,
 } from "./lib/config/config.ts";
-export { DatabaseError, removeMarmot } from "./lib/db/replica_db.ts";
+export { DatabaseError } from "./lib/db/replica_db.ts";
+export { removeMarmot } from "./lib/db/cleanup.ts";
 export { NatsServerError } from "./lib/nats/nats_server.ts";
 export {
   restoreSnapshot,

@@ -29,7 +29,8 @@ import {
   splitEnvelope,
   type TableRef,
 } from "./codec.ts";
-import type { PendingChange, ReplicaDb } from "./db/replica_db.ts";
+import type { PendingChange } from "./db/capture.ts";
+import type { ReplicaDb } from "./db/replica_db.ts";
 import type { Logger } from "./log.ts";
 import { delay } from "./_retry.ts";
 import { shardFor } from "./shard.ts";

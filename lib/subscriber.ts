@@ -22,7 +22,8 @@ import {
   isPart,
   type Part,
 } from "./codec.ts";
-import type { IncomingMessage, ReplicaDb } from "./db/replica_db.ts";
+import type { IncomingMessage } from "./db/apply.ts";
+import type { ReplicaDb } from "./db/replica_db.ts";
 import type { Logger } from "./log.ts";
 
 /** Options for {@linkcode Subscriber}. */

@@ -9,7 +9,8 @@
 import { createHash } from "node:crypto";
 import { DatabaseSync } from "node:sqlite";
 import { quoteText } from "../db/sql.ts";
-import { removeMarmot, type ReplicaDb } from "../db/replica_db.ts";
+import { removeMarmot } from "../db/cleanup.ts";
+import type { ReplicaDb } from "../db/replica_db.ts";
 
 /** Thrown when a snapshot cannot be taken or restored; the database is left as it was. */
 export class SnapshotError extends Error {

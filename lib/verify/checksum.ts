@@ -30,7 +30,7 @@ import { createHash } from "node:crypto";
 import type { DatabaseSync, StatementSync } from "node:sqlite";
 import type { SqlValue } from "../codec.ts";
 import { parseKey, quoteIdent } from "../db/sql.ts";
-import { keyExpr } from "../db/replica_db.ts";
+import { keyExpr } from "../db/capture.ts";
 import type { TableInfo } from "../db/schema.ts";
 
 /** The count and SHA-256 of a set of rows. */

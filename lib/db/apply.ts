@@ -1,0 +1,540 @@
+/**
+ * Apply: writing the batches taken from the shard streams into the local
+ * file, in one transaction per call, with each shard's stream sequence and
+ * each origin's change sequence recorded in the same transaction. See
+ * DESIGN.md, "Apply".
+ *
+ * @module
+ */
+import {
+  type Batch,
+  type Change,
+  CodecError,
+  decodeBatch,
+  encodeBatch,
+  MAX_ENVELOPE_BYTES,
+  Op,
+  type Part,
+  type SqlValue,
+  type TableRef,
+} from "../codec.ts";
+import { DatabaseError, type ReplicaDb } from "./replica_db.ts";
+import { SQL, storedKey } from "./marmot_tables.ts";
+import { parseKey, quoteIdent } from "./sql.ts";
+
+/** A message taken from a shard stream, to apply. */
+export interface IncomingMessage {
+  /** The shard. */
+  shard: number;
+  /** The stream name (for reports). */
+  stream: string;
+  /** The stream sequence. */
+  seq: number;
+  /**
+   * The decoded batch, one part of a larger one (kept until all its parts
+   * are here), or the error that decoding raised.
+   */
+  batch: Batch | Part | Error;
+  /** The raw bytes, kept when the message is parked. */
+  data: Uint8Array;
+}
+
+/** A change or message that could not be applied. */
+export interface Parked {
+  /** The stream name. */
+  stream: string;
+  /** The stream sequence. */
+  seq: number;
+  /** The table, when one change failed. */
+  table?: string;
+  /** The row key, when one change failed. */
+  key?: string;
+  /** Why. */
+  reason: string;
+}
+
+/** What one apply call did. */
+export interface ApplyResult {
+  /** Rows written or deleted. */
+  applied: number;
+  /** Changes skipped (own, duplicate, or superseded by a pending local write). */
+  skipped: number;
+  /** What was set aside. */
+  parked: Parked[];
+  /**
+   * This node's own changes given new sequences, to publish again: their
+   * copy came back behind later ones of this node, so every node skipped it
+   * (its first message was lost). Absent when none.
+   */
+  rerecorded?: number;
+}
+
+/**
+ * Applies messages to one database, and keeps what outlives a call: the
+ * highest change sequence applied per origin change log, and whether
+ * unfinished envelope parts are stored.
+ */
+export class Applier {
+  readonly #replica: ReplicaDb;
+  /** The last applied change sequence per `shard:node:epoch`. */
+  readonly #origins = new Map<string, number>();
+  /**
+   * Whether `__marmot__parts` may hold rows: the check for stale parts then
+   * runs per message; with none (the usual case) it is skipped.
+   */
+  #partsHeld = true;
+
+  constructor(replica: ReplicaDb) {
+    this.#replica = replica;
+    const rows = replica.db.prepare(SQL.originsAll).all() as {
+      shard: number;
+      node: number;
+      epoch: number;
+      seq: number;
+    }[];
+    for (const r of rows) {
+      this.#origins.set(originId(r.shard, r.node, r.epoch), Number(r.seq));
+    }
+  }
+
+  /**
+   * Applies `messages` in one transaction. Rules per change, in stream order:
+   * - an origin change sequence already applied is skipped (published twice);
+   * - this node's own change removes the change log entries it carries
+   *   (their local effect is already in place);
+   * - another node's change to a row with a local change still in the change
+   *   log is skipped: that local change is later in stream order and wins;
+   * - otherwise the row is upserted by primary key, or deleted.
+   *
+   * A message that failed to decode, or a change that fails to apply, is
+   * parked and reported; the rest goes on.
+   */
+  apply(messages: IncomingMessage[], selfNode: number): ApplyResult {
+    const call = new ApplyCall(this.#replica, selfNode, {
+      appliedSeq: (id) => this.#origins.get(id) ?? 0,
+      partsHeld: () => this.#partsHeld,
+      notePart: () => this.#partsHeld = true,
+    });
+    this.#replica.transaction("IMMEDIATE", () => call.run(messages));
+    for (const [id, o] of call.origins) this.#origins.set(id, o.seq);
+    // Cleared only after a commit, so a rolled-back call cannot hide parts.
+    if (this.#partsHeld) {
+      this.#partsHeld = this.#replica.statement(SQL.partsAny).get() !==
+        undefined;
+    }
+    return call.result;
+  }
+}
+
+function originId(shard: number, node: number, epoch: number): string {
+  return `${shard}:${node}:${epoch}`;
+}
+
+/** What an {@linkcode ApplyCall} reads of the state kept across calls. */
+interface ApplyState {
+  appliedSeq(originId: string): number;
+  partsHeld(): boolean;
+  notePart(): void;
+}
+
+/** A change that failed on its first try, to try once more at the end. */
+interface FailedChange {
+  message: IncomingMessage;
+  batch: Batch;
+  ref: TableRef;
+  change: Change;
+  /** Its place among the rows written in this call. */
+  touch: number;
+}
+
+/** One call of {@linkcode Applier.apply}, inside its transaction. */
+class ApplyCall {
+  readonly result: ApplyResult = { applied: 0, skipped: 0, parked: [] };
+  /** The origin sequences this call reached, recorded at its end. */
+  readonly origins = new Map<
+    string,
+    { shard: number; node: number; epoch: number; seq: number }
+  >();
+  readonly #replica: ReplicaDb;
+  readonly #selfNode: number;
+  readonly #state: ApplyState;
+  readonly #shardSeqs = new Map<number, number>();
+  readonly #failed: FailedChange[] = [];
+  /** The last place each row (`table\0key`) was written in this call. */
+  readonly #lastTouch = new Map<string, number>();
+  #touches = 0;
+  /** The highest change log sequence before own changes left it. */
+  #changeLogTop: number | undefined;
+  /** Own changes that came back behind later own ones. */
+  readonly #staleOwn: { table: string; key: string; seq: number }[] = [];
+
+  constructor(replica: ReplicaDb, selfNode: number, state: ApplyState) {
+    this.#replica = replica;
+    this.#selfNode = selfNode;
+    this.#state = state;
+  }
+
+  run(messages: IncomingMessage[]): void {
+    this.#replica.statement(SQL.applyOn).run();
+    try {
+      for (const message of messages) this.#applyMessage(message);
+      this.#retryFailed();
+      this.#recordPositions();
+      this.#rerecordStaleOwn();
+      if (this.#changeLogTop !== undefined) {
+        this.#replica.markTopSeq(this.#changeLogTop);
+      }
+    } finally {
+      this.#replica.statement(SQL.applyOff).run();
+    }
+  }
+
+  #applyMessage(message: IncomingMessage): void {
+    this.#shardSeqs.set(message.shard, message.seq);
+    if (message.batch instanceof Error) {
+      this.#park({
+        stream: message.stream,
+        seq: message.seq,
+        reason: message.batch.message,
+      }, message.data);
+      return;
+    }
+    const batch = this.#assemble(message, message.batch);
+    if (!batch) return;
+    if (batch.shard !== message.shard) {
+      this.#park({
+        stream: message.stream,
+        seq: message.seq,
+        reason:
+          `Cannot apply batch: it is for shard ${batch.shard}, found on shard ${message.shard}`,
+      }, message.data);
+      return;
+    }
+    this.#applyBatch(message, batch);
+  }
+
+  /**
+   * The whole batch of a message: itself, or, for a part, the envelope once
+   * its last part is here (undefined until then, or when it was parked).
+   */
+  #assemble(message: IncomingMessage, from: Batch | Part): Batch | undefined {
+    const isPart = "kind" in from;
+    if (isPart) this.#state.notePart();
+    // An origin publishes a shard's messages one after another: once anything
+    // else of it arrives, parts of an envelope it never finished (it crashed,
+    // and published those changes again differently) cannot complete.
+    if (this.#state.partsHeld()) {
+      this.#replica.statement(SQL.partsStale).run(
+        from.origin,
+        from.epoch,
+        from.shard,
+        isPart ? from.id : "",
+      );
+    }
+    if (!isPart) return from;
+    let whole: Uint8Array | undefined;
+    try {
+      whole = this.#addPart(from, message.seq);
+      return whole && decodeBatch(whole);
+    } catch (e) {
+      if (!this.#replica.db.isTransaction) throw e;
+      this.#park({
+        stream: message.stream,
+        seq: message.seq,
+        reason: `${(e as Error).message} (an envelope of ${from.count} parts)`,
+      }, whole);
+      return undefined;
+    }
+  }
+
+  /**
+   * Keeps a part until all of its envelope's parts are here, then returns
+   * the whole envelope (and forgets the parts).
+   */
+  #addPart(part: Part, streamSeq: number): Uint8Array | undefined {
+    const statement = (sql: string) => this.#replica.statement(sql);
+    statement(SQL.partsInsert).run(
+      part.origin,
+      part.epoch,
+      part.shard,
+      part.id,
+      part.index,
+      part.count,
+      streamSeq,
+      part.bytes,
+    );
+    const envelope = [part.origin, part.epoch, part.shard, part.id] as const;
+    const have = statement(SQL.partsCount).get(...envelope, part.count) as {
+      n: number;
+      size: number;
+    };
+    if (Number(have.n) < part.count) return undefined;
+    if (Number(have.size) > MAX_ENVELOPE_BYTES) {
+      statement(SQL.partsDelete).run(...envelope);
+      throw new CodecError(
+        `Cannot apply batch: its parts add up to ${have.size} bytes, over the ${MAX_ENVELOPE_BYTES} byte limit`,
+      );
+    }
+    const rows = statement(SQL.partsRead).all(...envelope, part.count) as {
+      data: Uint8Array;
+    }[];
+    statement(SQL.partsDelete).run(...envelope);
+    const whole = new Uint8Array(Number(have.size));
+    let at = 0;
+    for (const r of rows) {
+      whole.set(r.data, at);
+      at += r.data.length;
+    }
+    return whole;
+  }
+
+  #applyBatch(message: IncomingMessage, batch: Batch): void {
+    const id = originId(message.shard, batch.origin, batch.epoch);
+    let originSeq = this.origins.get(id)?.seq ?? this.#state.appliedSeq(id);
+    const own = batch.origin === this.#selfNode &&
+      batch.epoch === this.#replica.epoch;
+    for (const change of batch.changes) {
+      const ref = batch.tables[change.table]!;
+      if (change.seq <= originSeq) {
+        if (own) {
+          this.#staleOwn.push({
+            table: ref.name,
+            key: change.key,
+            seq: change.seq,
+          });
+        }
+        this.result.skipped++;
+        continue;
+      }
+      originSeq = change.seq;
+      const storedK = storedKey(change.key);
+      if (own) {
+        this.#changeLogTop ??= this.#replica.topSeq();
+        this.#replica.statement(SQL.changesAck).run(
+          ref.name,
+          storedK,
+          change.seq,
+        );
+        this.result.skipped++;
+        continue;
+      }
+      if (this.#replica.statement(SQL.changesPending).get(ref.name, storedK)) {
+        this.result.skipped++;
+        continue;
+      }
+      this.#lastTouch.set(`${ref.name}\u0000${change.key}`, ++this.#touches);
+      try {
+        this.#write(ref, change);
+        this.result.applied++;
+      } catch (e) {
+        // SQLite rolled the whole transaction back (disk full, I/O): nothing
+        // of this call holds, so let the caller retry it all.
+        if (!this.#replica.db.isTransaction) throw e;
+        this.#failed.push({
+          message,
+          batch,
+          ref,
+          change,
+          touch: this.#touches,
+        });
+      }
+    }
+    this.origins.set(id, {
+      shard: message.shard,
+      node: batch.origin,
+      epoch: batch.epoch,
+      seq: originSeq,
+    });
+  }
+
+  /**
+   * A change can fail only because of the order it arrived in (a UNIQUE value
+   * that a later change in the same transaction frees): tries the failed ones
+   * once more, then parks them with their values.
+   */
+  #retryFailed(): void {
+    for (const f of this.#failed) {
+      // A later change to the same row in this call supersedes it.
+      const row = `${f.ref.name}\u0000${f.change.key}`;
+      if (this.#lastTouch.get(row) !== f.touch) continue;
+      try {
+        this.#write(f.ref, f.change);
+        this.result.applied++;
+      } catch (e) {
+        if (!this.#replica.db.isTransaction) throw e;
+        this.#park(
+          {
+            stream: f.message.stream,
+            seq: f.message.seq,
+            table: f.ref.name,
+            key: f.change.key,
+            reason: e instanceof Error ? e.message : String(e),
+          },
+          encodeBatch({
+            ...f.batch,
+            tables: [f.ref],
+            changes: [{ ...f.change, table: 0 }],
+          }),
+        );
+      }
+    }
+  }
+
+  /** Records each origin's change sequence and each shard's stream sequence. */
+  #recordPositions(): void {
+    const setOrigin = this.#replica.statement(SQL.originsSet);
+    for (const o of this.origins.values()) {
+      setOrigin.run(o.shard, o.node, o.epoch, o.seq);
+    }
+    const setApplied = this.#replica.statement(SQL.appliedSet);
+    for (const [shard, seq] of this.#shardSeqs) setApplied.run(shard, seq);
+  }
+
+  /**
+   * Gives own changes that came back behind later ones new sequences, so the
+   * publisher sends them again.
+   */
+  #rerecordStaleOwn(): void {
+    let moved = 0;
+    for (const { table, key, seq } of this.#staleOwn) {
+      const rows = this.#replica.statement(SQL.changesUpTo).all(
+        table,
+        storedKey(key),
+        seq,
+      ) as { seq: bigint }[];
+      for (const r of rows) this.#replica.moveChange(r.seq);
+      moved += rows.length;
+    }
+    if (moved > 0) this.result.rerecorded = moved;
+  }
+
+  #park(parked: Parked, data?: Uint8Array): void {
+    this.result.parked.push(parked);
+    this.#replica.statement(SQL.parkedInsert).run(
+      parked.stream,
+      parked.seq,
+      parked.table ?? null,
+      parked.key ?? null,
+      parked.reason,
+      data ?? null,
+    );
+  }
+
+  #write(ref: TableRef, change: Change): void {
+    if (change.op === Op.Upsert) {
+      upsertRow(this.#replica, ref.name, ref.columns, change.values!);
+    } else deleteRow(this.#replica, ref.name, change.key);
+  }
+}
+
+/** Inserts or updates one row by its primary key (or rowid). */
+function upsertRow(
+  replica: ReplicaDb,
+  table: string,
+  columns: string[],
+  values: SqlValue[],
+): void {
+  const info = replicatedTable(replica, table);
+  const id = `upsert\u0000${table}\u0000${columns.join("\u0000")}`;
+  const statement = (suffix: string, build: () => string) =>
+    replica.statementFor(`${id}\u0000${suffix}`, build);
+  if (info.rowid) {
+    const [rowid, ...rest] = values;
+    const dataColumns = columns.slice(1);
+    const changed = dataColumns.length > 0 &&
+      Number(
+          statement(
+            "update",
+            () =>
+              `UPDATE ${quoteIdent(table)} SET ${
+                dataColumns.map((c) => `${quoteIdent(c)} = ?`).join(", ")
+              } WHERE ${info.rowid} = ?`,
+          ).run(...rest, rowid!).changes,
+        ) > 0;
+    if (!changed) {
+      statement(
+        "insert",
+        () =>
+          `INSERT OR IGNORE INTO ${quoteIdent(table)}(${info.rowid}${
+            dataColumns.map((c) => `, ${quoteIdent(c)}`).join("")
+          }) VALUES (${values.map(() => "?").join(", ")})`,
+      ).run(...values);
+    }
+    return;
+  }
+  const missing = info.pk.filter((k) => !columns.includes(k));
+  if (missing.length > 0) {
+    throw new DatabaseError(
+      `Cannot apply change: table "${table}" change lacks primary key columns ${
+        JSON.stringify(missing)
+      }`,
+    );
+  }
+  const others = columns.filter((c) => !info.pk.includes(c));
+  const valueOf = (c: string) => values[columns.indexOf(c)]!;
+  if (info.pk.some((k) => valueOf(k) === null)) {
+    // NULLs never conflict, so ON CONFLICT would insert a second row: match by IS.
+    const keyValues = info.pk.map(valueOf);
+    const byKey = info.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
+    const changed = others.length > 0 &&
+      Number(
+          statement(
+            "null-key-update",
+            () =>
+              `UPDATE ${quoteIdent(table)} SET ${
+                others.map((c) => `${quoteIdent(c)} = ?`).join(", ")
+              } WHERE ${byKey}`,
+          ).run(...others.map(valueOf), ...keyValues)
+            .changes,
+        ) > 0;
+    const exists = changed ||
+      statement(
+          "null-key-exists",
+          () => `SELECT 1 FROM ${quoteIdent(table)} WHERE ${byKey}`,
+        ).get(...keyValues) !== undefined;
+    if (!exists) {
+      statement(
+        "null-key-insert",
+        () =>
+          `INSERT INTO ${quoteIdent(table)}(${
+            columns.map(quoteIdent).join(", ")
+          }) VALUES (${columns.map(() => "?").join(", ")})`,
+      ).run(...values);
+    }
+    return;
+  }
+  statement("upsert", () => {
+    const action = others.length === 0
+      ? "DO NOTHING"
+      : `DO UPDATE SET ${
+        others.map((c) => `${quoteIdent(c)} = excluded.${quoteIdent(c)}`)
+          .join(", ")
+      }`;
+    return `INSERT INTO ${quoteIdent(table)}(${
+      columns.map(quoteIdent).join(", ")
+    }) VALUES (${columns.map(() => "?").join(", ")}) ON CONFLICT(${
+      info.pk.map(quoteIdent).join(", ")
+    }) ${action}`;
+  }).run(...values);
+}
+
+/** Deletes one row by its key text. */
+function deleteRow(replica: ReplicaDb, table: string, key: string): void {
+  const info = replicatedTable(replica, table);
+  replica.statementFor(`delete\u0000${table}`, () => {
+    const where = info.rowid
+      ? `${info.rowid} = ?`
+      : info.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
+    return `DELETE FROM ${quoteIdent(table)} WHERE ${where}`;
+  }).run(...parseKey(key));
+}
+
+function replicatedTable(replica: ReplicaDb, table: string) {
+  const info = replica.tables.get(table);
+  if (!info) {
+    throw new DatabaseError(
+      `Cannot apply change: table "${table}" is not replicated on this node`,
+    );
+  }
+  return info;
+}

@@ -1,0 +1,234 @@
+/**
+ * Capture: the triggers that log every row change the application commits,
+ * the key text of a row, and reading the pending changes with the rows'
+ * current images for the publisher. See DESIGN.md, "Capture".
+ *
+ * @module
+ */
+import type { DatabaseSync } from "node:sqlite";
+import type { SqlValue } from "../codec.ts";
+import type { ReplicaDb } from "./replica_db.ts";
+import { MARMOT_PREFIX, type TableInfo } from "./schema.ts";
+import { parseKey, quoteIdent, quoteText } from "./sql.ts";
+import { TABLES } from "./marmot_tables.ts";
+
+/** A captured change, ready to publish: the row's current image or its absence. */
+export interface PendingChange {
+  /** The table. */
+  table: TableInfo;
+  /** The row key text. */
+  key: string;
+  /** The newest change log sequence this change covers. */
+  seq: number;
+  /** Column names of `values` (with the rowid name first for rowid tables). */
+  columns: string[];
+  /** The current row, or `undefined` when it no longer exists. */
+  values: SqlValue[] | undefined;
+}
+
+/** The key text expression of a row in a trigger (`NEW` or `OLD`). */
+export function keyExpr(table: TableInfo, row: "NEW" | "OLD"): string {
+  if (table.rowid) return `quote(${row}.${table.rowid})`;
+  if (table.integerKey) return `quote(${row}.${quoteIdent(table.pk[0]!)})`;
+  return table.pk.map((c) => keyPartText(`${row}.${quoteIdent(c)}`)).join(
+    " || ',' || ",
+  );
+}
+
+/**
+ * The key text of one value, in SQL: its `quote()`; but quote() stops at a
+ * NUL in TEXT, so such a value is written as T X'<utf-8>'.
+ */
+function keyPartText(v: string): string {
+  return `CASE WHEN typeof(${v}) = 'text' AND instr(CAST(${v} AS BLOB), x'00') > 0 ` +
+    `THEN 'T' || quote(CAST(${v} AS BLOB)) ELSE quote(${v}) END`;
+}
+
+/** The SQL that creates the three capture triggers of a table. */
+export function captureTriggersSql(table: TableInfo): string {
+  const name = quoteText(table.name);
+  const on = quoteIdent(table.name);
+  const when = `WHEN NOT EXISTS (SELECT 1 FROM ${TABLES.apply})`;
+  const trig = (kind: string) =>
+    quoteIdent(`${MARMOT_PREFIX}${kind}__${table.name}`);
+  // A one-column key is logged as its value: copying it is much cheaper
+  // for the application's write than building its text.
+  const k = (row: "NEW" | "OLD") =>
+    table.rowid
+      ? `${row}.${table.rowid}`
+      : table.pk.length === 1
+      ? `${row}.${quoteIdent(table.pk[0]!)}`
+      : keyExpr(table, row);
+  const log = (row: "NEW" | "OLD") =>
+    `INSERT INTO ${TABLES.changes}(tbl, k) VALUES (${name}, ${k(row)});`;
+  return `
+CREATE TRIGGER ${trig("ins")} AFTER INSERT ON ${on} ${when}
+BEGIN ${log("NEW")} END;
+CREATE TRIGGER ${trig("upd")} AFTER UPDATE ON ${on} ${when}
+BEGIN
+  INSERT INTO ${TABLES.changes}(tbl, k) SELECT ${name}, ${k("OLD")}
+    WHERE ${k("OLD")} IS NOT ${k("NEW")};
+  ${log("NEW")}
+END;
+CREATE TRIGGER ${trig("del")} AFTER DELETE ON ${on} ${when}
+BEGIN ${log("OLD")} END;
+`;
+}
+
+/** The names of marmot's triggers in `db`. */
+export function marmotTriggers(db: DatabaseSync): string[] {
+  return (db.prepare(
+    "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE ? ESCAPE '\\'",
+  ).all(`${MARMOT_PREFIX.replaceAll("_", "\\_")}%`) as { name: string }[])
+    .map((r) => r.name);
+}
+
+/** Replaces every capture trigger with triggers on `tables`. */
+export function installCaptureTriggers(
+  db: DatabaseSync,
+  tables: TableInfo[],
+): void {
+  for (const name of marmotTriggers(db)) {
+    db.exec(`DROP TRIGGER ${quoteIdent(name)}`);
+  }
+  for (const t of tables) db.exec(captureTriggersSql(t));
+}
+
+/** A change log row as read: `k` as text when the key is composite. */
+interface LogRow {
+  seq: number;
+  tbl: string | null;
+  k: string | null;
+  /** The key text of the stored `k` value. */
+  kq: string;
+}
+
+const READ_AFTER =
+  `SELECT seq, tbl, CASE WHEN typeof(k) = 'text' THEN k END AS k, ${
+    keyPartText("k")
+  } AS kq FROM ${TABLES.changes} WHERE seq > ? ORDER BY seq LIMIT ?`;
+
+/**
+ * Reads captured changes after `afterSeq`, in commit order, coalesced per row
+ * (a row changed many times is sent once, with its newest state), each with
+ * the row's current image read in the same read transaction. Rows for which
+ * `keep` says false are left out (their images not read). A change whose key
+ * no longer fits its table is parked.
+ *
+ * @returns the changes, and the highest change log sequence read
+ */
+export function readPending(
+  replica: ReplicaDb,
+  afterSeq: number,
+  limit: number,
+  keep?: (table: string, key: string) => boolean,
+): { changes: PendingChange[]; lastSeq: number } {
+  const misfits: { seq: number; table: string; key: string }[] = [];
+  const read = replica.transaction("DEFERRED", () => {
+    const rows = replica.statement(READ_AFTER).all(
+      afterSeq,
+      limit,
+    ) as unknown as LogRow[];
+    if (rows.length === 0) return { changes: [], lastSeq: afterSeq };
+    const newest = new Map<
+      string,
+      { seq: number; table: string; key: string }
+    >();
+    for (const row of rows) {
+      if (row.tbl === null) continue; // the mark of the highest sequence
+      const table = replica.tables.get(row.tbl);
+      if (!table) continue; // dropped or not replicated
+      const key = keyText(table, row);
+      if (key === undefined) {
+        misfits.push({ seq: row.seq, table: row.tbl, key: row.kq });
+        continue;
+      }
+      const id = `${row.tbl}\u0000${key}`;
+      newest.delete(id); // re-insert so the map keeps last-change order
+      newest.set(id, { seq: row.seq, table: row.tbl, key });
+    }
+    const changes: PendingChange[] = [];
+    for (const change of newest.values()) {
+      if (keep && !keep(change.table, change.key)) continue;
+      const table = replica.tables.get(change.table)!;
+      const columns = table.rowid
+        ? [table.rowid, ...table.columns]
+        : table.columns;
+      const select = replica.statementFor(
+        `image\u0000${table.name}`,
+        () => imageSql(table, columns),
+        { arrays: true },
+      );
+      const row = select.get(...parseKey(change.key)) as
+        | SqlValue[]
+        | undefined;
+      changes.push({
+        table,
+        key: change.key,
+        seq: Number(change.seq),
+        columns,
+        values: row ? fixNulText(row) : undefined,
+      });
+    }
+    return { changes, lastSeq: Number(rows[rows.length - 1]!.seq) };
+  });
+  for (const m of misfits) {
+    const reason =
+      `Cannot publish change: its key ${m.key} no longer fits the primary key of table "${m.table}" (the key changed while the change was pending); the row stays as it is on this node`;
+    replica.parkChangeLogEntry(m.seq, m.table, m.key, reason);
+    replica.log("warn", reason);
+  }
+  return read;
+}
+
+/**
+ * The key text of a change log row (see {@linkcode keyExpr}): the text logged
+ * for a composite key, the value's text for a one-column key. Undefined when
+ * it does not fit the table's key as it is now (the key changed shape while
+ * the change was pending).
+ */
+function keyText(table: TableInfo, row: LogRow): string | undefined {
+  const arity = table.rowid ? 1 : table.pk.length;
+  const text = arity > 1 ? row.k : row.kq;
+  if (text === null) return undefined;
+  try {
+    if (parseKey(text).length === arity) return text;
+  } catch { /* not a key list */ }
+  return undefined;
+}
+
+/**
+ * The SELECT of a row image. node:sqlite cuts TEXT at the first NUL, so a
+ * TEXT value holding NUL is read as a BLOB and named in a last column (the
+ * comma-separated column indexes) to be decoded back to text.
+ */
+function imageSql(table: TableInfo, columns: string[]): string {
+  const where = table.rowid
+    ? `${table.rowid} = ?`
+    : table.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
+  const hasNul = (c: string) =>
+    `(typeof(${c}) = 'text' AND instr(${c}, char(0)) > 0)`;
+  const cols = columns.map((name) => {
+    const c = quoteIdent(name);
+    return `CASE WHEN ${hasNul(c)} THEN CAST(${c} AS BLOB) ELSE ${c} END`;
+  });
+  const mask = columns.map((name, i) =>
+    `CASE WHEN ${hasNul(quoteIdent(name))} THEN '${i},' ELSE '' END`
+  ).join(" || ");
+  return `SELECT ${cols.join(", ")}, ${mask} FROM ${
+    quoteIdent(table.name)
+  } WHERE ${where}`;
+}
+
+const utf8 = new TextDecoder();
+
+/** Turns the BLOB-read TEXT values named by the last column back into strings. */
+function fixNulText(row: SqlValue[]): SqlValue[] {
+  const mask = row.pop() as string;
+  if (mask) {
+    for (const i of mask.split(",").filter(Boolean)) {
+      row[Number(i)] = utf8.decode(row[Number(i)] as Uint8Array);
+    }
+  }
+  return row;
+}

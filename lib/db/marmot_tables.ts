@@ -1,0 +1,172 @@
+/**
+ * marmot's own tables in the replicated file (all named `__marmot__*`), the
+ * statements that read and write them, and the upgrade of older layouts.
+ *
+ * - `changes(seq, tbl, k)`: the change log the capture triggers write. A
+ *   change stays until this node has applied its own published copy back
+ *   from the stream.
+ * - `apply(x)`: holds one row only inside marmot's apply transaction; the
+ *   triggers skip writes while it does, so applied changes are never
+ *   captured again. Other connections never see that row.
+ * - `applied(shard, seq)`: the last stream sequence applied per shard.
+ * - `origins(shard, node, epoch, seq)`: the highest change sequence applied
+ *   per origin change log, so a batch published twice has no second effect.
+ * - `parked(...)`: messages and changes that could not be decoded or applied.
+ * - `parts(...)`: parts of an envelope too large for one message, until all
+ *   are here.
+ * - `meta(key, value)`: this change log's epoch and node, and the creation
+ *   time of each stream a position refers to.
+ *
+ * @module
+ */
+import type { DatabaseSync } from "node:sqlite";
+import type { SqlValue } from "../codec.ts";
+import { MARMOT_PREFIX } from "./schema.ts";
+import { parseKey, quoteIdent } from "./sql.ts";
+
+/** The quoted names of marmot's tables. */
+export const TABLES = {
+  changes: quoteIdent(`${MARMOT_PREFIX}changes`),
+  apply: quoteIdent(`${MARMOT_PREFIX}apply`),
+  applied: quoteIdent(`${MARMOT_PREFIX}applied`),
+  origins: quoteIdent(`${MARMOT_PREFIX}origins`),
+  parked: quoteIdent(`${MARMOT_PREFIX}parked`),
+  parts: quoteIdent(`${MARMOT_PREFIX}parts`),
+  meta: quoteIdent(`${MARMOT_PREFIX}meta`),
+};
+const T = TABLES;
+
+/**
+ * The change log. `k` is the key's value for a table keyed by one column (or
+ * the rowid), and the key text (see `keyExpr` in capture.ts) for a composite
+ * key: the capture trigger then copies a value instead of building text.
+ * `seq` is the rowid, so the next one is the highest plus one, without the
+ * cost of AUTOINCREMENT: a row with a NULL `tbl` (a mark) keeps the highest
+ * sequence used once the changes above it are gone, so a sequence is never
+ * reused.
+ */
+const CHANGES_SQL = `
+CREATE TABLE IF NOT EXISTS ${T.changes}(seq INTEGER PRIMARY KEY, tbl TEXT, k);
+CREATE INDEX IF NOT EXISTS ${quoteIdent(`${MARMOT_PREFIX}changes_key`)}
+  ON ${T.changes}(tbl, k);
+`;
+
+/** Creates marmot's tables where missing, and clears a leftover apply flag. */
+export const SETUP_SQL = `${CHANGES_SQL}
+CREATE TABLE IF NOT EXISTS ${T.apply}(x);
+CREATE TABLE IF NOT EXISTS ${T.applied}(
+  shard INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS ${T.origins}(
+  shard INTEGER NOT NULL, node INTEGER NOT NULL, epoch INTEGER NOT NULL,
+  seq INTEGER NOT NULL, PRIMARY KEY(shard, node, epoch));
+CREATE TABLE IF NOT EXISTS ${T.parked}(
+  id INTEGER PRIMARY KEY, at TEXT NOT NULL DEFAULT (datetime('now')),
+  stream TEXT NOT NULL, stream_seq INTEGER NOT NULL, tbl TEXT, k TEXT,
+  reason TEXT NOT NULL, data BLOB);
+CREATE TABLE IF NOT EXISTS ${T.parts}(
+  origin INTEGER NOT NULL, epoch INTEGER NOT NULL, shard INTEGER NOT NULL,
+  id TEXT NOT NULL, idx INTEGER NOT NULL, count INTEGER NOT NULL,
+  stream_seq INTEGER NOT NULL, data BLOB NOT NULL,
+  PRIMARY KEY(origin, epoch, shard, id, idx));
+CREATE TABLE IF NOT EXISTS ${T.meta}(key TEXT PRIMARY KEY, value);
+DELETE FROM ${T.apply};
+`;
+
+/** Where the parts of one envelope are. */
+const PART_OF = "origin = ? AND epoch = ? AND shard = ? AND id = ?";
+
+/**
+ * Every fixed statement on marmot's tables, declared once; the database
+ * prepares each on first use and keeps it.
+ */
+export const SQL = {
+  metaGet: `SELECT value FROM ${T.meta} WHERE key = ?`,
+  metaSet:
+    `INSERT INTO ${T.meta}(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value`,
+  appliedGet: `SELECT seq FROM ${T.applied} WHERE shard = ?`,
+  appliedSet: `INSERT INTO ${T.applied}(shard, seq) VALUES (?, ?)
+    ON CONFLICT(shard) DO UPDATE SET seq = excluded.seq`,
+  originsAll: `SELECT shard, node, epoch, seq FROM ${T.origins}`,
+  originsSet:
+    `INSERT INTO ${T.origins}(shard, node, epoch, seq) VALUES (?, ?, ?, ?)
+    ON CONFLICT(shard, node, epoch) DO UPDATE SET seq = excluded.seq`,
+  changesPendingCount:
+    `SELECT count(*) AS n FROM ${T.changes} WHERE tbl IS NOT NULL`,
+  changesTop: `SELECT seq FROM ${T.changes} ORDER BY seq DESC LIMIT 1`,
+  changesMark:
+    `INSERT OR IGNORE INTO ${T.changes}(seq, tbl, k) VALUES (?, NULL, NULL)`,
+  changesUnmark: `DELETE FROM ${T.changes} WHERE tbl IS NULL AND seq < ?`,
+  /** Removes the entries of a row up to a sequence: they were published. */
+  changesAck: `DELETE FROM ${T.changes} WHERE tbl = ? AND k IS ? AND seq <= ?`,
+  changesPending: `SELECT 1 FROM ${T.changes} WHERE tbl = ? AND k IS ? LIMIT 1`,
+  changesUpTo:
+    `SELECT seq FROM ${T.changes} WHERE tbl = ? AND k IS ? AND seq <= ?`,
+  changesCopy:
+    `INSERT INTO ${T.changes}(tbl, k) SELECT tbl, k FROM ${T.changes} WHERE seq = ?`,
+  changesDrop: `DELETE FROM ${T.changes} WHERE seq = ?`,
+  changesClear: `DELETE FROM ${T.changes}`,
+  parkedInsert:
+    `INSERT INTO ${T.parked}(stream, stream_seq, tbl, k, reason, data) VALUES (?, ?, ?, ?, ?, ?)`,
+  parkedAll:
+    `SELECT stream, stream_seq, tbl, k, reason FROM ${T.parked} ORDER BY id`,
+  applyOn: `INSERT INTO ${T.apply}(x) VALUES (1)`,
+  applyOff: `DELETE FROM ${T.apply}`,
+  partsInsert:
+    `INSERT OR REPLACE INTO ${T.parts}(origin, epoch, shard, id, idx, count, stream_seq, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+  /** Drops an origin's parts of other envelopes than the one named. */
+  partsStale:
+    `DELETE FROM ${T.parts} WHERE origin = ? AND epoch = ? AND shard = ? AND id <> ?`,
+  partsCount:
+    `SELECT count(*) AS n, sum(length(data)) AS size FROM ${T.parts} WHERE ${PART_OF} AND count = ?`,
+  partsRead:
+    `SELECT data FROM ${T.parts} WHERE ${PART_OF} AND count = ? ORDER BY idx`,
+  partsDelete: `DELETE FROM ${T.parts} WHERE ${PART_OF}`,
+  partsAny: `SELECT 1 FROM ${T.parts} LIMIT 1`,
+} as const;
+
+/**
+ * What the change log keeps of a key (its `k`): the value of a one-column
+ * key, the key text of a composite one.
+ */
+export function storedKey(key: string): SqlValue {
+  let parts: SqlValue[];
+  try {
+    parts = parseKey(key);
+  } catch {
+    return key; // not a key marmot wrote: it matches nothing logged
+  }
+  return parts.length === 1 ? parts[0]! : key;
+}
+
+/**
+ * Moves a change log in the earlier layout (AUTOINCREMENT, every key as text)
+ * to the current form, keeping its sequences. Runs inside the transaction
+ * that re-creates the capture triggers, after they are dropped.
+ */
+export function upgradeChangeLog(db: DatabaseSync): void {
+  const name = `${MARMOT_PREFIX}changes`;
+  const table = db.prepare(
+    "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+  ).get(name) as { sql: string } | undefined;
+  if (!table || !/AUTOINCREMENT/i.test(table.sql)) return;
+  const top = db.prepare("SELECT seq FROM sqlite_sequence WHERE name = ?")
+    .get(name) as { seq: number | bigint } | undefined;
+  const old = quoteIdent(`${name}_old`);
+  db.exec(`ALTER TABLE ${T.changes} RENAME TO ${old}`);
+  db.exec(`DROP INDEX IF EXISTS ${quoteIdent(`${MARMOT_PREFIX}changes_key`)}`);
+  db.exec(CHANGES_SQL);
+  const insert = db.prepare(
+    `INSERT INTO ${T.changes}(seq, tbl, k) VALUES (?, ?, ?)`,
+  );
+  const rows = db.prepare(`SELECT seq, tbl, k FROM ${old} ORDER BY seq`);
+  rows.setReadBigInts(true);
+  for (
+    const r of rows.iterate() as Iterable<
+      { seq: bigint; tbl: string; k: string }
+    >
+  ) {
+    insert.run(r.seq, r.tbl, storedKey(r.k));
+  }
+  if (top) db.prepare(SQL.changesMark).run(top.seq);
+  db.exec(`DROP TABLE ${old}`);
+}
