@@ -56,28 +56,35 @@ export async function sqlite(path: string, sql: string): Promise<string> {
 }
 
 /**
- * Every user table's rows as text, ordered, with `typeof` and `quote` of each
- * value: equal dumps mean equal content with equal SQLite types.
+ * The rows of `tables` (default: every user table) as text, one line per
+ * row, sorted, with `typeof` and `quote` of every column (generated ones
+ * included, and text's `hex`): equal dumps mean equal content with equal
+ * SQLite types.
  */
-export async function dump(path: string): Promise<string> {
-  const tables = (await sqlite(
+export async function dump(
+  path: string,
+  tables?: Iterable<string>,
+): Promise<string> {
+  const names = tables ? [...tables] : (await sqlite(
     path,
     "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '\\_\\_marmot\\_\\_%' ESCAPE '\\' ORDER BY name;",
   )).split("\n").filter(Boolean);
+  const ident = (name: string) => `"${name.replaceAll('"', '""')}"`;
+  const text = (s: string) => `'${s.replaceAll("'", "''")}'`;
   let sql = "";
-  for (const t of tables) {
-    const q = `"${t.replaceAll('"', '""')}"`;
-    const cols = (await sqlite(
+  for (const table of names) {
+    // hidden = 1 is a virtual table's hidden column; 2 and 3 are generated.
+    const columns = (await sqlite(
       path,
-      `SELECT name FROM pragma_table_info('${t.replaceAll("'", "''")}');`,
-    ))
-      .split("\n").filter(Boolean).map((c) => `"${c.replaceAll('"', '""')}"`);
-    const exprs = cols.map((c) => `typeof(${c}) || ':' || quote(${c})`).join(
-      " || ' | ' || ",
-    );
-    sql += `SELECT ${
-      "'" + t.replaceAll("'", "''") + "'"
-    } || ': ' || ${exprs} FROM ${q} ORDER BY 1;\n`;
+      `SELECT name FROM pragma_table_xinfo(${
+        text(table)
+      }) WHERE hidden <> 1 ORDER BY cid;`,
+    )).split("\n").filter(Boolean).map(ident);
+    // quote() stops at a NUL in TEXT, so text is followed by its hex too.
+    const values = columns.map((c) =>
+      `typeof(${c}) || ':' || quote(${c}) || iif(typeof(${c}) = 'text', ':' || hex(${c}), '')`
+    ).join(" || ' | ' || ");
+    sql += `SELECT ${text(table)} || ': ' || ${values} FROM ${ident(table)};\n`;
   }
   const rows = sql ? await sqlite(path, sql) : "";
   return rows.split("\n").filter(Boolean).sort().join("\n");
@@ -107,7 +114,7 @@ export async function waitConverged(
   let dumps: string[] = [];
   try {
     await waitFor(`${paths.length} databases to converge`, async () => {
-      dumps = await Promise.all(paths.map(dump));
+      dumps = await Promise.all(paths.map((path) => dump(path)));
       return dumps.every((d) => d === dumps[0]);
     }, timeout);
   } catch (e) {

@@ -2,7 +2,8 @@
 // on real SQLite files written by the sqlite3 command.
 import assert from "node:assert/strict";
 import { DatabaseSync } from "node:sqlite";
-import { removeMarmot, ReplicaDb } from "../lib/db/replica_db.ts";
+import { removeMarmot } from "../lib/db/cleanup.ts";
+import { ReplicaDb } from "../lib/db/replica_db.ts";
 import { watchDatabase } from "../lib/watch/file_watcher.ts";
 import { RETRY_MS } from "../lib/watch/watch_main.ts";
 import { createLogger } from "../lib/log.ts";

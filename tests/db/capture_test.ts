@@ -1,0 +1,192 @@
+import assert from "node:assert/strict";
+import { ReplicaDb } from "../../lib/db/replica_db.ts";
+import { tempDir } from "../_helpers.ts";
+import {
+  appWrite,
+  EXPECTED,
+  ident,
+  ODD,
+  openNew,
+  query,
+  WORKLOAD,
+} from "./_fixtures.ts";
+
+Deno.test(
+  "readPending() returns the key and current image of every row the application changed",
+  async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const dir = tmp.path;
+    const path = `${dir}/a.db`;
+    using db = await openNew(path);
+    assert.equal(db.pendingCount(), 0);
+    await appWrite(path, WORKLOAD);
+    assert.ok(db.pendingCount() >= EXPECTED.length);
+    const { changes, lastSeq } = db.readPending(0, 1000);
+    assert.equal(lastSeq, db.pendingCount(), "read up to the last change");
+    const got = new Map(
+      changes.map((c) => [`${c.table.name}\u0000${c.key}`, c]),
+    );
+    assert.equal(got.size, changes.length, "one change per row");
+    for (const [table, key, values] of EXPECTED) {
+      const c = got.get(`${table}\u0000${key}`);
+      assert.ok(c, `no change for ${table} ${key}`);
+      assert.deepStrictEqual(
+        c.values?.map((v) => v instanceof Uint8Array ? new Uint8Array(v) : v),
+        values,
+        `${table} ${key}`,
+      );
+    }
+    // Values that only survive exactly: the REAL -0.0 and the 5000-byte blob.
+    const minusZero = got.get("order\u000011")?.values?.[2];
+    const image = await query<{ t: string; q: string }>(
+      path,
+      `SELECT typeof(v) AS t, quote(v) AS q FROM "order" WHERE id = 11;`,
+    );
+    assert.equal(image[0]?.t, "real");
+    assert.equal(typeof minusZero, "number");
+    const blob = got.get("order\u000015")?.values?.[2];
+    assert.ok(blob instanceof Uint8Array && blob.length === 5000);
+    // Nothing else was captured: not the FTS5 table, its shadow tables, or
+    // the table with no usable rowid.
+    const extra = changes.filter((c) =>
+      !EXPECTED.some(([t, k]) => t === c.table.name && k === c.key) &&
+      !(c.table.name === "order" && ["11", "15"].includes(c.key))
+    );
+    assert.deepEqual(extra.map((c) => `${c.table.name} ${c.key}`), []);
+    // Changes come in commit order of each row's last change.
+    const seqs = changes.map((c) => c.seq);
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
+    // Rowid tables carry their rowid name first.
+    assert.deepEqual(got.get("nopk\u00002")?.columns, ["rowid", "a", "b"]);
+    assert.deepEqual(got.get("shadowed\u00001")?.columns, [
+      "oid",
+      "rowid",
+      "_rowid_",
+      "v",
+    ]);
+    // Reading does not consume; a later read starts after lastSeq.
+    assert.equal(db.readPending(0, 1000).changes.length, changes.length);
+    assert.deepEqual(db.readPending(lastSeq, 1000).changes, []);
+  },
+);
+
+Deno.test(
+  "readPending() returns the old key without values and the new key with values for a primary key change",
+  async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const dir = tmp.path;
+    const path = `${dir}/a.db`;
+    using db = await openNew(path);
+    await appWrite(
+      path,
+      `INSERT INTO "order"(id, "group", v) VALUES (1, 'g', 'x');
+         INSERT INTO ${ident(ODD)}("select", "order") VALUES ('s', 1);`,
+    );
+    const first = db.readPending(0, 1000);
+    await appWrite(
+      path,
+      `UPDATE "order" SET id = 2 WHERE id = 1;
+         UPDATE ${ident(ODD)} SET "select" = 's''2' WHERE "select" = 's';`,
+    );
+    const { changes } = db.readPending(first.lastSeq, 1000);
+    const simple = changes.map((c) => ({
+      table: c.table.name,
+      key: c.key,
+      values: c.values,
+    }));
+    assert.deepStrictEqual(simple, [
+      { table: "order", key: "1", values: undefined },
+      { table: "order", key: "2", values: [2n, "g", "x"] },
+      { table: ODD, key: "1,'s'", values: undefined },
+      { table: ODD, key: "1,'s''2'", values: ["s'2", 1n, null, null] },
+    ]);
+  },
+);
+
+Deno.test(
+  "readPending() coalesces many changes to one row into its newest state and honours the limit",
+  async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const dir = tmp.path;
+    const path = `${dir}/a.db`;
+    using db = await openNew(path);
+    await appWrite(
+      path,
+      `INSERT INTO wr VALUES ('a', 1);
+         UPDATE wr SET "v'al" = 2;
+         UPDATE wr SET "v'al" = 3;
+         INSERT INTO wr VALUES ('b', 1);`,
+    );
+    assert.equal(db.pendingCount(), 4);
+    const all = db.readPending(0, 1000);
+    assert.deepStrictEqual(
+      all.changes.map((c) => [c.key, c.seq, c.values]),
+      [["'a'", 3, ["a", 3n]], ["'b'", 4, ["b", 1n]]],
+    );
+    const part = db.readPending(0, 2);
+    assert.equal(part.lastSeq, 2);
+    assert.deepStrictEqual(part.changes.map((c) => [c.key, c.seq]), [[
+      "'a'",
+      2,
+    ]]);
+  },
+);
+
+Deno.test(
+  "readPending() parks a pending change whose key no longer fits its table's primary key, and reads on",
+  async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const dir = tmp.path;
+    const path = `${dir}/a.db`;
+    await appWrite(path, "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT);");
+    const logged: string[] = [];
+    using db = ReplicaDb.open(path, {
+      log: (_level, message) => logged.push(message),
+    });
+    await appWrite(path, "INSERT INTO t VALUES (1, 'a');");
+    // The usual rebuild, to a composite key, while that change is pending.
+    await appWrite(
+      path,
+      `CREATE TABLE t2(k INTEGER, v TEXT, PRIMARY KEY(k, v));
+         INSERT INTO t2 SELECT * FROM t; DROP TABLE t;
+         ALTER TABLE t2 RENAME TO t;`,
+    );
+    db.refreshSchema();
+    await appWrite(path, "INSERT INTO t VALUES (2, 'b');");
+    const { changes } = db.readPending(0, 1000);
+    assert.deepEqual(changes.map((c) => [c.key, c.values]), [
+      ["2,'b'", [2n, "b"]],
+    ]);
+    assert.deepEqual(
+      db.parked().map((p) => [p.table, p.key]),
+      [["t", "1"]],
+    );
+    assert.match(db.parked()[0]!.reason, /no longer fits the primary key/);
+    assert.equal(
+      logged.filter((l) => l.includes("no longer fits")).length,
+      1,
+    );
+    assert.equal(db.pendingCount(), 1);
+  },
+);
+
+Deno.test({
+  name:
+    "readPending() captures a row whose TEXT primary key holds a NUL character",
+  // BUG: the capture triggers key rows with SQLite quote(), which stops at the
+  // first NUL of a TEXT value (quote('a' || char(0) || 'b') is 'a'). Input:
+  // INSERT INTO wr VALUES ('a' || char(0) || 'b', 1); observed: readPending()
+  // returns key "'a'" with values undefined, so the insert is published as a
+  // DELETE of the unrelated row 'a' and the new row never replicates.
+
+  fn: async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const dir = tmp.path;
+    const path = `${dir}/a.db`;
+    using db = await openNew(path);
+    await appWrite(path, `INSERT INTO wr VALUES ('a' || char(0) || 'b', 1);`);
+    const { changes } = db.readPending(0, 1000);
+    assert.equal(changes.length, 1);
+    assert.deepStrictEqual(changes[0]?.values, ["a\u0000b", 1n]);
+  },
+});
