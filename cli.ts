@@ -381,10 +381,13 @@ async function run(config: MarmotConfig): Promise<number> {
     return { signal, listener };
   });
   try {
-    marmot = await Marmot.start({ ...config }, abort.signal);
+    marmot = await Marmot.start({ ...config, signal: abort.signal });
     if (stopping) marmot.close();
     if (config.exec !== undefined && !stopping) {
-      await marmot.catchUp(config.catchUpTimeout * 1000, abort.signal)
+      await marmot.catchUp({
+        timeout: config.catchUpTimeout * 1000,
+        signal: abort.signal,
+      })
         .catch(() => false);
       if (!stopping) {
         app = new Deno.Command("sh", {

@@ -36,6 +36,8 @@
  * @module
  */
 export {
+  type CatchUpOptions,
+  type CloseOptions,
   Marmot,
   type MarmotOptions,
   type MarmotStats,

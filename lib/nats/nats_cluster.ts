@@ -89,7 +89,7 @@ export async function startCluster(
     if (onLog !== undefined) {
       serverOptions.onLog = (line) => onLog(name, line);
     }
-    return NatsServer.start(serverOptions, signal);
+    return NatsServer.start({ ...serverOptions, signal });
   }));
   const servers = results.flatMap((r) =>
     r.status === "fulfilled" ? [r.value] : []

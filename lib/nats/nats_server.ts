@@ -128,31 +128,31 @@ export class NatsServer implements AsyncDisposable {
   /**
    * Spawn a nats-server and wait until it accepts client connections.
    *
-   * @param options How to configure the server.
-   * @param signal Aborts waiting for readiness; the child is then killed.
+   * @param options How to configure the server, and a `signal` that aborts
+   * waiting for readiness (the child is then killed).
    * @returns The running server.
    * @throws {NatsServerError} If the binary is missing, the server exits
    * early or it is not ready within 15 seconds.
    */
   static async start(
-    options: NatsServerOptions,
-    signal?: AbortSignal,
+    options: NatsServerOptions & { signal?: AbortSignal },
   ): Promise<NatsServer> {
-    validateOptions(options);
+    const { signal, ...serverOptions } = options;
+    validateOptions(serverOptions);
     signal?.throwIfAborted();
-    await Deno.mkdir(options.storeDir, { recursive: true });
-    const storeDir = await Deno.realPath(options.storeDir);
-    const cluster = options.clusterAddr === undefined
+    await Deno.mkdir(serverOptions.storeDir, { recursive: true });
+    const storeDir = await Deno.realPath(serverOptions.storeDir);
+    const cluster = serverOptions.clusterAddr === undefined
       ? undefined
-      : splitHostPort(options.clusterAddr);
+      : splitHostPort(serverOptions.clusterAddr);
     const run = await launch(
-      options,
+      serverOptions,
       storeDir,
-      randomToMinusOne(options.port ?? -1),
+      randomToMinusOne(serverOptions.port ?? -1),
       cluster === undefined ? undefined : randomToMinusOne(cluster.port),
       signal,
     );
-    return new NatsServer(options, storeDir, run);
+    return new NatsServer(serverOptions, storeDir, run);
   }
 
   /** Client URL with the actual port, e.g. "nats://127.0.0.1:4222". */
@@ -197,10 +197,12 @@ export class NatsServer implements AsyncDisposable {
    * Start the server again on the same ports and store directory and wait
    * until it is ready. A still running server is stopped first.
    *
-   * @param signal Aborts waiting for readiness; the child is then killed.
+   * @param options `signal` aborts waiting for readiness; the child is then
+   * killed.
    * @throws {NatsServerError} If the server fails to start.
    */
-  async restart(signal?: AbortSignal): Promise<void> {
+  async restart(options: { signal?: AbortSignal } = {}): Promise<void> {
+    const { signal } = options;
     await this.stop();
     const previous = this.#run;
     this.#run = await launch(

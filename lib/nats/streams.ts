@@ -118,3 +118,17 @@ async function upsertStream(
     throw e;
   }
 }
+
+/** The last sequence of every shard stream now. */
+export async function lastSequences(
+  jsm: JetStreamManager,
+  streamPrefix: string,
+  shards: number,
+): Promise<number[]> {
+  const out: number[] = [];
+  for (let shard = 0; shard < shards; shard++) {
+    const info = await jsm.streams.info(streamName(streamPrefix, shard));
+    out.push(info.state.last_seq);
+  }
+  return out;
+}

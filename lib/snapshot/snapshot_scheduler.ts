@@ -9,10 +9,19 @@
  *
  * @module
  */
-import type { KV } from "@nats-io/kv";
-import type { SnapshotInfo } from "./snapshot.ts";
+import { type KV, Kvm } from "@nats-io/kv";
+import type { JetStreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import type { MarmotConfig } from "../config/config.ts";
+import type { ReplicaDb } from "../db/replica_db.ts";
+import { lastSequences } from "../nats/streams.ts";
+import { type SnapshotInfo, takeSnapshot } from "./snapshot.ts";
 import type { Logger } from "../log.ts";
-import { progress, type SnapshotStore } from "./snapshot_store.ts";
+import {
+  openSnapshotStore,
+  progress,
+  type SnapshotStore,
+} from "./snapshot_store.ts";
 
 /** Options for {@linkcode SnapshotScheduler}. */
 export interface SnapshotSchedulerOptions {
@@ -132,4 +141,44 @@ export class SnapshotScheduler {
     clearInterval(this.#timer);
     await this.#running;
   }
+}
+
+/** Starts the snapshot scheduler, unless scheduled snapshots are off. */
+export function startScheduler(
+  db: ReplicaDb,
+  nc: NatsConnection,
+  jsm: JetStreamManager,
+  replicas: number,
+  config: MarmotConfig,
+  log: Logger,
+): SnapshotScheduler | undefined {
+  const { intervalSeconds, everyMessages } = config.snapshot;
+  if (intervalSeconds <= 0 && everyMessages <= 0) return undefined;
+  const scheduler = new SnapshotScheduler(
+    () => openSnapshotStore(config, nc, replicas),
+    () =>
+      new Kvm(nc).create(`${config.nats.streamPrefix}-leases`, {
+        replicas,
+        ttl: 10 * 60 * 1000, // a lease outlives a crashed holder by at most this
+      }),
+    {
+      nodeId: config.nodeId,
+      intervalSeconds,
+      everyMessages,
+      tempPath: `${config.dbPath}.snapshot`,
+      take: (path) =>
+        takeSnapshot(db, path, config.replicationLog.shards, config.nodeId),
+      lastSequences: () =>
+        lastSequences(
+          jsm,
+          config.nats.streamPrefix,
+          config.replicationLog.shards,
+        ),
+      log,
+    },
+  );
+  scheduler.start(
+    Math.min(30_000, intervalSeconds > 0 ? intervalSeconds * 500 : 30_000),
+  );
+  return scheduler;
 }
