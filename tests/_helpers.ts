@@ -31,9 +31,6 @@ export const NATS_SERVER_VERSION: string = (() => {
 /** Resolves after `ms` milliseconds. */
 export const sleep = (ms: number): Promise<void> => delay(ms);
 
-/** Options for tests that start processes and servers. */
-export const PROCESS_TEST = { sanitizeResources: false, sanitizeOps: false };
-
 /**
  * Runs SQL with the sqlite3 command (a separate process, as the application
  * would be). Statements outside an explicit transaction commit one by one.

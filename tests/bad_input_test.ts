@@ -6,13 +6,7 @@ import assert from "node:assert/strict";
 import { zstdCompressSync } from "node:zlib";
 import { connect } from "@nats-io/transport-node";
 import { encodeBatch, Op } from "../lib/codec.ts";
-import {
-  PROCESS_TEST,
-  sqlite,
-  testBed,
-  waitConverged,
-  waitFor,
-} from "./_helpers.ts";
+import { sqlite, testBed, waitConverged, waitFor } from "./_helpers.ts";
 
 const ONE_SHARD =
   "[replication_log]\nshards = 1\n[snapshot]\ninterval_seconds = 0\nevery_messages = 0\n";
@@ -46,7 +40,6 @@ function parkedLines(log: string): string[] {
 Deno.test({
   name:
     "garbage, truncated, foreign-version and oversized messages and schema drift are parked once each, and replication goes on",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_bad_input_", ONE_SHARD);
     const [a, b] = [bed.db("a"), bed.db("b")];
@@ -192,7 +185,6 @@ Deno.test({
 Deno.test({
   name:
     "hostile values and 16 MB TEXT and BLOB values replicate exactly, in parts larger than max_payload",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_big_values_");
     const [a, b] = [bed.db("a"), bed.db("b")];
@@ -258,7 +250,6 @@ async function peakRssMb(pid: number): Promise<number> {
 Deno.test({
   name:
     "a transaction of 1,000,000 rows replicates with every marmot under 200 MB peak RSS",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_huge_tx_");
     const [a, b] = [bed.db("a"), bed.db("b")];
@@ -296,7 +287,6 @@ Deno.test({
 Deno.test({
   name:
     "a row over the 64 MiB limit is parked on its own node, said once, and the node's later changes still replicate",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_too_big_");
     const [a, b] = [bed.db("a"), bed.db("b")];

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { ReplicaDb } from "../lib/db/replica_db.ts";
-import { cli, PROCESS_TEST } from "./_helpers.ts";
+import { cli } from "./_helpers.ts";
 
 const DENO_JSON = fileURLToPath(new URL("../deno.json", import.meta.url));
 const decoder = new TextDecoder();
@@ -244,7 +244,6 @@ async function assertUntouched(
 
 Deno.test(
   "marmot exits 2 with one line on stderr and leaves the database untouched for bad usage",
-  PROCESS_TEST,
   async (t) => {
     for (const c of BAD) {
       await t.step(c.name, () =>
@@ -271,7 +270,6 @@ Deno.test(
 
 Deno.test(
   "marmot exits 2 naming the path when the database file does not exist",
-  PROCESS_TEST,
   () =>
     withTempDir(async (dir) => {
       const missing = `${dir}/missing.db`;
@@ -292,7 +290,6 @@ Deno.test(
 
 Deno.test(
   "marmot exits 2 and leaves the file untouched when the database path is not SQLite",
-  PROCESS_TEST,
   async (t) => {
     await t.step("a text file", () =>
       withTempDir(async (dir) => {
@@ -317,7 +314,6 @@ Deno.test(
 
 Deno.test(
   "marmot --help exits 0 and describes the options",
-  PROCESS_TEST,
   async (t) => {
     for (const flag of ["--help", "-h"]) {
       await t.step(flag, async () => {
@@ -333,7 +329,6 @@ Deno.test(
 
 Deno.test(
   "marmot --version prints the version from deno.json",
-  PROCESS_TEST,
   async () => {
     const { version } = JSON.parse(await Deno.readTextFile(DENO_JSON));
     assert.equal(typeof version, "string");
@@ -346,7 +341,6 @@ Deno.test(
 
 Deno.test(
   "marmot cleanup removes every __marmot__ object from a database marmot opened before",
-  PROCESS_TEST,
   () =>
     withTempDir(async (dir) => {
       const db = `${dir}/app.db`;

@@ -3,14 +3,13 @@
 // Real nats-server, marmot and sqlite3 processes; the application is a shell
 // script.
 import assert from "node:assert/strict";
-import { PROCESS_TEST, sqlite, testBed, waitFor } from "./_helpers.ts";
+import { sqlite, testBed, waitFor } from "./_helpers.ts";
 
 const SCHEMA = "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);";
 
 Deno.test({
   name:
     "marmot --exec starts the application after catching up and exits with its code",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_exec_");
     const [a, b] = [bed.db("a"), bed.db("b")];
@@ -51,7 +50,6 @@ Deno.test({
 Deno.test({
   name:
     "marmot --exec forwards SIGTERM to the application and publishes its last writes",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_exec_sig_");
     const [a, b] = [bed.db("a"), bed.db("b")];

@@ -11,7 +11,6 @@ import {
   externalArgs,
   MarmotProcess,
   pickFreePorts,
-  PROCESS_TEST,
   sqlite,
   tempDir,
   type TestBed,
@@ -90,7 +89,6 @@ async function checkAll(
 Deno.test({
   name:
     "a marmot killed with SIGKILL while publishing, and one killed while applying, lose and duplicate nothing",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_fault_kill_");
     const servers = await startCluster(`${dir.path}/nats`, 3);
@@ -156,7 +154,6 @@ Deno.test({
 Deno.test({
   name:
     "a nats-server of three restarted while every node keeps writing loses nothing",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_fault_nats_");
     const servers = await startCluster(`${dir.path}/nats`, 3);
@@ -187,7 +184,6 @@ Deno.test({
 Deno.test({
   name:
     "marmot restarts its embedded nats-server when it dies, and replication continues",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_fault_embedded_");
     const dbs = [1, 2, 3].map((i) => `${dir.path}/node${i}.db`);
@@ -260,7 +256,6 @@ async function dropStream(
 Deno.test({
   name:
     "a shard stream deleted and created again is consumed from its start, with an error, instead of from the old position",
-  ...PROCESS_TEST,
   fn: async () => {
     await using bed = await testBed("marmot_fault_recreated_");
     let { a, b, ma, mb, start } = await twoNodesOnOneShard(bed);
@@ -302,7 +297,6 @@ Deno.test({
 Deno.test({
   name:
     "a shard stream deleted and created again while every node runs: writes after it reach every node",
-  ...PROCESS_TEST,
   fn: async () => {
     await using bed = await testBed("marmot_fault_recreated_live_");
     const { a, b, ma, mb } = await twoNodesOnOneShard(bed);
@@ -334,7 +328,6 @@ Deno.test({
 Deno.test({
   name:
     "a shard stream created again whose limits already removed its start is consumed from its first message, not stopped as a gap",
-  ...PROCESS_TEST,
   fn: async () => {
     await using bed = await testBed("marmot_fault_recreated_limits_");
     const { a, b, mb, start } = await twoNodesOnOneShard(bed);

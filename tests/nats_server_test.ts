@@ -3,7 +3,6 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { NatsServer, NatsServerError } from "../lib/nats/nats_server.ts";
 import { startCluster } from "../lib/nats/nats_cluster.ts";
-import { PROCESS_TEST } from "./_helpers.ts";
 
 async function roundTrip(nc: NatsConnection, text: string): Promise<string> {
   const sub = nc.subscribe("marmot.test", { max: 1 });
@@ -15,7 +14,6 @@ async function roundTrip(nc: NatsConnection, text: string): Promise<string> {
 Deno.test({
   name:
     "NatsServer.start() serves clients and restart() reuses the port after kill()",
-  ...PROCESS_TEST,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "marmot_nats_" });
     let server: NatsServer | undefined;
@@ -61,7 +59,6 @@ Deno.test({
 
 Deno.test({
   name: "startCluster() starts a cluster that acks publishes to an R3 stream",
-  ...PROCESS_TEST,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "marmot_nats_" });
     let servers: NatsServer[] = [];
@@ -99,7 +96,6 @@ Deno.test({
 
 Deno.test({
   name: "NatsServer.start() explains how to install a missing binary",
-  ...PROCESS_TEST,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "marmot_nats_" });
     try {
@@ -128,7 +124,6 @@ Deno.test({
 
 Deno.test({
   name: "NatsServer.start() reports the server's output when it exits early",
-  ...PROCESS_TEST,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "marmot_nats_" });
     try {

@@ -12,7 +12,6 @@ import { permissionFlags, permissionsFor } from "../lib/config/permissions.ts";
 import {
   embeddedArgs,
   pickFreePorts,
-  PROCESS_TEST,
   sqlite,
   tempDir,
   waitConverged,
@@ -76,7 +75,6 @@ Deno.test("permissionsFor() grants the database's directory, the files the confi
 Deno.test({
   name:
     "nodes started like `deno task start` replicate with write access to their own directory only, and run --exec",
-  ...PROCESS_TEST,
   async fn() {
     // The test runs the task's own command line, read from deno.json.
     const task = JSON.parse(await Deno.readTextFile(DENO_JSON)).tasks

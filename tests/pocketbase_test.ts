@@ -6,7 +6,6 @@ import assert from "node:assert/strict";
 import {
   cli,
   pickFreePorts,
-  PROCESS_TEST,
   testBed,
   waitConverged,
   waitFor,
@@ -118,7 +117,6 @@ Deno.test({
   name:
     "PocketBase under marmot --exec: a node bootstrapped from the first one's snapshot serves its records, and records written through either API reach the other",
   ignore: PB.missing !== undefined,
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_pocketbase_");
     const pb = PB.path!;

@@ -13,7 +13,7 @@ import { createLogger, silentLogger } from "../lib/log.ts";
 import { startCluster } from "../lib/nats/nats_cluster.ts";
 import { Publisher, type PublisherOptions } from "../lib/publisher.ts";
 import { shardFor } from "../lib/shard.ts";
-import { PROCESS_TEST, sqlite, tempDir, waitFor } from "./_helpers.ts";
+import { sqlite, tempDir, waitFor } from "./_helpers.ts";
 
 const SHARDS = 4;
 
@@ -100,7 +100,6 @@ function loggedPublisher(bed: Bed, options: Partial<PublisherOptions> = {}) {
 Deno.test({
   name:
     "Publisher: a shard that cannot publish does not hold back the others, and its changes go out in log order once it can",
-  ...PROCESS_TEST,
   fn: () =>
     withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
       const insert = (from: number, to: number) =>
@@ -158,7 +157,6 @@ Deno.test({
 Deno.test({
   name:
     "Publisher: one transaction of many times the read limit is published whole, each shard in log order",
-  ...PROCESS_TEST,
   fn: () =>
     withBed(
       `CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
@@ -206,7 +204,6 @@ Deno.test({
 Deno.test({
   name:
     "Publisher: a shard that cannot publish past the whole read budget is set aside, the others go on, and it catches up in log order",
-  ...PROCESS_TEST,
   fn: () =>
     withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
       const keysOf = new Map<number, string[]>();
@@ -259,7 +256,6 @@ Deno.test({
 Deno.test({
   name:
     "Publisher: republish() sends a shard's pending changes again, in log order, after its stream was created again",
-  ...PROCESS_TEST,
   fn: () =>
     withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
       for (let s = 0; s < SHARDS; s++) await bed.addStream(s);
@@ -296,7 +292,6 @@ Deno.test({
 Deno.test({
   name:
     "Publisher: republish() of a shard whose queue still holds unpublished changes sends each change once",
-  ...PROCESS_TEST,
   fn: () =>
     withBed("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);", async (bed) => {
       const shard = shardFor("t", "1", SHARDS);

@@ -11,7 +11,6 @@ import {
   MarmotProcess,
   NATS_SERVER_VERSION,
   pickFreePorts,
-  PROCESS_TEST,
   sqlite,
   tempDir,
   waitConverged,
@@ -166,7 +165,6 @@ async function stopAll(marmots: MarmotProcess[]): Promise<void> {
 Deno.test({
   name:
     "three nodes on a 3-server JetStream cluster converge under concurrent writes with exact types",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_repl_ext_");
     const servers: NatsServer[] = await startCluster(`${dir.path}/nats`, 3);
@@ -201,7 +199,6 @@ Deno.test({
 Deno.test({
   name:
     "three nodes on the embedded nats-server default converge under concurrent writes with exact types",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_repl_emb_");
     const dbs = await createDbs(dir.path);

@@ -12,7 +12,6 @@ import {
   embeddedArgs,
   MarmotProcess,
   pickFreePorts,
-  PROCESS_TEST,
   sqlite,
   tempDir,
   waitConverged,
@@ -89,7 +88,6 @@ function assertNoSecret(nodes: MarmotProcess[], ...secrets: string[]) {
 Deno.test({
   name:
     "an embedded cluster with a user and password (from a file) replicates, refuses clients without it, and never prints it",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_auth_user_");
     const password = "s3cr3t/p@ss:word";
@@ -133,7 +131,6 @@ Deno.test({
 Deno.test({
   name:
     "an embedded cluster with a token from MARMOT_NATS_TOKEN and TLS on clients and routes replicates; plain clients are refused",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_auth_tls_");
     const d = dir.path;
@@ -219,7 +216,6 @@ Deno.test({
 Deno.test({
   name:
     "marmot connects to external servers that require an nkey, with the seed from a file",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_auth_nkey_");
     const user = createUser();
@@ -276,7 +272,6 @@ Deno.test({
 Deno.test({
   name:
     "marmot with a wrong password says the server refused it and keeps retrying, without printing the password",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_auth_wrong_");
     const servers = await startCluster(`${dir.path}/nats`, 1, {

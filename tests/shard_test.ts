@@ -145,7 +145,6 @@ Deno.test("shardFor() maps a key to the same shard on every call", () => {
 
 Deno.test(
   "shardFor() maps a key to the same shard in a separate process",
-  { sanitizeResources: false, sanitizeOps: false },
   async () => {
     const moduleUrl = new URL("../lib/shard.ts", import.meta.url).href;
     const counts = [2, 4, 8, 16, 1024];

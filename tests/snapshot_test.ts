@@ -13,7 +13,6 @@ import { silentLogger } from "../lib/log.ts";
 import { Marmot } from "../lib/marmot.ts";
 import {
   cli,
-  PROCESS_TEST,
   sqlite,
   tempDir,
   testBed,
@@ -83,7 +82,6 @@ async function truncateStreams(
 Deno.test({
   name:
     "a snapshot taken while the application writes restores to a node that replays the streams and converges",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_snapshot_");
     const [a, b, c] = [bed.db("a"), bed.db("b"), bed.db("c")];
@@ -145,7 +143,6 @@ Deno.test({
 Deno.test({
   name:
     "restoreSnapshot() rejects a corrupt or truncated snapshot and leaves the database unchanged",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_snapshot_bad_");
     const a = bed.db("a"), target = `${bed.dir}/target.db`;
@@ -207,7 +204,6 @@ Deno.test({
 Deno.test({
   name:
     "marmot snapshot save and restore bring a node with no database into the cluster (object store)",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_snapshot_cli_");
     const [a, b, c] = [bed.db("a"), bed.db("b"), bed.db("c")];
@@ -248,7 +244,6 @@ Deno.test({
 Deno.test({
   name:
     "marmot snapshot restore says so when no snapshot was saved, and a directory store round-trips",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_snapshot_dir_");
     const a = `${dir.path}/a.db`, c = `${dir.path}/c.db`;
@@ -283,7 +278,6 @@ Deno.test({
 Deno.test({
   name:
     "marmot --bootstrap waits for a snapshot, says why, then restores it and joins the cluster",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_bootstrap_");
     const [a, c] = [bed.db("a"), bed.db("c")];
@@ -313,7 +307,6 @@ Deno.test({
 Deno.test({
   name:
     "nodes take scheduled snapshots one at a time, and a new node bootstraps from one",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed(
       "marmot_schedule_",
@@ -348,7 +341,6 @@ Deno.test({
 Deno.test({
   name:
     "a node whose stream position was truncated away restores the newest snapshot at start (with --exec)",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed(
       "marmot_truncated_",
@@ -404,7 +396,6 @@ Deno.test({
 Deno.test({
   name:
     "a third node with no database joins two nodes whose streams were truncated below their first change",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed(
       "marmot_join_truncated_",
@@ -439,7 +430,6 @@ Deno.test({
 Deno.test({
   name:
     "marmot --bootstrap --exec restores the newest snapshot over a database with no tables",
-  ...PROCESS_TEST,
   async fn() {
     await using bed = await testBed("marmot_empty_");
     const [a, c] = [bed.db("a"), bed.db("c")];

@@ -16,7 +16,6 @@ import {
   CLI,
   cli,
   MarmotProcess,
-  PROCESS_TEST,
   sqlite,
   tempDir,
   testBed,
@@ -232,7 +231,6 @@ function marmotVerify(args: string[]) {
 Deno.test({
   name:
     "marmot verify: a converged cluster agrees; rows changed behind marmot's back are named with their key range; a missing node fails",
-  ...PROCESS_TEST,
   async fn(t) {
     await using bed = await testBed("marmot_verify_");
     const dbs = [bed.db("a"), bed.db("b"), bed.db("c")];
@@ -395,7 +393,6 @@ Deno.test({
 Deno.test({
   name:
     "marmot verify finds the embedded nats-server of the node running beside it",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_verify_embedded_");
     const db = `${dir.path}/app.db`;
@@ -432,7 +429,6 @@ Deno.test({
 
 Deno.test(
   "marmot verify exits 2 with one line on stderr for bad usage",
-  PROCESS_TEST,
   async (t) => {
     const cases: { args: string[]; message: string; verb?: false }[] = [
       {

@@ -7,7 +7,7 @@ import { ReplicaDb } from "../lib/db/replica_db.ts";
 import { watchDatabase } from "../lib/watch/file_watcher.ts";
 import { RETRY_MS } from "../lib/watch/watch_main.ts";
 import { createLogger } from "../lib/log.ts";
-import { PROCESS_TEST, sleep, sqlite, tempDir, waitFor } from "./_helpers.ts";
+import { sleep, sqlite, tempDir, waitFor } from "./_helpers.ts";
 
 function watch(path: string) {
   const lines: string[] = [];
@@ -22,7 +22,6 @@ function watch(path: string) {
 Deno.test({
   name:
     "watchDatabase() calls check for every commit of another process while the database is busy (with marmot's change log and without)",
-  ...PROCESS_TEST,
   fn: async (t) => {
     for (const log of [true, false]) {
       await t.step(log ? "with" : "without", () => everyCommit(log));
@@ -128,7 +127,6 @@ async function pollingRun(
 Deno.test({
   name:
     "the watcher child reports, while polling, only commits that log a change or change the schema (not marmot's applies)",
-  ...PROCESS_TEST,
   fn: async () => {
     await using dir = await tempDir("marmot_watch_test_");
     const path = `${dir.path}/app.db`;
@@ -213,7 +211,6 @@ Deno.test({
 Deno.test({
   name:
     "watchDatabase() says when its child cannot poll the database, and polls it itself",
-  ...PROCESS_TEST,
   fn: async () => {
     await using dir = await tempDir("marmot_watch_test_");
     // Not a database: the child's connection cannot read data_version.

@@ -21,7 +21,6 @@ import {
   CLI,
   LoggedProcess,
   NATS_SERVER_VERSION,
-  PROCESS_TEST,
   sleep,
   sqlite,
   tempDir,
@@ -514,7 +513,6 @@ async function waitHealthy(jsm: JetStreamManager, timeout = 45000) {
 Deno.test({
   name:
     "chaos: marmots killed with SIGKILL while publishing and while applying lose nothing",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_chaos_kill_");
     const servers = await startCluster(`${dir.path}/nats`, 3);
@@ -572,7 +570,6 @@ Deno.test({
 Deno.test({
   name:
     "chaos: a nats-server, and the stream leader, killed with SIGKILL and restarted lose nothing",
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_chaos_nats_");
     const servers = await startCluster(`${dir.path}/nats`, 3);
@@ -843,7 +840,6 @@ Deno.test({
   name:
     "chaos: a node partitioned from the others while everyone writes converges after healing",
   ignore: NO_NETNS !== undefined,
-  ...PROCESS_TEST,
   fn: () => partitionScenario(false),
 });
 
@@ -851,7 +847,6 @@ Deno.test({
   name:
     "chaos: a node partitioned with the stream leader converges after healing (not on nats-server 2.9, whose replicas diverge)",
   ignore: NO_NETNS !== undefined || NATS_SERVER_VERSION.startsWith("2.9."),
-  ...PROCESS_TEST,
   fn: () => partitionScenario(true),
 });
 
@@ -859,7 +854,6 @@ Deno.test({
   name:
     "chaos: a node whose disk fills up while it writes and applies loses nothing and resumes",
   ignore: NO_TMPFS !== undefined,
-  ...PROCESS_TEST,
   async fn() {
     await using dir = await tempDir("marmot_chaos_disk_");
     const servers = await startCluster(`${dir.path}/nats`, 3);
