@@ -445,7 +445,8 @@ export class Marmot implements AsyncDisposable {
     clearTimeout(timer);
     if (!flushed) {
       this.#log.warn(
-        "Closing with changes not yet published; they are published on the next start",
+        "Closing with changes not yet published",
+        { hint: "they are published on the next start" },
       );
     }
     this.#closing = true;

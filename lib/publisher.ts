@@ -269,7 +269,7 @@ export class Publisher {
       if (now - (this.#progress.get(shard) ?? now) < STUCK_MS) continue;
       this.#behind.set(shard, this.#cursor);
       this.#options.log.warn(
-        "A shard cannot publish and its backlog is large; publishing the other shards meanwhile",
+        "A shard cannot publish and its backlog is large; publishing the others meanwhile",
         { shard, queued: queue.length },
       );
     }

@@ -179,13 +179,15 @@ export class Subscriber {
     this.#gapped.delete(shard);
     this.#options.onStreamRestart?.(shard);
     this.#options.log.error(
-      "Shard stream was deleted and created again: this shard starts over from the new stream's first message. Changes of other nodes that the old stream held and this node had not applied are missing here; run `marmot verify`, and restore a snapshot if it finds differences",
+      "Shard stream was deleted and created again: this shard starts over from its first message",
       {
         shard,
         stream,
         applied: from - 1,
         streamFirst: info.state.first_seq,
         streamLast: info.state.last_seq,
+        hint:
+          "changes the old stream held that this node had not applied are missing here; run `marmot verify`, and restore a snapshot if it finds differences",
         ...(known ? { was: known, created: info.created } : {}),
         ...(dropped ? { dropped } : {}),
       },
@@ -345,12 +347,14 @@ export class Subscriber {
         // and a snapshot restore (at the next start) continues it.
         this.#gapped.add(shard);
         this.#options.log.error(
-          "Shard stream has no messages this node still needs: they were removed by the stream limits. This shard stops applying until the node is restored from a snapshot",
+          "Shard stream has no messages this node still needs: the stream limits removed them; this shard stops applying",
           {
             shard,
             stream: this.#options.stream(shard),
             expected,
             first: msg.seq,
+            hint:
+              "restore this node from a snapshot (`marmot snapshot restore`)",
           },
         );
         continue;
@@ -425,8 +429,8 @@ export class Subscriber {
     const result = this.#db.applyMessages(messages, this.#options.nodeId);
     if (result.rerecorded) {
       this.#options.log.warn(
-        "Own changes came back behind later ones (their first message was lost): publishing them again",
-        { changes: result.rerecorded },
+        "Own changes came back behind later ones; publishing them again",
+        { changes: result.rerecorded, why: "their first message was lost" },
       );
       this.#options.onRerecorded?.();
     }

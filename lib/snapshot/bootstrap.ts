@@ -50,12 +50,21 @@ export async function restoreIfNeeded(
   }
   if (truncated.length > 0) {
     log.error(
-      "This node's stream position was removed by the stream limits: it cannot catch up from the streams. Stop the application and run `marmot snapshot restore`, or run it under marmot with --exec and --bootstrap so that marmot restores before starting it",
-      { where, pending: db.pendingCount() },
+      "This node's stream position was removed by the stream limits: it cannot catch up",
+      {
+        where,
+        pending: db.pendingCount(),
+        hint:
+          "stop the application and run `marmot snapshot restore`, or run it under marmot with --exec --bootstrap",
+      },
     );
   } else if (empty && config.snapshot.bootstrap) {
     log.warn(
-      "The database has no tables yet; not restoring a snapshot because an application may have it open (run it under marmot with --exec, or run `marmot snapshot restore` before starting it)",
+      "The database has no tables yet; not restoring a snapshot while an application may have it open",
+      {
+        hint:
+          "run the application under marmot with --exec, or run `marmot snapshot restore` before starting it",
+      },
     );
   }
   return db;
@@ -148,8 +157,12 @@ export async function bootstrap(
       }
       if (attempt % 10 === 0) {
         log.warn(
-          "Waiting for a snapshot to restore: no node has saved one yet (run `marmot snapshot save` on a node that has the database)",
-          { db: config.dbPath, store: store.name },
+          "Waiting for a snapshot to restore: no node has saved one yet",
+          {
+            db: config.dbPath,
+            store: store.name,
+            hint: "run `marmot snapshot save` on a node that has the database",
+          },
         );
       }
     } catch (e) {

@@ -76,8 +76,8 @@ export function watchDatabase(
     if (line.startsWith("e ")) {
       childPolls = false;
       log.warn(
-        "The file watcher cannot poll the database; marmot polls it instead (about 1 ms more lag)",
-        { error: line.slice(2) },
+        "The file watcher cannot poll the database; marmot polls it instead",
+        { error: line.slice(2), cost: "about 1 ms more lag" },
       );
       startPolling();
       return;
