@@ -20,9 +20,8 @@
  *
  * The functions yield to the event loop every `sliceMs` of work, so a big
  * table does not stall the process; give them a connection of their own, in
- * a read transaction, to see one consistent state across the pauses. Reading
- * a row costs about 8 µs for four columns, most of it node:sqlite handing the
- * values to JavaScript.
+ * a read transaction, to see one consistent state across the pauses (what
+ * a row costs to read is in bench/README.md).
  *
  * @module
  */
