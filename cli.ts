@@ -26,7 +26,12 @@ import {
   type MarmotConfig,
   validateConfig,
 } from "./lib/config/config.ts";
-import { DatabaseError } from "./lib/db/replica_db.ts";
+import {
+  checkDatabaseFile,
+  DatabaseChangedError,
+  DatabaseError,
+} from "./lib/db/replica_db.ts";
+import { lockDatabase } from "./lib/db/file_lock.ts";
 import { removeMarmot } from "./lib/db/cleanup.ts";
 import { createLogger } from "./lib/log.ts";
 import { Marmot } from "./lib/marmot.ts";
@@ -317,6 +322,8 @@ const COMMANDS: Record<Command, (parsed: Parsed) => Promise<number>> = {
 
 function cleanup(config: MarmotConfig): number {
   try {
+    checkDatabaseFile(config.dbPath);
+    using _lock = lockDatabase(config.dbPath, { what: "marmot cleanup" });
     const dropped = removeMarmot(config.dbPath);
     console.log(
       `Removed ${dropped.length} marmot triggers and tables from "${config.dbPath}"`,
@@ -399,17 +406,38 @@ async function run(config: MarmotConfig): Promise<number> {
         console.error(
           `marmot: started the application (pid ${app.pid}): ${config.exec}`,
         );
-        const status = await app.status;
+        const ended = await Promise.race([app.status, marmot.failure]);
+        if (ended instanceof DatabaseChangedError) {
+          // The platform restarts both, onto the file now at the path.
+          console.error(`marmot: ${ended.message}; stopping the application`);
+          try {
+            app.kill("SIGTERM");
+          } catch { /* already exited */ }
+          await app.status;
+          await marmot.close();
+          return 1;
+        }
         console.error(
-          `marmot: the application exited with code ${status.code}; stopping`,
+          `marmot: the application exited with code ${ended.code}; stopping`,
         );
         await marmot.close();
-        return status.code;
+        return ended.code;
       }
     }
-    await waitClosed(marmot, abort.signal);
-    await marmot.close();
-    return 0;
+    while (true) {
+      const failed = await Promise.race([
+        waitClosed(abort.signal),
+        marmot.failure,
+      ]);
+      await marmot.close();
+      if (!failed) return 0;
+      if (!failed.restart) {
+        console.error(`marmot: ${failed.message}`);
+        return 1;
+      }
+      marmot = await Marmot.start({ ...config, signal: abort.signal });
+      if (stopping) marmot.close();
+    }
   } catch (e) {
     if (stopping && !marmot) return 0;
     console.error(`marmot: ${e instanceof Error ? e.message : e}`);
@@ -421,10 +449,12 @@ async function run(config: MarmotConfig): Promise<number> {
   }
 }
 
-function waitClosed(_marmot: Marmot, signal: AbortSignal): Promise<void> {
+function waitClosed(signal: AbortSignal): Promise<undefined> {
   return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    signal.addEventListener("abort", () => resolve(), { once: true });
+    if (signal.aborted) return resolve(undefined);
+    signal.addEventListener("abort", () => resolve(undefined), {
+      once: true,
+    });
   });
 }
 

@@ -11,7 +11,12 @@ import {
   type MarmotConfig,
   validateConfig,
 } from "./config/config.ts";
-import { ReplicaDb } from "./db/replica_db.ts";
+import {
+  checkDatabaseFile,
+  DatabaseChangedError,
+  ReplicaDb,
+} from "./db/replica_db.ts";
+import { type DatabaseLock, lockDatabase } from "./db/file_lock.ts";
 import { type SnapshotInfo, takeSnapshot } from "./snapshot/snapshot.ts";
 import { openSnapshotStore } from "./snapshot/snapshot_store.ts";
 import {
@@ -150,6 +155,8 @@ export class Marmot implements AsyncDisposable {
   #watcher: FileWatcher | undefined;
   #timer: ReturnType<typeof setInterval> | undefined;
   #tasks: Promise<unknown>[] = [];
+  #lock: DatabaseLock | undefined;
+  #failure = Promise.withResolvers<DatabaseChangedError>();
 
   private constructor(
     config: MarmotConfig,
@@ -191,11 +198,17 @@ export class Marmot implements AsyncDisposable {
     // every step before it, in reverse order.
     await using steps = new AsyncDisposableStack();
 
-    // 1. The database (without bootstrap, a missing one fails here, before
-    // NATS starts).
-    let db = config.snapshot.bootstrap && !fileExists(config.dbPath)
-      ? undefined
-      : openReplicaDb(config, log);
+    // 1. The database, locked for this process (without bootstrap, a missing
+    // one fails here, before anything is created or NATS starts).
+    const bootstrapping = config.snapshot.bootstrap &&
+      !fileExists(config.dbPath);
+    if (!bootstrapping) checkDatabaseFile(config.dbPath);
+    const lock = lockDatabase(config.dbPath, {
+      what: "marmot",
+      node: config.nodeId,
+    });
+    steps.defer(() => lock.release());
+    let db = bootstrapping ? undefined : openReplicaDb(config, log);
     steps.defer(() => db?.close());
 
     // 2. NATS: the embedded server or external ones, and the shard streams.
@@ -294,6 +307,8 @@ export class Marmot implements AsyncDisposable {
       auth: describeSecurity(nats.security),
       server: nats.serverVersion,
     });
+    lock.keep();
+    marmot.#lock = lock;
     steps.move(); // started: the steps are undone by close() from now on
     return marmot;
   }
@@ -322,10 +337,12 @@ export class Marmot implements AsyncDisposable {
     this.#watcher = watchDatabase(this.config.dbPath, onChange, this.#log);
     this.#timer = setInterval(() => {
       try {
+        this.#db.checkFile();
         if (this.#db.refreshSchema()) {
           this.#log.info("Schema changed: capture triggers reinstalled");
         }
       } catch (e) {
+        if (e instanceof DatabaseChangedError) return this.#fail(e);
         this.#log.warn("Cannot refresh the schema", { error: e });
       }
       this.#publisher.wake();
@@ -357,6 +374,28 @@ export class Marmot implements AsyncDisposable {
         }
       }
     }
+  }
+
+  /**
+   * Resolves, with the reason, when marmot stopped on its own because its
+   * database file changed under it (see {@linkcode DatabaseChangedError}):
+   * when `restart` is set, starting again opens the file now at the path.
+   * Never resolves otherwise.
+   */
+  get failure(): Promise<DatabaseChangedError> {
+    return this.#failure.promise;
+  }
+
+  #fail(error: DatabaseChangedError): void {
+    if (this.#closing) return;
+    this.#log.error("The database file changed under marmot; stopping", {
+      error: error.message,
+      hint: error.restart
+        ? "marmot starts again on the file now at the path"
+        : "start marmot again to replicate this file",
+    });
+    this.#failure.resolve(error);
+    this.close();
   }
 
   /** Counters of this node. */
@@ -459,6 +498,7 @@ export class Marmot implements AsyncDisposable {
     await this.#server?.stop().catch(() => {});
     await Promise.allSettled(this.#tasks);
     this.#db.close();
+    this.#lock?.release();
     this.#log.info("Stopped");
   }
 

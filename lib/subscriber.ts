@@ -90,6 +90,7 @@ export class Subscriber {
   #abort = new AbortController();
   #tasks: Promise<void>[] = [];
   #current = new Map<number, ConsumerMessages>();
+  #ownRecoveredLogged = false;
   #deferred: IncomingMessage[] = [];
   #gapped = new Set<number>();
   #deferTimer: ReturnType<typeof setTimeout> | undefined;
@@ -433,6 +434,17 @@ export class Subscriber {
         { changes: result.rerecorded, why: "their first message was lost" },
       );
       this.#options.onRerecorded?.();
+    }
+    if (result.ownRecovered) {
+      this.#options.log.log(
+        this.#ownRecoveredLogged ? "debug" : "warn",
+        "The streams hold changes of this node that its file lacks; applying them",
+        {
+          changes: result.ownRecovered,
+          why: "the file is an older copy of itself, such as a restored backup",
+        },
+      );
+      this.#ownRecoveredLogged = true;
     }
     this.stats.messages += messages.length;
     this.stats.applied += result.applied;

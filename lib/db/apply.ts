@@ -67,6 +67,12 @@ export interface ApplyResult {
    * (its first message was lost). Absent when none.
    */
   rerecorded?: number;
+  /**
+   * This node's own changes from the stream that its file never logged
+   * (the file is an older copy of itself, such as a restored backup),
+   * applied like another node's. Absent when none.
+   */
+  ownRecovered?: number;
 }
 
 /**
@@ -101,7 +107,9 @@ export class Applier {
    * Applies `messages` in one transaction. Rules per change, in stream order:
    * - an origin change sequence already applied is skipped (published twice);
    * - this node's own change removes the change log entries it carries
-   *   (their local effect is already in place);
+   *   (their local effect is already in place); one the change log holds no
+   *   entry for was lost by this file (an older copy of it was put back) and
+   *   is applied like another node's;
    * - another node's change to a row with a local change still in the change
    *   log is skipped: that local change is later in stream order and wins;
    * - otherwise the row is upserted by primary key, or deleted.
@@ -117,6 +125,9 @@ export class Applier {
     });
     this.#replica.transaction("IMMEDIATE", () => call.run(messages));
     for (const [id, o] of call.origins) this.#origins.set(id, o.seq);
+    for (const [shard, seq] of call.shardSeqs) {
+      this.#replica.noteApplied(shard, seq);
+    }
     // Cleared only after a commit, so a rolled-back call cannot hide parts.
     if (this.#partsHeld) {
       this.#partsHeld = this.#replica.statement(SQL.partsAny).get() !==
@@ -158,7 +169,8 @@ class ApplyCall {
   readonly #replica: ReplicaDb;
   readonly #selfNode: number;
   readonly #state: ApplyState;
-  readonly #shardSeqs = new Map<number, number>();
+  /** The stream sequence this call reached per shard. */
+  readonly shardSeqs = new Map<number, number>();
   readonly #failed: FailedChange[] = [];
   /** The last place each row (`table\0key`) was written in this call. */
   readonly #lastTouch = new Map<string, number>();
@@ -190,7 +202,7 @@ class ApplyCall {
   }
 
   #applyMessage(message: IncomingMessage): void {
-    this.#shardSeqs.set(message.shard, message.seq);
+    this.shardSeqs.set(message.shard, message.seq);
     if (message.batch instanceof Error) {
       this.#park({
         stream: message.stream,
@@ -293,7 +305,9 @@ class ApplyCall {
     let originSeq = this.origins.get(id)?.seq ?? this.#state.appliedSeq(id);
     const own = batch.origin === this.#selfNode &&
       batch.epoch === this.#replica.epoch;
-    for (const change of batch.changes) {
+    let withValues: Batch | undefined;
+    for (const [index, listed] of batch.changes.entries()) {
+      let change = listed;
       const ref = batch.tables[change.table]!;
       if (change.seq <= originSeq) {
         if (own) {
@@ -310,13 +324,22 @@ class ApplyCall {
       const storedK = storedKey(change.key);
       if (own) {
         this.#changeLogTop ??= this.#replica.topSeq();
-        this.#replica.statement(SQL.changesAck).run(
+        const acked = this.#replica.statement(SQL.changesAck).run(
           ref.name,
           storedK,
           change.seq,
-        );
-        this.result.skipped++;
-        continue;
+        ).changes;
+        if (Number(acked) > 0) {
+          this.result.skipped++;
+          continue;
+        }
+        // This file never logged this change of its own (it is an older
+        // copy of itself, a restored backup): apply it like another node's.
+        this.result.ownRecovered = (this.result.ownRecovered ?? 0) + 1;
+        if (change.op === Op.Upsert && change.values === undefined) {
+          withValues ??= decodeBatch(message.data);
+          change = withValues.changes[index]!;
+        }
       }
       if (this.#replica.statement(SQL.changesPending).get(ref.name, storedK)) {
         this.result.skipped++;
@@ -387,7 +410,7 @@ class ApplyCall {
       setOrigin.run(o.shard, o.node, o.epoch, o.seq);
     }
     const setApplied = this.#replica.statement(SQL.appliedSet);
-    for (const [shard, seq] of this.#shardSeqs) setApplied.run(shard, seq);
+    for (const [shard, seq] of this.shardSeqs) setApplied.run(shard, seq);
   }
 
   /**

@@ -10,7 +10,7 @@ import type { SqlValue } from "../codec.ts";
 import type { ReplicaDb } from "./replica_db.ts";
 import { MARMOT_PREFIX, type TableInfo } from "./schema.ts";
 import { parseKey, quoteIdent, quoteText } from "./sql.ts";
-import { TABLES } from "./marmot_tables.ts";
+import { NEXT_SEQ, TABLES } from "./marmot_tables.ts";
 
 /** A captured change, ready to publish: the row's current image or its absence. */
 export interface PendingChange {
@@ -60,13 +60,17 @@ export function captureTriggersSql(table: TableInfo): string {
       ? `${row}.${quoteIdent(table.pk[0]!)}`
       : keyExpr(table, row);
   const log = (row: "NEW" | "OLD") =>
-    `INSERT INTO ${TABLES.changes}(tbl, k) VALUES (${name}, ${k(row)});`;
+    `INSERT INTO ${TABLES.changes}(seq, tbl, k) VALUES (${NEXT_SEQ}, ${name}, ${
+      k(row)
+    });`;
   return `
 CREATE TRIGGER ${trig("ins")} AFTER INSERT ON ${on} ${when}
 BEGIN ${log("NEW")} END;
 CREATE TRIGGER ${trig("upd")} AFTER UPDATE ON ${on} ${when}
 BEGIN
-  INSERT INTO ${TABLES.changes}(tbl, k) SELECT ${name}, ${k("OLD")}
+  INSERT INTO ${TABLES.changes}(seq, tbl, k) SELECT ${NEXT_SEQ}, ${name}, ${
+    k("OLD")
+  }
     WHERE ${k("OLD")} IS NOT ${k("NEW")};
   ${log("NEW")}
 END;

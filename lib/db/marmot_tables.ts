@@ -40,11 +40,19 @@ const T = TABLES;
  * The change log. `k` is the key's value for a table keyed by one column (or
  * the rowid), and the key text (see `keyExpr` in capture.ts) for a composite
  * key: the capture trigger then copies a value instead of building text.
- * `seq` is the rowid, so the next one is the highest plus one, without the
- * cost of AUTOINCREMENT: a row with a NULL `tbl` (a mark) keeps the highest
- * sequence used once the changes above it are gone, so a sequence is never
- * reused.
+ * `seq` is the rowid: the next one is the highest plus one ({@linkcode
+ * NEXT_SEQ}), but never less than the current time in milliseconds times
+ * 2048. A row with a NULL `tbl` (a mark) keeps the highest sequence used once
+ * the changes above it are gone, so a sequence is never reused by this file;
+ * the time floor keeps an older copy of the file (a restored backup) from
+ * reusing the sequences it published after the copy was taken, as long as
+ * the clock does not go back across the restore and the node logs fewer than
+ * 2,048 changes per millisecond on average.
  */
+export const NEXT_SEQ =
+  `max(coalesce((SELECT max(seq) FROM ${T.changes}), 0) + 1, ` +
+  `CAST((julianday('now') - 2440587.5) * 176947200000 AS INTEGER))`;
+
 const CHANGES_SQL = `
 CREATE TABLE IF NOT EXISTS ${T.changes}(seq INTEGER PRIMARY KEY, tbl TEXT, k);
 CREATE INDEX IF NOT EXISTS ${quoteIdent(`${MARMOT_PREFIX}changes_key`)}
@@ -84,6 +92,9 @@ export const SQL = {
   metaSet:
     `INSERT INTO ${T.meta}(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value`,
   appliedGet: `SELECT seq FROM ${T.applied} WHERE shard = ?`,
+  appliedAll: `SELECT shard, seq FROM ${T.applied}`,
+  marmotTablesPresent:
+    `SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name IN ('${MARMOT_PREFIX}changes', '${MARMOT_PREFIX}apply', '${MARMOT_PREFIX}meta', '${MARMOT_PREFIX}applied')`,
   appliedSet: `INSERT INTO ${T.applied}(shard, seq) VALUES (?, ?)
     ON CONFLICT(shard) DO UPDATE SET seq = excluded.seq`,
   originsAll: `SELECT shard, node, epoch, seq FROM ${T.origins}`,
@@ -102,9 +113,8 @@ export const SQL = {
   changesUpTo:
     `SELECT seq FROM ${T.changes} WHERE tbl = ? AND k IS ? AND seq <= ?`,
   changesCopy:
-    `INSERT INTO ${T.changes}(tbl, k) SELECT tbl, k FROM ${T.changes} WHERE seq = ?`,
+    `INSERT INTO ${T.changes}(seq, tbl, k) SELECT ${NEXT_SEQ}, tbl, k FROM ${T.changes} WHERE seq = ?`,
   changesDrop: `DELETE FROM ${T.changes} WHERE seq = ?`,
-  changesClear: `DELETE FROM ${T.changes}`,
   parkedInsert:
     `INSERT INTO ${T.parked}(stream, stream_seq, tbl, k, reason, data) VALUES (?, ?, ?, ?, ?, ?)`,
   parkedAll:

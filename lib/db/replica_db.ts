@@ -34,6 +34,24 @@ export class DatabaseError extends Error {
   override name = "DatabaseError";
 }
 
+/**
+ * The database file changed under a running marmot: another file was put
+ * at its path (a restored backup), its positions went back, or marmot's
+ * tables were removed from it.
+ */
+export class DatabaseChangedError extends DatabaseError {
+  /** The error name, `"DatabaseChangedError"`. */
+  override name = "DatabaseChangedError";
+  /** Whether starting again onto the file at the path is the way on. */
+  readonly restart: boolean;
+
+  /** An error saying what changed; `restart` as {@linkcode DatabaseChangedError.restart}. */
+  constructor(message: string, restart: boolean) {
+    super(message);
+    this.restart = restart;
+  }
+}
+
 /** Options for {@linkcode ReplicaDb.open}. */
 export interface ReplicaDbOptions {
   /** Only these tables. @default [] (all) */
@@ -65,6 +83,10 @@ export class ReplicaDb implements Disposable {
   #schemaVersion = -1;
   #options: ReplicaDbOptions;
   #applier: Applier;
+  /** The file held open: device and inode. */
+  #file: { dev: number | null; ino: number | null };
+  /** The highest stream sequence this connection recorded per shard. */
+  #recorded = new Map<number, number>();
 
   private constructor(
     path: string,
@@ -74,6 +96,8 @@ export class ReplicaDb implements Disposable {
     this.path = path;
     this.db = db;
     this.#options = options;
+    const { dev, ino } = Deno.statSync(path);
+    this.#file = { dev, ino };
     db.exec(SETUP_SQL);
     this.epoch = this.#openChangeLog(options.nodeId);
     this.#applier = new Applier(this);
@@ -82,8 +106,9 @@ export class ReplicaDb implements Disposable {
 
   /**
    * This change log's epoch: the one recorded, or a new one for a new file
-   * or a copy of another node's file (whose pending changes that node
-   * publishes, so they are dropped here).
+   * or one last used under another node id. Pending changes are never
+   * dropped: under a new node id they are published as that node's (see
+   * docs/configuration.md, "Choosing node ids").
    */
   #openChangeLog(nodeId: number | undefined): number {
     const meta = (key: string) =>
@@ -98,10 +123,14 @@ export class ReplicaDb implements Disposable {
       epoch !== undefined && nodeId !== undefined && node !== undefined &&
       Number(node) !== nodeId
     ) {
-      const dropped = this.db.prepare(SQL.changesClear).run().changes;
+      const pending = Number(
+        (this.db.prepare(SQL.changesPendingCount).get() as { n: number }).n,
+      );
       this.log(
         "warn",
-        `Database was node ${node}'s; starting a new change log for node ${nodeId} (dropped ${dropped} of its pending changes)`,
+        `Database was node ${node}'s; node ${nodeId} starts a new change log and publishes its ${pending} pending change${
+          pending === 1 ? "" : "s"
+        } as its own`,
       );
       epoch = undefined;
     }
@@ -121,21 +150,7 @@ export class ReplicaDb implements Disposable {
    *   be put in WAL mode
    */
   static open(path: string, options: ReplicaDbOptions = {}): ReplicaDb {
-    try {
-      const stat = Deno.statSync(path);
-      if (!stat.isFile) {
-        throw new DatabaseError(
-          `Cannot open database: "${path}" is not a file`,
-        );
-      }
-    } catch (e) {
-      if (e instanceof Deno.errors.NotFound) {
-        throw new DatabaseError(
-          `Cannot open database: file "${path}" does not exist`,
-        );
-      }
-      throw e;
-    }
+    checkDatabaseFile(path);
     let db: DatabaseSync | undefined;
     try {
       db = new DatabaseSync(path);
@@ -186,6 +201,9 @@ export class ReplicaDb implements Disposable {
     const version = this.#pragmaNumber("schema_version");
     if (!force && version === this.#schemaVersion) return false;
     this.transaction("IMMEDIATE", () => {
+      // Triggers that write to missing tables would fail every application
+      // write.
+      this.#checkMarmotTables();
       const tables = listTables(this.db, {
         include: this.#options.include ?? [],
         exclude: this.#options.exclude ?? [],
@@ -201,6 +219,74 @@ export class ReplicaDb implements Disposable {
     });
     this.#statements.clear();
     return true;
+  }
+
+  /**
+   * Checks that the file at the path is still the one held open, with
+   * marmot's tables and positions no older than this connection left them.
+   *
+   * @throws {DatabaseChangedError} saying what changed
+   */
+  checkFile(): void {
+    let now: Deno.FileInfo;
+    try {
+      now = Deno.statSync(this.path);
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+      throw new DatabaseChangedError(
+        `Database file "${this.path}" was removed while marmot had it open`,
+        true,
+      );
+    }
+    if (
+      (now.ino !== null && now.ino !== this.#file.ino) ||
+      (now.dev !== null && now.dev !== this.#file.dev)
+    ) {
+      throw new DatabaseChangedError(
+        `Database file "${this.path}" was replaced by another file while marmot had it open`,
+        true,
+      );
+    }
+    this.#checkMarmotTables();
+    const epoch = (this.statement(SQL.metaGet).get("epoch") as
+      | { value: bigint }
+      | undefined)?.value;
+    const rows = this.statement(SQL.appliedAll).all() as {
+      shard: bigint;
+      seq: bigint;
+    }[];
+    const back = rows.find((r) =>
+      Number(r.seq) < (this.#recorded.get(Number(r.shard)) ?? 0)
+    );
+    if (Number(epoch) !== this.epoch || back) {
+      throw new DatabaseChangedError(
+        `Database file "${this.path}" was overwritten while marmot had it open (${
+          back
+            ? `shard ${back.shard}'s position went back from ${
+              this.#recorded.get(Number(back.shard))
+            } to ${back.seq}`
+            : "its change log is another one"
+        })`,
+        true,
+      );
+    }
+  }
+
+  #checkMarmotTables(): void {
+    const { n } = this.db.prepare(SQL.marmotTablesPresent).get() as {
+      n: number;
+    };
+    if (Number(n) < 4) {
+      throw new DatabaseChangedError(
+        `marmot's tables were removed from "${this.path}" while marmot ran (by \`marmot cleanup\`?); not installing capture triggers that would fail every write`,
+        false,
+      );
+    }
+  }
+
+  /** Notes the stream sequence recorded for `shard` (see {@linkcode checkFile}). */
+  noteApplied(shard: number, seq: number): void {
+    this.#recorded.set(shard, seq);
   }
 
   /** `PRAGMA data_version`: changes when another connection commits. */
@@ -233,6 +319,7 @@ export class ReplicaDb implements Disposable {
       this.statement(SQL.metaSet).run(`stream:${stream}`, created);
       if (restart) {
         this.statement(SQL.appliedSet).run(restart.shard, restart.seq);
+        this.#recorded.set(restart.shard, restart.seq);
       }
     });
   }
@@ -433,6 +520,28 @@ export class ReplicaDb implements Disposable {
   /** Closes the connection. */
   [Symbol.dispose](): void {
     this.close();
+  }
+}
+
+/**
+ * Checks that `path` is an existing file, before anything is created next
+ * to it.
+ *
+ * @throws {DatabaseError} naming the path when it is missing or not a file
+ */
+export function checkDatabaseFile(path: string): void {
+  try {
+    const stat = Deno.statSync(path);
+    if (!stat.isFile) {
+      throw new DatabaseError(`Cannot open database: "${path}" is not a file`);
+    }
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) {
+      throw new DatabaseError(
+        `Cannot open database: file "${path}" does not exist`,
+      );
+    }
+    throw e;
   }
 }
 

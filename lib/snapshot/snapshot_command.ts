@@ -7,6 +7,7 @@
 import { connectCommand } from "../nats/command_connection.ts";
 import type { MarmotConfig } from "../config/config.ts";
 import { ReplicaDb } from "../db/replica_db.ts";
+import { lockDatabase } from "../db/file_lock.ts";
 import {
   restoreSnapshot,
   type SnapshotInfo,
@@ -98,6 +99,10 @@ export async function snapshotRestore(
   log: Logger,
 ): Promise<SnapshotInfo | undefined> {
   const temp = `${config.dbPath}.download`;
+  // Replacing the file under a running marmot would orphan it.
+  using _lock = lockDatabase(config.dbPath, {
+    what: "marmot snapshot restore",
+  });
   try {
     return await withStore(config, async (store) => {
       const started = performance.now();

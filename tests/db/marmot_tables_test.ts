@@ -54,10 +54,10 @@ Deno.test(
     );
     // The next change continues after the old highest sequence (6, gone).
     await appWrite(path, `INSERT INTO wr VALUES ('new', 4);`);
-    assert.deepEqual(
-      db.readPending(5, 1000).changes.map((c) => [c.key, c.seq]),
-      [["'new'", 7]],
-    );
+    const [next, ...more] = db.readPending(5, 1000).changes;
+    assert.equal(next?.key, "'new'");
+    assert.ok(next.seq > 6, `${next.seq} after 6`);
+    assert.deepEqual(more, []);
     assert.deepEqual(
       await query(
         path,

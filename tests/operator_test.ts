@@ -1,0 +1,207 @@
+// What applications and operators do to their own database file: a second
+// marmot on it, `marmot cleanup` while marmot runs, marmot's tables dropped
+// behind its back, the file replaced by a restored backup while marmot runs
+// or while it is stopped. Real nats-server, marmot and sqlite3 processes.
+import assert from "node:assert/strict";
+import { removeMarmot } from "../lib/db/cleanup.ts";
+import {
+  cli,
+  dump,
+  sqlite,
+  testBed,
+  waitConverged,
+  waitFor,
+} from "./_helpers.ts";
+
+const SCHEMA = "CREATE TABLE t(id TEXT PRIMARY KEY, v TEXT);";
+
+/** Waits until `db` has the row `id`. */
+function waitRow(db: string, id: string, what: string): Promise<void> {
+  return waitFor(
+    what,
+    async () =>
+      (await sqlite(db, `SELECT count(*) FROM t WHERE id = '${id}';`))
+        .trim() === "1",
+  );
+}
+
+Deno.test("a second marmot on the same database file exits 2 naming the file and the holder, and the first goes on", async () => {
+  await using bed = await testBed("marmot_ops_lock_");
+  const [a, b] = [bed.db("a"), bed.db("b")];
+  await sqlite(a, SCHEMA);
+  await sqlite(b, SCHEMA);
+  const first = bed.start(a, 1);
+  const other = bed.start(b, 2);
+  await first.waitForLog("Replicating");
+  await other.waitForLog("Replicating");
+  for (const id of [3, 1]) {
+    const second = bed.start(a, id);
+    await waitFor(`a second marmot (node ${id}) to exit`, () => second.exited);
+    assert.equal((await second.status).code, 2, second.log);
+    assert.match(
+      second.log,
+      new RegExp(
+        `Database "${a}" is in use by marmot node 1 \\(pid ${first.pid} on `,
+      ),
+    );
+  }
+  assert.equal(
+    (await sqlite(
+      a,
+      "SELECT CAST(value AS INTEGER) FROM __marmot__meta WHERE key = 'node';",
+    ))
+      .trim(),
+    "1",
+    "the file is still node 1's",
+  );
+  await sqlite(a, "INSERT INTO t VALUES ('after', 'x');");
+  await waitRow(b, "after", "node 1's write to reach node 2");
+});
+
+Deno.test("marmot cleanup refuses while marmot runs, and a marmot whose tables were dropped behind its back stops instead of breaking the application's writes", async () => {
+  await using bed = await testBed("marmot_ops_cleanup_");
+  const [a, b] = [bed.db("a"), bed.db("b")];
+  await sqlite(a, SCHEMA);
+  await sqlite(b, SCHEMA);
+  const node1 = bed.start(a, 1);
+  const node2 = bed.start(b, 2);
+  await node1.waitForLog("Replicating");
+  await node2.waitForLog("Replicating");
+
+  const refused = await cli(["cleanup", "--db-path", a]);
+  assert.equal(refused.code, 2, refused.stderr);
+  assert.match(refused.stderr, /is in use by marmot node 1/);
+  await sqlite(a, "INSERT INTO t VALUES ('1', 'replicated');");
+  await waitRow(b, "1", "a write after the refused cleanup to replicate");
+
+  // What an unlocked cleanup did: the running marmot must not reinstall
+  // triggers that write to tables that are gone.
+  removeMarmot(b);
+  await waitFor("node 2 to stop", () => node2.exited);
+  assert.equal((await node2.status).code, 1, node2.log);
+  assert.match(node2.log, /marmot's tables were removed from/);
+  await sqlite(b, "INSERT INTO t VALUES ('2', 'the application goes on');");
+  assert.equal(
+    (await sqlite(
+      b,
+      "SELECT count(*) FROM sqlite_master WHERE name LIKE '__marmot__%';",
+    )).trim(),
+    "0",
+  );
+
+  await node1.stop();
+  const done = await cli(["cleanup", "--db-path", a]);
+  assert.equal(done.code, 0, done.stderr);
+});
+
+Deno.test("a database file replaced by a restored backup under a running marmot: marmot starts again on it, the rows written after the backup come back, and new writes replicate both ways", async () => {
+  await using bed = await testBed("marmot_ops_replace_");
+  const [a, b] = [bed.db("a"), bed.db("b")];
+  await sqlite(a, SCHEMA);
+  await sqlite(b, SCHEMA);
+  const node1 = bed.start(a, 1);
+  const node2 = bed.start(b, 2);
+  await node1.waitForLog("Replicating");
+  await node2.waitForLog("Replicating");
+  await sqlite(a, "INSERT INTO t VALUES ('1', 'before the backup');");
+  await waitRow(b, "1", "row 1 to replicate");
+  const dirA = a.slice(0, a.lastIndexOf("/"));
+  await Deno.mkdir(`${dirA}.restored`);
+  await sqlite(a, `.backup '${dirA}.restored/app.db'`);
+  await sqlite(a, "INSERT INTO t VALUES ('2', 'after the backup');");
+  await waitRow(b, "2", "row 2 to replicate");
+
+  // As PocketBase restores a backup: its data directory is swapped.
+  await Deno.rename(dirA, `${dirA}.old`);
+  await Deno.rename(`${dirA}.restored`, dirA);
+  await node1.waitForLog("was replaced by another file");
+  await waitFor(
+    "node 1 to start again",
+    () => node1.log.split("Replicating").length === 3,
+  );
+  await waitRow(a, "2", "row 2, written after the backup, to come back");
+  await sqlite(a, "INSERT INTO t VALUES ('3', 'after the restore');");
+  await sqlite(b, "INSERT INTO t VALUES ('4', 'from node 2');");
+  await waitConverged([a, b]);
+  assert.equal(
+    await sqlite(a, "SELECT id FROM t ORDER BY id;"),
+    "1\n2\n3\n4\n",
+  );
+  assert.equal(await dump(a, ["t"]), await dump(b, ["t"]));
+});
+
+Deno.test("a node restored from a file-level backup while marmot was stopped gets its later rows back, and what the application wrote before marmot started again reaches the others", async () => {
+  await using bed = await testBed("marmot_ops_backup_");
+  const [a, b] = [bed.db("a"), bed.db("b")];
+  await sqlite(a, SCHEMA);
+  await sqlite(b, SCHEMA);
+  let node1 = bed.start(a, 1);
+  const node2 = bed.start(b, 2);
+  await node1.waitForLog("Replicating");
+  await node2.waitForLog("Replicating");
+  await sqlite(a, "INSERT INTO t VALUES ('1', 'before the backup');");
+  await waitRow(b, "1", "row 1 to replicate");
+  await sqlite(a, `.backup '${a}.backup'`);
+  let rows = "";
+  for (let i = 2; i <= 20; i++) {
+    rows += `INSERT INTO t VALUES ('${i}', 'after the backup');\n`;
+  }
+  await sqlite(a, rows);
+  await waitRow(b, "20", "the rows after the backup to replicate");
+  await node1.stop();
+
+  await Deno.remove(`${a}-wal`).catch(() => {});
+  await Deno.remove(`${a}-shm`).catch(() => {});
+  await Deno.rename(`${a}.backup`, a);
+  // The application writes to the restored file before marmot is back.
+  await sqlite(a, "INSERT INTO t VALUES ('21', 'before marmot is back');");
+  node1 = bed.start(a, 1);
+  await node1.waitForLog("Replicating");
+  await sqlite(a, "INSERT INTO t VALUES ('22', 'after marmot is back');");
+  await waitConverged([a, b]);
+  assert.equal(
+    (await sqlite(a, "SELECT count(*) FROM t;")).trim(),
+    "22",
+  );
+  assert.match(
+    node1.log,
+    /The streams hold changes of this node that its file lacks/,
+  );
+});
+
+Deno.test("under --exec, a database file replaced while marmot runs stops the application and marmot exits 1, so the platform restarts both", async () => {
+  await using bed = await testBed("marmot_ops_replace_exec_");
+  const a = bed.db("a");
+  await sqlite(a, SCHEMA);
+  const pidFile = `${bed.dir}/app.pid`;
+  await Deno.writeTextFile(
+    `${bed.dir}/app.sh`,
+    `echo $$ > ${pidFile}\nexec sleep 600\n`,
+  );
+  const node = bed.start(a, 1, ["--exec", `sh ${bed.dir}/app.sh`]);
+  await node.waitForLog("started the application");
+  await waitFor("the application to start", async () => {
+    try {
+      return (await Deno.readTextFile(pidFile)).trim() !== "";
+    } catch {
+      return false;
+    }
+  });
+  const appPid = Number((await Deno.readTextFile(pidFile)).trim());
+  const dirA = a.slice(0, a.lastIndexOf("/"));
+  await Deno.mkdir(`${dirA}.restored`);
+  await sqlite(a, `.backup '${dirA}.restored/app.db'`);
+  await Deno.rename(dirA, `${dirA}.old`);
+  await Deno.rename(`${dirA}.restored`, dirA);
+  const status = await node.status;
+  assert.equal(status.code, 1, node.log);
+  assert.match(
+    node.log,
+    /was replaced by another file.*stopping the application/,
+  );
+  assert.throws(
+    () => Deno.kill(appPid, "SIGCONT"),
+    Deno.errors.NotFound,
+    "the application was stopped",
+  );
+});
