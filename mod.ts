@@ -49,7 +49,11 @@ export {
   type LogFormat,
   type MarmotConfig,
 } from "./lib/config/config.ts";
-export { DatabaseChangedError, DatabaseError } from "./lib/db/replica_db.ts";
+export {
+  DatabaseBusyError,
+  DatabaseChangedError,
+  DatabaseError,
+} from "./lib/db/replica_db.ts";
 export { DatabaseInUseError } from "./lib/db/file_lock.ts";
 export { removeMarmot } from "./lib/db/cleanup.ts";
 export { NatsServerError } from "./lib/nats/nats_server.ts";

@@ -94,6 +94,8 @@ export class Subscriber {
   #deferred: IncomingMessage[] = [];
   #gapped = new Set<number>();
   #deferTimer: ReturnType<typeof setTimeout> | undefined;
+  /** The deferred own batches are due to be applied. */
+  #flushDue = false;
   #expected = new Map<number, number>();
 
   constructor(db: ReplicaDb, js: JetStreamClient, options: SubscriberOptions) {
@@ -313,9 +315,19 @@ export class Subscriber {
     };
   }
 
+  /**
+   * The one place messages are applied, so that applies never overlap while
+   * one waits for the write lock: queued messages, and the deferred own
+   * batches when their timer is due.
+   */
   async #applyLoop(): Promise<void> {
     const max = this.#options.applyLimit ?? 1000;
     while (!this.#abort.signal.aborted) {
+      if (this.#flushDue) {
+        this.#flushDue = false;
+        await this.#flushDeferred();
+        continue;
+      }
       if (this.#queue.length === 0) {
         await new Promise<void>((resolve) => this.#wakeApplier = resolve);
         this.#wakeApplier = undefined;
@@ -325,7 +337,7 @@ export class Subscriber {
       for (const t of taken) this.#queuedBytes -= t.msg.data.length;
       for (const wake of this.#wakeConsumers.splice(0)) wake();
       try {
-        this.#apply(taken);
+        await this.#apply(taken);
       } catch (e) {
         // The transaction rolled back: nothing of these messages is applied.
         // Put them back and retry (a busy database, a full disk).
@@ -337,7 +349,16 @@ export class Subscriber {
     }
   }
 
-  #apply(taken: Queued[]): void {
+  /** Lets the apply loop flush the deferred own batches after `ms`. */
+  #scheduleFlush(ms: number): void {
+    this.#deferTimer ??= setTimeout(() => {
+      this.#deferTimer = undefined;
+      this.#flushDue = true;
+      this.#wakeApplier?.();
+    }, ms);
+  }
+
+  async #apply(taken: Queued[]): Promise<void> {
     const incoming: IncomingMessage[] = [];
     for (const { shard, msg } of taken) {
       const expected = this.#expected.get(shard) ?? 1;
@@ -387,14 +408,15 @@ export class Subscriber {
     );
     if (own && this.#deferred.length + incoming.length < 1000) {
       this.#deferred.push(...incoming);
-      this.#deferTimer ??= setTimeout(() => this.#flushDeferred(), 50);
+      this.#scheduleFlush(50);
       return;
     }
     try {
-      this.#applyNow([...this.#deferred, ...incoming]);
+      await this.#applyNow([...this.#deferred, ...incoming]);
       this.#deferred = [];
       clearTimeout(this.#deferTimer);
       this.#deferTimer = undefined;
+      this.#flushDue = false;
     } catch (e) {
       for (const m of incoming) {
         this.#expected.set(
@@ -414,20 +436,19 @@ export class Subscriber {
   #valuesFor = (origin: number, epoch: number): boolean =>
     origin !== this.#options.nodeId || epoch !== this.#db.epoch;
 
-  #flushDeferred(): void {
-    this.#deferTimer = undefined;
+  async #flushDeferred(): Promise<void> {
     if (this.#deferred.length === 0) return;
     try {
-      this.#applyNow(this.#deferred);
+      await this.#applyNow(this.#deferred);
       this.#deferred = [];
     } catch (e) {
       this.#options.log.error("Cannot apply changes, retrying", { error: e });
-      this.#deferTimer = setTimeout(() => this.#flushDeferred(), 500);
+      this.#scheduleFlush(500);
     }
   }
 
-  #applyNow(messages: IncomingMessage[]): void {
-    const result = this.#db.applyMessages(messages, this.#options.nodeId);
+  async #applyNow(messages: IncomingMessage[]): Promise<void> {
+    const result = await this.#db.applyMessages(messages, this.#options.nodeId);
     if (result.rerecorded) {
       this.#options.log.warn(
         "Own changes came back behind later ones; publishing them again",
@@ -469,6 +490,8 @@ export class Subscriber {
     await Promise.allSettled([...this.#current.values()].map((m) => m.close()));
     await Promise.allSettled(this.#tasks);
     clearTimeout(this.#deferTimer);
-    this.#flushDeferred();
+    this.#deferTimer = undefined;
+    await this.#flushDeferred();
+    clearTimeout(this.#deferTimer);
   }
 }

@@ -400,3 +400,34 @@ export async function cli(
     stderr: decoder.decode(out.stderr),
   };
 }
+
+/** A sqlite3 process holding `path`'s write lock until `release()`. */
+export async function holdWriteLock(
+  path: string,
+): Promise<{ release(): Promise<void> }> {
+  const child = new Deno.Command("sqlite3", {
+    args: ["-batch", path],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  const writer = child.stdin.getWriter();
+  const encoder = new TextEncoder();
+  await writer.write(encoder.encode("BEGIN IMMEDIATE;\nSELECT 'locked';\n"));
+  const reader = child.stdout.pipeThrough(new TextDecoderStream())
+    .getReader();
+  let out = "";
+  while (!out.includes("locked")) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error("sqlite3 exited before it held the lock");
+    out += value;
+  }
+  return {
+    async release() {
+      await writer.write(encoder.encode("COMMIT;\n"));
+      await writer.close();
+      await reader.cancel();
+      await child.status;
+    },
+  };
+}

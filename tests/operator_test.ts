@@ -7,6 +7,8 @@ import { removeMarmot } from "../lib/db/cleanup.ts";
 import {
   cli,
   dump,
+  holdWriteLock,
+  sleep,
   sqlite,
   testBed,
   waitConverged,
@@ -204,4 +206,30 @@ Deno.test("under --exec, a database file replaced while marmot runs stops the ap
     Deno.errors.NotFound,
     "the application was stopped",
   );
+});
+
+Deno.test("an application transaction that holds the write lock for longer than the busy timeout delays the other nodes' rows without making marmot look stalled, and they arrive after it commits", async () => {
+  await using bed = await testBed("marmot_ops_long_txn_");
+  const [a, b] = [bed.db("a"), bed.db("b")];
+  await sqlite(a, SCHEMA);
+  await sqlite(b, SCHEMA);
+  const node1 = bed.start(a, 1);
+  const node2 = bed.start(b, 2);
+  await node1.waitForLog("Replicating");
+  await node2.waitForLog("Replicating");
+  const lock = await holdWriteLock(b);
+  let rows = "";
+  for (let i = 1; i <= 50; i++) rows += `INSERT INTO t VALUES ('${i}', 'x');\n`;
+  await sqlite(a, rows);
+  // Longer than the busy timeout (10 s) and the consumer stall limit (10 s).
+  await sleep(14_000);
+  assert.equal(
+    (await sqlite(a, "SELECT count(*) FROM t;")).trim(),
+    "50",
+  );
+  await lock.release();
+  await waitRow(b, "50", "node 1's rows to reach node 2 after the lock");
+  await waitConverged([a, b]);
+  assert.doesNotMatch(node2.log, /stalled/);
+  assert.match(node2.log, /held its write lock for 10000 ms/);
 });

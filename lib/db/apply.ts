@@ -117,13 +117,16 @@ export class Applier {
    * A message that failed to decode, or a change that fails to apply, is
    * parked and reported; the rest goes on.
    */
-  apply(messages: IncomingMessage[], selfNode: number): ApplyResult {
+  async apply(
+    messages: IncomingMessage[],
+    selfNode: number,
+  ): Promise<ApplyResult> {
     const call = new ApplyCall(this.#replica, selfNode, {
       appliedSeq: (id) => this.#origins.get(id) ?? 0,
       partsHeld: () => this.#partsHeld,
       notePart: () => this.#partsHeld = true,
     });
-    this.#replica.transaction("IMMEDIATE", () => call.run(messages));
+    await this.#replica.writeTransaction(() => call.run(messages));
     for (const [id, o] of call.origins) this.#origins.set(id, o.seq);
     for (const [shard, seq] of call.shardSeqs) {
       this.#replica.noteApplied(shard, seq);

@@ -25,6 +25,7 @@ import {
   upgradeChangeLog,
 } from "./marmot_tables.ts";
 import { listTables, type TableInfo } from "./schema.ts";
+import { delay } from "../_retry.ts";
 
 type ArrayRows = { setReturnArrays(enabled: boolean): void };
 
@@ -50,6 +51,12 @@ export class DatabaseChangedError extends DatabaseError {
     super(message);
     this.restart = restart;
   }
+}
+
+/** The write lock stayed taken by another connection for the busy timeout. */
+export class DatabaseBusyError extends DatabaseError {
+  /** The error name, `"DatabaseBusyError"`. */
+  override name = "DatabaseBusyError";
 }
 
 /** Options for {@linkcode ReplicaDb.open}. */
@@ -354,7 +361,10 @@ export class ReplicaDb implements Disposable {
    * Applies messages from the streams in one transaction, with the shards'
    * and origins' positions (see {@linkcode Applier.apply}).
    */
-  applyMessages(messages: IncomingMessage[], selfNode: number): ApplyResult {
+  applyMessages(
+    messages: IncomingMessage[],
+    selfNode: number,
+  ): Promise<ApplyResult> {
     return this.#applier.apply(messages, selfNode);
   }
 
@@ -469,10 +479,42 @@ export class ReplicaDb implements Disposable {
     return Number((statement.get() as Record<string, number>)[name]);
   }
 
+  /**
+   * Runs `fn` in a write transaction once the write lock is free, without
+   * holding up the event loop while an application transaction keeps it:
+   * heartbeats, publishing and timers go on during the wait. `fn` runs in the
+   * same task as the BEGIN that took the lock, so nothing else on this
+   * connection comes between.
+   *
+   * @throws {DatabaseBusyError} when the lock stays taken for the busy
+   *   timeout
+   */
+  async writeTransaction<R>(fn: () => R): Promise<R> {
+    const start = performance.now();
+    const timeout = this.#options.busyTimeout ?? 10000;
+    for (let wait = 1;; wait = Math.min(2 * wait, 50)) {
+      // Spins only on the first try: a commit ends within the spin.
+      if (this.#tryBegin(wait === 1 ? FAST_RETRY_MS : 0)) {
+        return this.#commit(fn);
+      }
+      if (performance.now() - start >= timeout) break;
+      await delay(wait);
+    }
+    throw new DatabaseBusyError(
+      `Cannot write to database "${this.path}": another connection held its write lock for ${timeout} ms (the busy timeout), in a long transaction`,
+    );
+  }
+
   /** Runs `fn` in a transaction: committed when it returns, rolled back when it throws. */
   transaction<R>(mode: "DEFERRED" | "IMMEDIATE", fn: () => R): R {
-    if (mode === "IMMEDIATE") this.#beginImmediate();
-    else this.db.exec("BEGIN DEFERRED");
+    if (mode === "IMMEDIATE") {
+      // Rare and short: these may wait for the lock the SQLite way.
+      if (!this.#tryBegin(FAST_RETRY_MS)) this.db.exec("BEGIN IMMEDIATE");
+    } else this.db.exec("BEGIN DEFERRED");
+    return this.#commit(fn);
+  }
+
+  #commit<R>(fn: () => R): R {
     try {
       const r = fn();
       this.db.exec("COMMIT");
@@ -484,32 +526,34 @@ export class ReplicaDb implements Disposable {
   }
 
   /**
-   * Takes the write lock. The application holds it while its commit syncs
-   * (about a millisecond), but SQLite's busy handler sleeps 1, then 2, then
-   * 5 ms and more between attempts; every millisecond overslept is
-   * replication lag. So for the first {@linkcode FAST_RETRY_MS} this retries
-   * every 0.1 ms, then leaves it to the busy timeout.
+   * Tries to take the write lock for up to `ms`. The application holds it
+   * while its commit syncs (about a millisecond), but SQLite's busy handler
+   * sleeps 1, then 2, then 5 ms and more between attempts; every millisecond
+   * overslept is replication lag. So this retries every 0.1 ms.
    */
-  #beginImmediate(): void {
+  #tryBegin(ms: number): boolean {
     this.db.exec("PRAGMA busy_timeout = 0");
     try {
-      const deadline = performance.now() + FAST_RETRY_MS;
+      const deadline = performance.now() + ms;
       while (true) {
         try {
           this.db.exec("BEGIN IMMEDIATE");
-          return;
+          return true;
         } catch (e) {
           if (!isBusy(e)) throw e;
-          if (performance.now() >= deadline) break;
+          if (performance.now() >= deadline) return false;
         }
         Atomics.wait(PAUSE, 0, 0, 0.1);
       }
     } finally {
-      this.db.exec(
-        `PRAGMA busy_timeout = ${this.#options.busyTimeout ?? 10000}`,
-      );
+      this.#restoreBusyTimeout();
     }
-    this.db.exec("BEGIN IMMEDIATE");
+  }
+
+  #restoreBusyTimeout(): void {
+    this.db.exec(
+      `PRAGMA busy_timeout = ${this.#options.busyTimeout ?? 10000}`,
+    );
   }
 
   /** Closes the connection. */

@@ -27,7 +27,7 @@ Deno.test(
     withPair(async (a, b, pathA, pathB) => {
       const { changes } = a.readPending(0, 1000);
       const msg = message(toBatch(changes, 1, a.epoch), 1);
-      const result = b.applyMessages([msg], 2);
+      const result = await b.applyMessages([msg], 2);
       assert.deepEqual(result, {
         applied: changes.length,
         skipped: 0,
@@ -47,7 +47,7 @@ Deno.test(
   () =>
     withPair(async (a, b, _pathA, pathB) => {
       const { changes } = a.readPending(0, 1000);
-      b.applyMessages([message(toBatch(changes, 1, a.epoch), 1)], 2);
+      await b.applyMessages([message(toBatch(changes, 1, a.epoch), 1)], 2);
       assert.equal(b.pendingCount(), 0);
       const rows = await query<{ n: number }>(
         pathB,
@@ -71,17 +71,17 @@ Deno.test(
     withPair(async (a, b, _pathA, pathB) => {
       const { changes } = a.readPending(0, 1000);
       const batch = toBatch(changes, 1, a.epoch);
-      const first = b.applyMessages([message(batch, 1)], 2);
+      const first = await b.applyMessages([message(batch, 1)], 2);
       const before = await dump(pathB, REPLICATED);
       // Published again (a crash before the ack): a new stream sequence.
-      const again = b.applyMessages([message(batch, 2)], 2);
+      const again = await b.applyMessages([message(batch, 2)], 2);
       assert.deepEqual(again, {
         applied: 0,
         skipped: first.applied,
         parked: [],
       });
       // Redelivered with the same stream sequence.
-      const third = b.applyMessages([message(batch, 2)], 2);
+      const third = await b.applyMessages([message(batch, 2)], 2);
       assert.equal(third.applied, 0);
       assert.equal(third.skipped, first.applied);
       assert.deepStrictEqual(await dump(pathB, REPLICATED), before);
@@ -92,13 +92,13 @@ Deno.test(
 Deno.test(
   "applyMessages() remembers applied origin sequences across reopening",
   () =>
-    withPair((a, b, _pathA, pathB) => {
+    withPair(async (a, b, _pathA, pathB) => {
       const batch = toBatch(a.readPending(0, 1000).changes, 1, a.epoch);
-      b.applyMessages([message(batch, 1)], 2);
+      await b.applyMessages([message(batch, 1)], 2);
       b.close();
       using reopened = ReplicaDb.open(pathB);
       assert.equal(reopened.epoch, b.epoch);
-      const again = reopened.applyMessages([message(batch, 2)], 2);
+      const again = await reopened.applyMessages([message(batch, 2)], 2);
       assert.equal(again.applied, 0);
       assert.equal(again.skipped, batch.changes.length);
     }),
@@ -140,7 +140,7 @@ Deno.test(
         { table: 0, seq: 3, key: "1", op: Op.Delete },
       ],
     };
-    const result = b.applyMessages([message(batch, 1)], 2);
+    const result = await b.applyMessages([message(batch, 1)], 2);
     assert.deepEqual(result, { applied: 1, skipped: 2, parked: [] });
     assert.deepEqual(
       await query(path, `SELECT id, v FROM "order" ORDER BY id;`),
@@ -160,7 +160,7 @@ Deno.test(
     await appWrite(path, WORKLOAD);
     const { changes } = a.readPending(0, 1000);
     const before = await dump(path, REPLICATED);
-    const result = a.applyMessages(
+    const result = await a.applyMessages(
       [message(toBatch(changes, 1, a.epoch), 1)],
       1,
     );
@@ -188,14 +188,14 @@ Deno.test(
     const [one, two] = a.readPending(0, 1000).changes;
     assert.ok(one && two && one.seq < two.seq);
     // The message with row 1 was lost; row 2's came back first.
-    a.applyMessages([message(toBatch([two], 1, a.epoch), 1)], 1);
+    await a.applyMessages([message(toBatch([two], 1, a.epoch), 1)], 1);
     assert.deepEqual(
       a.readPending(0, 1000).changes.map((c) => [c.key, c.seq]),
       [["1", one.seq]],
     );
     // Row 1 published again under its old sequence (a restart), behind 2:
     // every node skips it, so it gets a new one, past row 2's.
-    const result = a.applyMessages(
+    const result = await a.applyMessages(
       [message(toBatch([one], 1, a.epoch), 2)],
       1,
     );
@@ -210,7 +210,7 @@ Deno.test(
     assert.ok(again.seq > two.seq, `${again.seq} after ${two.seq}`);
     // Published and applied back under it, it leaves the log.
     assert.deepEqual(
-      a.applyMessages([message(toBatch([again], 1, a.epoch), 3)], 1),
+      await a.applyMessages([message(toBatch([again], 1, a.epoch), 3)], 1),
       { applied: 0, skipped: 1, parked: [] },
     );
     assert.equal(a.pendingCount(), 0);
@@ -251,7 +251,7 @@ Deno.test(
         { table: 2, seq: 5, key: "2", op: Op.Upsert, values: [2n, "g", 3n] },
       ],
     };
-    const result = b.applyMessages([message(batch, 41, 2)], 2);
+    const result = await b.applyMessages([message(batch, 41, 2)], 2);
     assert.equal(result.applied, 2);
     assert.equal(result.parked.length, 3);
     const [missingTable, missingColumn, missingDelete] = result.parked;
@@ -315,7 +315,7 @@ Deno.test(
       6,
       1,
     );
-    const result = b.applyMessages([bad, good], 2);
+    const result = await b.applyMessages([bad, good], 2);
     assert.deepEqual(result, {
       applied: 1,
       skipped: 0,
@@ -359,7 +359,7 @@ Deno.test(
       3,
       0,
     );
-    const result = b.applyMessages([{ ...msg, shard: 1 }], 2);
+    const result = await b.applyMessages([{ ...msg, shard: 1 }], 2);
     assert.equal(result.applied, 0);
     assert.equal(result.parked.length, 1);
     assert.match(result.parked[0]!.reason, /shard 0, found on shard 1/);
@@ -389,10 +389,10 @@ Deno.test({
     using b = ReplicaDb.open(pathB);
     await appWrite(pathA, "INSERT INTO np VALUES (NULL, 1, 'x');");
     const first = a.readPending(0, 1000);
-    b.applyMessages([message(toBatch(first.changes, 1, a.epoch), 1)], 2);
+    await b.applyMessages([message(toBatch(first.changes, 1, a.epoch), 1)], 2);
     await appWrite(pathA, "UPDATE np SET v = 'y';");
     const second = a.readPending(first.lastSeq, 1000);
-    b.applyMessages([message(toBatch(second.changes, 1, a.epoch), 2)], 2);
+    await b.applyMessages([message(toBatch(second.changes, 1, a.epoch), 2)], 2);
     assert.deepStrictEqual(
       await dump(pathB, ["np"]),
       await dump(pathA, ["np"]),
@@ -443,7 +443,7 @@ Deno.test({
         },
       ],
     };
-    const result = b.applyMessages([message(batch, 1)], 2);
+    const result = await b.applyMessages([message(batch, 1)], 2);
     assert.deepStrictEqual(result.parked, []);
     assert.equal(result.applied, 2);
     assert.deepStrictEqual(
@@ -484,7 +484,7 @@ Deno.test({
         { table: 0, seq: 2, key: "6", op: Op.Upsert, values: [6n, "free"] },
       ],
     };
-    const result = b.applyMessages([message(batch, 41)], 2);
+    const result = await b.applyMessages([message(batch, 41)], 2);
     assert.equal(result.applied, 1);
     assert.equal(result.parked.length, 1);
     assert.equal(result.parked[0]!.seq, 41);
@@ -531,7 +531,7 @@ Deno.test({
         values: [1n, 100n],
       }],
     };
-    const result = b.applyMessages([message(batch, 1, 1)], 2);
+    const result = await b.applyMessages([message(batch, 1, 1)], 2);
     assert.deepStrictEqual(result.parked, []);
     assert.equal(result.applied, 1);
   },
@@ -578,21 +578,21 @@ Deno.test(
     assert.equal(first.length, 3);
     {
       using b = await openNew(path);
-      assert.equal(b.applyMessages([at(first[0]!, 1)], 2).applied, 0);
-      assert.equal(b.applyMessages([at(first[1]!, 2)], 2).applied, 0);
+      assert.equal((await b.applyMessages([at(first[0]!, 1)], 2)).applied, 0);
+      assert.equal((await b.applyMessages([at(first[1]!, 2)], 2)).applied, 0);
       assert.equal(b.appliedSeq(0), 2);
     }
     {
       using b = ReplicaDb.open(path);
       assert.deepEqual(await rows(), []);
-      assert.equal(b.applyMessages([at(first[2]!, 3)], 2).applied, 1);
+      assert.equal((await b.applyMessages([at(first[2]!, 3)], 2)).applied, 1);
       assert.deepEqual(await rows(), [{ k: "a", n: 50_001 }]);
       // An envelope its origin never finished, then that origin's next
       // message: the unfinished parts are dropped, not kept forever.
       const unfinished = parts(batch(2, "b"), "2.2");
-      b.applyMessages([at(unfinished[0]!, 4)], 2);
+      await b.applyMessages([at(unfinished[0]!, 4)], 2);
       const next = parts(batch(3, "c"), "3.3");
-      b.applyMessages(next.map((m, i) => at(m, 5 + i)), 2);
+      await b.applyMessages(next.map((m, i) => at(m, 5 + i)), 2);
       assert.deepEqual(await rows(), [
         { k: "a", n: 50_001 },
         { k: "c", n: 50_001 },
@@ -655,7 +655,7 @@ function oneRow(seq: number, id: bigint, v: string): Batch {
 
 Deno.test({
   name:
-    "applyMessages() waits for a write lock another process holds longer than the fast retries, then applies",
+    "applyMessages() waits for a write lock another process holds longer than the fast retries without holding up the event loop, then applies",
 
   fn: async () => {
     await using tmp = await tempDir("marmot_db_test_");
@@ -665,8 +665,16 @@ Deno.test({
     using b = ReplicaDb.open(path, { nodeId: 2 });
     // 300 ms: past the 0.1 ms retries (10 ms), inside the busy timeout.
     const lock = await holdWriteLock(path, 300);
-    const result = b.applyMessages([message(oneRow(1, 1n, "remote"), 1)], 2);
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 10);
+    const result = await b.applyMessages(
+      [message(oneRow(1, 1n, "remote"), 1)],
+      2,
+    );
+    clearInterval(timer);
     assert.equal(result.applied, 1);
+    // Blocked in SQLite's busy handler, no timer would fire at all.
+    assert.ok(ticks >= 5, `timers ran ${ticks} times during the wait`);
     await lock.done();
     assert.deepEqual(await query(path, "SELECT id, v FROM t ORDER BY id;"), [
       { id: 1, v: "remote" },
@@ -677,7 +685,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "applyMessages() gives up with 'database is locked' after the busy timeout, applies nothing, and applies on the next call",
+    "applyMessages() gives up with a DatabaseBusyError after the busy timeout, applies nothing, and applies on the next call",
 
   fn: async () => {
     await using tmp = await tempDir("marmot_db_test_");
@@ -686,13 +694,20 @@ Deno.test({
     await appWrite(path, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);");
     using b = ReplicaDb.open(path, { nodeId: 2, busyTimeout: 200 });
     const lock = await holdWriteLock(path, 1500);
-    assert.throws(
-      () => b.applyMessages([message(oneRow(1, 1n, "remote"), 1)], 2),
-      /database is locked/,
+    await assert.rejects(
+      b.applyMessages([message(oneRow(1, 1n, "remote"), 1)], 2),
+      (e: Error) => {
+        assert.equal(e.name, "DatabaseBusyError");
+        assert.match(e.message, /b\.db.*held its write lock for 200 ms/);
+        return true;
+      },
     );
     assert.equal(b.appliedSeq(0), 0);
     await lock.done();
-    const result = b.applyMessages([message(oneRow(1, 1n, "remote"), 1)], 2);
+    const result = await b.applyMessages(
+      [message(oneRow(1, 1n, "remote"), 1)],
+      2,
+    );
     assert.equal(result.applied, 1);
     assert.equal(b.appliedSeq(0), 1);
     // The busy timeout is back in force for everything else.
@@ -709,25 +724,25 @@ Deno.test(
   async () => {
     await using tmp = await tempDir("marmot_db_test_");
     const path = `${tmp.path}/a.db`;
-    const echo = (db: ReplicaDb, seq: number) => {
+    const echo = async (db: ReplicaDb, seq: number) => {
       const { changes } = db.readPending(0, 1000);
       const data = encodeBatch(toBatch(changes, 1, db.epoch));
       // As the subscriber decodes its own batches: without row images.
       const batch = decodeBatch(data, { values: () => false });
-      db.applyMessages([{ shard: 0, stream: "s", seq, batch, data }], 1);
+      await db.applyMessages([{ shard: 0, stream: "s", seq, batch, data }], 1);
       return { changes, data };
     };
     {
       using a = await openNew(path);
       await appWrite(path, `INSERT INTO "order"(id, v) VALUES (1, 'before');`);
-      echo(a, 1);
+      await echo(a, 1);
     }
     await Deno.copyFile(path, `${tmp.path}/backup.db`);
     let after: { changes: { seq: number }[]; data: Uint8Array };
     {
       using a = ReplicaDb.open(path);
       await appWrite(path, `INSERT INTO "order"(id, v) VALUES (2, 'after');`);
-      after = echo(a, 2);
+      after = await echo(a, 2);
       assert.equal(a.pendingCount(), 0);
     }
     // The backup is put back; the application writes to it before marmot
@@ -743,7 +758,7 @@ Deno.test(
         after.changes[0]!.seq
       }`,
     );
-    const result = restored.applyMessages([{
+    const result = await restored.applyMessages([{
       shard: 0,
       stream: "s",
       seq: 2,

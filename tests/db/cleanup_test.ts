@@ -18,7 +18,7 @@ Deno.test(
     const path = `${dir}/a.db`;
     const db = await openNew(path);
     await appWrite(path, WORKLOAD);
-    db.applyMessages([{
+    await db.applyMessages([{
       shard: 0,
       stream: "s",
       seq: 1,

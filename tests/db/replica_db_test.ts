@@ -102,7 +102,7 @@ Deno.test(
         `round ${round}: sequences ${seqs} after ${highest}`,
       );
       highest = Math.max(...seqs);
-      a.applyMessages([message(toBatch(changes, 1, a.epoch), round)], 1);
+      await a.applyMessages([message(toBatch(changes, 1, a.epoch), round)], 1);
       assert.equal(a.pendingCount(), 0);
       // Only the mark of the highest sequence is left.
       assert.deepEqual(await logged(), [{ seq: highest, tbl: null }]);
