@@ -128,12 +128,21 @@ export function readPending(
   keep?: (table: string, key: string) => boolean,
 ): { changes: PendingChange[]; lastSeq: number } {
   const misfits: { seq: number; table: string; key: string }[] = [];
-  const read = replica.transaction("DEFERRED", () => {
+  const unreadable: {
+    seq: number;
+    table: string;
+    key: string;
+    reason: string;
+  }[] = [];
+  const read = replica.readTransaction(() => {
     const rows = replica.statement(READ_AFTER).all(
       afterSeq,
       limit,
     ) as unknown as LogRow[];
     if (rows.length === 0) return { changes: [], lastSeq: afterSeq };
+    // DDL committed since the schema was read: the next pass reads these
+    // rows with the table as it is now.
+    if (replica.schemaChanged()) return { changes: [], lastSeq: afterSeq };
     const newest = new Map<
       string,
       { seq: number; table: string; key: string }
@@ -158,21 +167,24 @@ export function readPending(
       const columns = table.rowid
         ? [table.rowid, ...table.columns]
         : table.columns;
-      const select = replica.statementFor(
-        `image\u0000${table.name}`,
-        () => imageSql(table, columns),
-        { arrays: true },
-      );
-      const row = select.get(...parseKey(change.key)) as
-        | SqlValue[]
-        | undefined;
-      changes.push({
-        table,
-        key: change.key,
-        seq: Number(change.seq),
-        columns,
-        values: row ? fixNulText(row) : undefined,
-      });
+      try {
+        const values = readImage(replica, table, columns, change.key);
+        changes.push({
+          table,
+          key: change.key,
+          seq: Number(change.seq),
+          columns,
+          values,
+        });
+      } catch (e) {
+        unreadable.push({
+          ...change,
+          reason:
+            `Cannot publish change: the row ${change.key} of table "${change.table}" cannot be read (${
+              e instanceof Error ? e.message : e
+            }); the row stays as it is on this node`,
+        });
+      }
     }
     return { changes, lastSeq: Number(rows[rows.length - 1]!.seq) };
   });
@@ -181,6 +193,10 @@ export function readPending(
       `Cannot publish change: its key ${m.key} no longer fits the primary key of table "${m.table}" (the key changed while the change was pending); the row stays as it is on this node`;
     replica.parkChangeLogEntry(m.seq, m.table, m.key, reason);
     replica.log("warn", reason);
+  }
+  for (const u of unreadable) {
+    replica.parkLocal(u.table, u.key, u.seq, u.reason);
+    replica.log("warn", u.reason);
   }
   return read;
 }
@@ -202,9 +218,43 @@ function keyText(table: TableInfo, row: LogRow): string | undefined {
 }
 
 /**
- * The SELECT of a row image. node:sqlite cuts TEXT at the first NUL, so a
- * TEXT value holding NUL is read as a BLOB and named in a last column (the
- * comma-separated column indexes) to be decoded back to text.
+ * The most columns one image SELECT reads. SQLite allows 2,000 columns in a
+ * table but also at most 2,000 in a result and an expression depth of 1,000
+ * (the NUL mask below is a chain of `||`): a wider row is read in parts.
+ */
+export const IMAGE_PART_COLUMNS = 500;
+
+/**
+ * The current image of the row `key`, or `undefined` when it no longer
+ * exists; read in parts of at most {@linkcode IMAGE_PART_COLUMNS} columns
+ * (inside the caller's read transaction, so the parts agree).
+ */
+function readImage(
+  replica: ReplicaDb,
+  table: TableInfo,
+  columns: string[],
+  key: string,
+): SqlValue[] | undefined {
+  const args = parseKey(key);
+  const values: SqlValue[] = [];
+  for (let from = 0; from < columns.length; from += IMAGE_PART_COLUMNS) {
+    const select = replica.statementFor(
+      `image\u0000${table.name}\u0000${from}`,
+      () => imageSql(table, columns.slice(from, from + IMAGE_PART_COLUMNS)),
+      { arrays: true },
+    );
+    const row = select.get(...args) as SqlValue[] | undefined;
+    if (!row) return undefined;
+    values.push(...fixNulText(row));
+  }
+  return values;
+}
+
+/**
+ * The SELECT of some columns of a row image. node:sqlite cuts TEXT at the
+ * first NUL, so a TEXT value holding NUL is read as a BLOB and named in a
+ * last column (the comma-separated column indexes) to be decoded back to
+ * text.
  */
 function imageSql(table: TableInfo, columns: string[]): string {
   const where = table.rowid

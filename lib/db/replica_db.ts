@@ -205,9 +205,8 @@ export class ReplicaDb implements Disposable {
    * @returns whether the schema had changed
    */
   refreshSchema(force = false): boolean {
-    const version = this.#pragmaNumber("schema_version");
-    if (!force && version === this.#schemaVersion) return false;
-    this.transaction("IMMEDIATE", () => {
+    if (!force && !this.schemaChanged()) return false;
+    this.transaction(() => {
       // Triggers that write to missing tables would fail every application
       // write.
       this.#checkMarmotTables();
@@ -226,6 +225,11 @@ export class ReplicaDb implements Disposable {
     });
     this.#statements.clear();
     return true;
+  }
+
+  /** Whether the schema changed since {@linkcode refreshSchema} last read it. */
+  schemaChanged(): boolean {
+    return this.#pragmaNumber("schema_version") !== this.#schemaVersion;
   }
 
   /**
@@ -322,7 +326,7 @@ export class ReplicaDb implements Disposable {
     created: string,
     restart?: { shard: number; seq: number },
   ): void {
-    this.transaction("IMMEDIATE", () => {
+    this.transaction(() => {
       this.statement(SQL.metaSet).run(`stream:${stream}`, created);
       if (restart) {
         this.statement(SQL.appliedSet).run(restart.shard, restart.seq);
@@ -399,7 +403,7 @@ export class ReplicaDb implements Disposable {
    * in the table; the other nodes do not get this change.
    */
   parkLocal(table: string, key: string, seq: number, reason: string): void {
-    this.transaction("IMMEDIATE", () => {
+    this.transaction(() => {
       const top = this.topSeq();
       this.statement(SQL.changesAck).run(table, storedKey(key), seq);
       if (top !== undefined) this.markTopSeq(top);
@@ -414,7 +418,7 @@ export class ReplicaDb implements Disposable {
     key: string,
     reason: string,
   ): void {
-    this.transaction("IMMEDIATE", () => {
+    this.transaction(() => {
       const top = this.topSeq();
       this.statement(SQL.changesDrop).run(seq);
       this.statement(SQL.parkedInsert).run("", 0, table, key, reason, null);
@@ -505,13 +509,25 @@ export class ReplicaDb implements Disposable {
     );
   }
 
-  /** Runs `fn` in a transaction: committed when it returns, rolled back when it throws. */
-  transaction<R>(mode: "DEFERRED" | "IMMEDIATE", fn: () => R): R {
-    if (mode === "IMMEDIATE") {
-      // Rare and short: these may wait for the lock the SQLite way.
-      if (!this.#tryBegin(FAST_RETRY_MS)) this.db.exec("BEGIN IMMEDIATE");
-    } else this.db.exec("BEGIN DEFERRED");
+  /** Runs `fn` in a write transaction: committed when it returns, rolled back when it throws. */
+  transaction<R>(fn: () => R): R {
+    // Rare and short: these may wait for the lock the SQLite way.
+    if (!this.#tryBegin(FAST_RETRY_MS)) this.db.exec("BEGIN IMMEDIATE");
     return this.#commit(fn);
+  }
+
+  /**
+   * Runs `fn` in a read transaction: one snapshot of the file. It ends with
+   * ROLLBACK, as it wrote nothing: COMMIT would report again an error `fn`
+   * caught (a corrupt page it read past).
+   */
+  readTransaction<R>(fn: () => R): R {
+    this.db.exec("BEGIN DEFERRED");
+    try {
+      return fn();
+    } finally {
+      if (this.db.isTransaction) this.db.exec("ROLLBACK");
+    }
   }
 
   #commit<R>(fn: () => R): R {

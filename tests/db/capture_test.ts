@@ -5,9 +5,11 @@ import {
   appWrite,
   EXPECTED,
   ident,
+  message,
   ODD,
   openNew,
   query,
+  toBatch,
   WORKLOAD,
 } from "./_fixtures.ts";
 
@@ -194,3 +196,85 @@ Deno.test({
     assert.deepStrictEqual(changes[0]?.values, ["a\u0000b", 1n]);
   },
 });
+
+Deno.test(
+  "readPending() reads rows of the widest tables SQLite allows (2000 columns), and another node applies them",
+  async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const cols = Array.from({ length: 2000 }, (_, i) => `c${i}`);
+    const schema = `CREATE TABLE wide(${cols.join(", ")});
+      CREATE TABLE wide_pk(id TEXT PRIMARY KEY, ${cols.slice(1).join(", ")});`;
+    const values = cols.map((_, i) => i === 1998 ? "'a' || char(0) || 'b'" : i);
+    const [pathA, pathB] = [`${tmp.path}/a.db`, `${tmp.path}/b.db`];
+    await appWrite(pathA, schema);
+    await appWrite(pathB, schema);
+    using a = ReplicaDb.open(pathA);
+    using b = ReplicaDb.open(pathB);
+    await appWrite(
+      pathA,
+      `INSERT INTO wide VALUES (${values.join(", ")});
+       INSERT INTO wide_pk VALUES ('k', ${values.slice(1).join(", ")});`,
+    );
+    const { changes } = a.readPending(0, 1000);
+    assert.deepEqual(changes.map((c) => c.table.name), ["wide", "wide_pk"]);
+    const [wide, widePk] = changes;
+    assert.equal(wide!.values!.length, 2001, "the rowid and 2000 columns");
+    assert.equal(wide!.values![1999], "a\u0000b", "a NUL text past the parts");
+    assert.equal(wide!.values![2000], 1999n);
+    assert.equal(widePk!.values!.length, 2000);
+    assert.equal(widePk!.values![0], "k");
+    const result = await b.applyMessages(
+      [message(toBatch(changes, 1, a.epoch), 1)],
+      2,
+    );
+    assert.equal(result.applied, 2);
+    for (const table of ["wide", "wide_pk"]) {
+      const sql = `SELECT quote(c1998) AS q, c1999 AS last FROM ${table};`;
+      assert.deepEqual(await query(pathB, sql), await query(pathA, sql));
+    }
+  },
+);
+
+Deno.test(
+  "readPending() sets a row it cannot read aside with the reason, and publishes the other rows",
+  async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const path = `${tmp.path}/a.db`;
+    await appWrite(path, "CREATE TABLE t(id TEXT PRIMARY KEY, v BLOB);");
+    ReplicaDb.open(path).close(); // installs capture
+    await appWrite(
+      path,
+      `INSERT INTO t VALUES ('big', randomblob(100000));
+       INSERT INTO t VALUES ('small', 'fine');
+       PRAGMA wal_checkpoint(TRUNCATE);`,
+    );
+    // A broken overflow page: reading the big row's value fails with
+    // SQLITE_CORRUPT, as a bad sector would make it.
+    const [{ pageno }] = await query<{ pageno: number }>(
+      path,
+      "SELECT pageno FROM dbstat WHERE name = 't' AND pagetype = 'overflow' ORDER BY pageno LIMIT 1 OFFSET 3;",
+    ) as [{ pageno: number }];
+    const file = await Deno.open(path, { read: true, write: true });
+    await file.seek((pageno - 1) * 4096, Deno.SeekMode.Start);
+    await file.write(new Uint8Array([0xff, 0xff, 0xff, 0xff]));
+    file.close();
+    const logged: string[] = [];
+    using db = ReplicaDb.open(path, { log: (_l, m) => logged.push(m) });
+    const { changes } = db.readPending(0, 1000);
+    assert.deepEqual(changes.map((c) => c.key), ["'small'"]);
+    const parked = db.parked();
+    assert.equal(parked.length, 1);
+    assert.equal(parked[0]!.table, "t");
+    assert.equal(parked[0]!.key, "'big'");
+    assert.match(
+      parked[0]!.reason,
+      /row 'big' of table "t" cannot be read \(.*malformed.*\)/,
+    );
+    assert.ok(logged.some((m) => m === parked[0]!.reason));
+    assert.deepEqual(
+      db.readPending(0, 1000).changes.map((c) => c.key),
+      ["'small'"],
+      "the set-aside change is out of the change log",
+    );
+  },
+);
