@@ -233,3 +233,39 @@ Deno.test("an application transaction that holds the write lock for longer than 
   assert.doesNotMatch(node2.log, /stalled/);
   assert.match(node2.log, /held its write lock for 10000 ms/);
 });
+
+Deno.test("VACUUM on one node keeps the rowids of a table without a primary key or index, so later updates and deletes hit the same rows everywhere", async () => {
+  await using bed = await testBed("marmot_ops_vacuum_");
+  const [a, b] = [bed.db("a"), bed.db("b")];
+  const schema = "CREATE TABLE log(msg TEXT, n INTEGER);";
+  await sqlite(a, schema);
+  await sqlite(b, schema);
+  const node1 = bed.start(a, 1);
+  const node2 = bed.start(b, 2);
+  await node1.waitForLog("Replicating");
+  await node2.waitForLog("Replicating");
+  await sqlite(
+    a,
+    "INSERT INTO log VALUES ('one', 1), ('two', 2), ('three', 3), ('four', 4);",
+  );
+  await sqlite(a, "DELETE FROM log WHERE n <= 2;");
+  const rows = (db: string) =>
+    sqlite(db, "SELECT rowid, msg, n FROM log ORDER BY rowid;");
+  await waitFor(
+    "the delete to reach node 2",
+    async () => (await rows(b)) === "3|three|3\n4|four|4\n",
+  );
+  await sqlite(a, "VACUUM;");
+  assert.equal(
+    await rows(a),
+    "3|three|3\n4|four|4\n",
+    "VACUUM kept the rowids",
+  );
+  await sqlite(a, "DELETE FROM log WHERE n = 4; UPDATE log SET n = 30;");
+  await sqlite(a, "INSERT INTO log VALUES ('five', 5);");
+  await waitFor(
+    "node 1's writes after VACUUM to reach node 2",
+    async () => (await rows(b)) === (await rows(a)),
+  );
+  assert.equal(await rows(b), "3|three|30\n4|five|5\n");
+});

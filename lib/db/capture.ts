@@ -87,7 +87,10 @@ export function marmotTriggers(db: DatabaseSync): string[] {
     .map((r) => r.name);
 }
 
-/** Replaces every capture trigger with triggers on `tables`. */
+/**
+ * Replaces every capture trigger with triggers on `tables`, and gives each
+ * rowid-keyed table its {@linkcode keepRowidsIndexSql} index.
+ */
 export function installCaptureTriggers(
   db: DatabaseSync,
   tables: TableInfo[],
@@ -96,6 +99,39 @@ export function installCaptureTriggers(
     db.exec(`DROP TRIGGER ${quoteIdent(name)}`);
   }
   for (const t of tables) db.exec(captureTriggersSql(t));
+  const wanted = new Map(
+    tables.filter((t) => t.rowid).map((t) => [keepRowidsIndex(t.name), t.name]),
+  );
+  const indexes = db.prepare(
+    "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' AND name LIKE ? ESCAPE '\\'",
+  ).all(`${KEEP_ROWIDS.replaceAll("_", "\\_")}%`) as {
+    name: string;
+    tbl_name: string;
+  }[];
+  for (const { name, tbl_name } of indexes) {
+    if (wanted.get(name) === tbl_name) wanted.delete(name);
+    else db.exec(`DROP INDEX ${quoteIdent(name)}`);
+  }
+  for (const table of wanted.values()) db.exec(keepRowidsIndexSql(table));
+}
+
+const KEEP_ROWIDS = `${MARMOT_PREFIX}rowids__`;
+
+function keepRowidsIndex(table: string): string {
+  return `${KEEP_ROWIDS}${table}`;
+}
+
+/**
+ * An empty index on a rowid-keyed table. VACUUM renumbers the rowids of a
+ * table that has no index, on that node only, and rowids are such a table's
+ * keys on every node; with an index, VACUUM keeps them. The index holds no
+ * entry (`WHERE 0`) and no column (so the application may still drop or
+ * rename any).
+ */
+export function keepRowidsIndexSql(table: string): string {
+  return `CREATE INDEX ${quoteIdent(keepRowidsIndex(table))} ON ${
+    quoteIdent(table)
+  }((0)) WHERE 0`;
 }
 
 /** A change log row as read: `k` as text when the key is composite. */

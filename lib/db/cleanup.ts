@@ -10,7 +10,7 @@ import { MARMOT_PREFIX } from "./schema.ts";
 import { quoteIdent } from "./sql.ts";
 
 /**
- * Removes every trigger and table marmot created in a database file.
+ * Removes every trigger, index and table marmot created in a database file.
  *
  * @returns the names of what was dropped
  * @throws {DatabaseError} when the file does not exist
@@ -31,17 +31,13 @@ export function removeMarmot(path: string): string[] {
     db.exec("PRAGMA busy_timeout = 10000");
     db.exec("BEGIN IMMEDIATE");
     const rows = db.prepare(
-      "SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'table') AND name LIKE ? ESCAPE '\\' ORDER BY type DESC",
+      "SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'index', 'table') AND name LIKE ? ESCAPE '\\' ORDER BY type DESC",
     ).all(`${MARMOT_PREFIX.replaceAll("_", "\\_")}%`) as {
       type: string;
       name: string;
     }[];
     for (const r of rows) {
-      db.exec(
-        `DROP ${r.type === "trigger" ? "TRIGGER" : "TABLE"} IF EXISTS ${
-          quoteIdent(r.name)
-        }`,
-      );
+      db.exec(`DROP ${r.type.toUpperCase()} IF EXISTS ${quoteIdent(r.name)}`);
     }
     db.exec("COMMIT");
     return rows.map((r) => r.name);

@@ -278,3 +278,29 @@ Deno.test(
     );
   },
 );
+
+Deno.test(
+  "refreshSchema() gives every rowid-keyed table one empty index of marmot's, which follows a renamed table",
+  async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const path = `${tmp.path}/a.db`;
+    using db = await openNew(path);
+    const indexes = () =>
+      query<{ name: string; tbl_name: string }>(
+        path,
+        "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' AND name LIKE '__marmot__rowids__%' ORDER BY name;",
+      );
+    assert.deepEqual(await indexes(), [
+      { name: "__marmot__rowids__nopk", tbl_name: "nopk" },
+      { name: "__marmot__rowids__shadowed", tbl_name: "shadowed" },
+    ]);
+    await appWrite(path, "ALTER TABLE nopk RENAME TO renamed;");
+    assert.ok(db.refreshSchema());
+    assert.deepEqual(await indexes(), [
+      { name: "__marmot__rowids__renamed", tbl_name: "renamed" },
+      { name: "__marmot__rowids__shadowed", tbl_name: "shadowed" },
+    ]);
+    await appWrite(path, "ALTER TABLE renamed DROP COLUMN a;");
+    assert.ok(db.refreshSchema(), "the index holds no column to block it");
+  },
+);

@@ -32,6 +32,7 @@ Deno.test(
     const dropped = removeMarmot(path);
     assert.ok(dropped.includes("__marmot__changes"));
     assert.ok(dropped.some((n) => n.startsWith("__marmot__ins__")));
+    assert.ok(dropped.includes("__marmot__rowids__nopk"), "the rowid index");
     assert.deepEqual(await marmotObjects(path), []);
     assert.deepEqual(
       await query(
