@@ -61,6 +61,12 @@ export interface SubscriberStats {
   skipped: number;
   /** Messages or changes parked. */
   parked: number;
+  /**
+   * Rows of tables with an auto-assigned integer key that another node's
+   * change overwrote after a different node wrote them (see
+   * `ApplyResult.overwrites`).
+   */
+  overwrites: number;
 }
 
 /** How long a shard consumer may go without a message or heartbeat. */
@@ -79,6 +85,7 @@ export class Subscriber {
     applied: 0,
     skipped: 0,
     parked: 0,
+    overwrites: 0,
   };
   #db: ReplicaDb;
   #js: JetStreamClient;
@@ -91,6 +98,8 @@ export class Subscriber {
   #tasks: Promise<void>[] = [];
   #current = new Map<number, ConsumerMessages>();
   #ownRecoveredLogged = false;
+  /** Tables whose overwrites were logged at warn level. */
+  #overwritten = new Set<string>();
   #deferred: IncomingMessage[] = [];
   #gapped = new Set<number>();
   #deferTimer: ReturnType<typeof setTimeout> | undefined;
@@ -471,6 +480,24 @@ export class Subscriber {
     this.stats.applied += result.applied;
     this.stats.skipped += result.skipped;
     this.stats.parked += result.parked.length;
+    for (const o of result.overwrites ?? []) {
+      this.stats.overwrites++;
+      const first = !this.#overwritten.has(o.table);
+      this.#overwritten.add(o.table);
+      this.#options.log.log(
+        first ? "warn" : "debug",
+        "A row written by one node was overwritten by another's change",
+        {
+          ...o,
+          ...(first
+            ? {
+              hint:
+                'if two nodes gave new rows the same auto-assigned key, one row is lost; give new rows keys no other node can pick (README, "Limits to know")',
+            }
+            : {}),
+        },
+      );
+    }
     for (const p of result.parked) {
       this.#options.log.error("Parked a change that cannot be applied", {
         ...p,

@@ -269,3 +269,41 @@ Deno.test("VACUUM on one node keeps the rowids of a table without a primary key 
   );
   assert.equal(await rows(b), "3|three|30\n4|five|5\n");
 });
+
+Deno.test("rows two nodes insert with the same auto-assigned integer key: marmot warns at start naming the table, and logs the overwrite", async () => {
+  await using bed = await testBed("marmot_ops_auto_key_");
+  const [a, b] = [bed.db("a"), bed.db("b")];
+  const schema = `${SCHEMA}
+    CREATE TABLE items(id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT);`;
+  await sqlite(a, schema);
+  await sqlite(b, schema);
+  const node1 = bed.start(a, 1);
+  let node2 = bed.start(b, 2);
+  await node1.waitForLog("Replicating");
+  await node2.waitForLog("Replicating");
+  for (const node of [node1, node2]) {
+    assert.match(
+      node.log,
+      /Table "items" is keyed by an integer SQLite assigns \(INTEGER PRIMARY KEY "id"\)/,
+    );
+    assert.doesNotMatch(node.log, /Table "t" is keyed/, "a TEXT key is fine");
+  }
+  // Each node inserts before it has seen the other's row: node 2's marmot
+  // is down (a partition would do the same), its triggers still capture.
+  await node2.stop();
+  await sqlite(a, "INSERT INTO items(v) VALUES ('from 1');");
+  await sqlite(b, "INSERT INTO items(v) VALUES ('from 2');");
+  node2 = bed.start(b, 2);
+  await waitConverged([a, b]);
+  assert.equal(
+    await sqlite(a, "SELECT id, v FROM items;"),
+    "1|from 2\n",
+    "one of the two rows is lost: the limit the warning names",
+  );
+  await waitFor(
+    "node 1 to log the overwrite",
+    () =>
+      /overwritten by another's change node=1 table=items key=1 origin=2 was=1 hint=/
+        .test(node1.log),
+  );
+});

@@ -73,6 +73,13 @@ export interface ApplyResult {
    * applied like another node's. Absent when none.
    */
   ownRecovered?: number;
+  /**
+   * Rows of tables with an auto-assigned integer key that another node's
+   * change overwrote while the last writer of the row was a third node or
+   * this one: two nodes inserting with the same key, or one node editing
+   * another's row. Absent when none.
+   */
+  overwrites?: { table: string; key: string; origin: number; was: number }[];
 }
 
 /**
@@ -333,6 +340,7 @@ class ApplyCall {
           change.seq,
         ).changes;
         if (Number(acked) > 0) {
+          this.#noteWriter(ref.name, change);
           this.result.skipped++;
           continue;
         }
@@ -349,6 +357,7 @@ class ApplyCall {
         continue;
       }
       this.#lastTouch.set(`${ref.name}\u0000${change.key}`, ++this.#touches);
+      this.#noteWriter(ref.name, change, batch.origin);
       try {
         this.#write(ref, change);
         this.result.applied++;
@@ -371,6 +380,35 @@ class ApplyCall {
       epoch: batch.epoch,
       seq: originSeq,
     });
+  }
+
+  /**
+   * For a table with an auto-assigned integer key, records the row's last
+   * writer (`origin`, or this node for its own change) and notes an upsert
+   * of another node onto a row someone else wrote last.
+   */
+  #noteWriter(table: string, change: Change, origin = this.#selfNode): void {
+    const info = this.#replica.tables.get(table);
+    if (!info || !(info.rowid || info.integerKey)) return;
+    const k = storedKey(change.key);
+    if (change.op !== Op.Upsert) {
+      this.#replica.statement(SQL.writerDelete).run(table, k);
+      return;
+    }
+    if (origin !== this.#selfNode) {
+      const last = this.#replica.statement(SQL.writerGet).get(table, k) as
+        | { origin: bigint }
+        | undefined;
+      if (last && Number(last.origin) !== origin) {
+        (this.result.overwrites ??= []).push({
+          table,
+          key: change.key,
+          origin,
+          was: Number(last.origin),
+        });
+      }
+    }
+    this.#replica.statement(SQL.writerSet).run(table, k, origin);
   }
 
   /**

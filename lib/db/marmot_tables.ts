@@ -16,6 +16,9 @@
  *   are here.
  * - `meta(key, value)`: this change log's epoch and node, and the creation
  *   time of each stream a position refers to.
+ * - `writers(tbl, k, origin)`: the node that last wrote each row of a table
+ *   with an auto-assigned integer key, to count the rows one node's insert
+ *   overwrote on another (see `ApplyResult.overwrites`).
  *
  * @module
  */
@@ -33,6 +36,7 @@ export const TABLES = {
   parked: quoteIdent(`${MARMOT_PREFIX}parked`),
   parts: quoteIdent(`${MARMOT_PREFIX}parts`),
   meta: quoteIdent(`${MARMOT_PREFIX}meta`),
+  writers: quoteIdent(`${MARMOT_PREFIX}writers`),
 };
 const T = TABLES;
 
@@ -77,6 +81,9 @@ CREATE TABLE IF NOT EXISTS ${T.parts}(
   stream_seq INTEGER NOT NULL, data BLOB NOT NULL,
   PRIMARY KEY(origin, epoch, shard, id, idx));
 CREATE TABLE IF NOT EXISTS ${T.meta}(key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS ${T.writers}(
+  tbl TEXT NOT NULL, k NOT NULL, origin INTEGER NOT NULL,
+  PRIMARY KEY(tbl, k)) WITHOUT ROWID;
 DELETE FROM ${T.apply};
 `;
 
@@ -89,6 +96,10 @@ const PART_OF = "origin = ? AND epoch = ? AND shard = ? AND id = ?";
  */
 export const SQL = {
   metaGet: `SELECT value FROM ${T.meta} WHERE key = ?`,
+  writerGet: `SELECT origin FROM ${T.writers} WHERE tbl = ? AND k = ?`,
+  writerSet: `INSERT INTO ${T.writers}(tbl, k, origin) VALUES (?, ?, ?)
+    ON CONFLICT(tbl, k) DO UPDATE SET origin = excluded.origin`,
+  writerDelete: `DELETE FROM ${T.writers} WHERE tbl = ? AND k = ?`,
   metaSet:
     `INSERT INTO ${T.meta}(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value`,
   appliedGet: `SELECT seq FROM ${T.applied} WHERE shard = ?`,

@@ -92,6 +92,8 @@ export class ReplicaDb implements Disposable {
   #applier: Applier;
   /** The file held open: device and inode. */
   #file: { dev: number | null; ino: number | null };
+  /** Tables whose auto-assigned integer key was warned about. */
+  #keyWarned = new Set<string>();
   /** The highest stream sequence this connection recorded per shard. */
   #recorded = new Map<number, number>();
 
@@ -218,6 +220,7 @@ export class ReplicaDb implements Disposable {
       });
       upgradeChangeLog(this.db);
       installCaptureTriggers(this.db, tables);
+      for (const t of tables) this.#warnAutoKey(t);
       this.#tables = new Map(tables.map((t) => [t.name, t]));
       // Inside the transaction: DDL committed by another connection right
       // after it must show up as a change on the next call.
@@ -225,6 +228,25 @@ export class ReplicaDb implements Disposable {
     });
     this.#statements.clear();
     return true;
+  }
+
+  /**
+   * Warns, once per table, that a table's key is an integer SQLite assigns:
+   * rows two nodes insert at about the same time get the same key.
+   */
+  #warnAutoKey(table: TableInfo): void {
+    if (!(table.rowid || table.integerKey) || this.#keyWarned.has(table.name)) {
+      return;
+    }
+    this.#keyWarned.add(table.name);
+    this.log(
+      "warn",
+      `Table "${table.name}" is keyed by an integer SQLite assigns (${
+        table.rowid
+          ? `its ${table.rowid}: it has no primary key`
+          : `INTEGER PRIMARY KEY "${table.pk[0]}"`
+      }): rows two nodes insert at about the same time get the same key, and one overwrites the other on every node; give new rows keys no other node can pick, such as random text ids (see README, "Limits to know")`,
+    );
   }
 
   /** Whether the schema changed since {@linkcode refreshSchema} last read it. */

@@ -782,3 +782,52 @@ Deno.test(
     );
   },
 );
+
+Deno.test(
+  "applyMessages() reports a row of an auto-assigned integer key that another node's change overwrote after a different node wrote it",
+  async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const path = `${tmp.path}/b.db`;
+    await appWrite(
+      path,
+      `CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
+       CREATE TABLE s(id TEXT PRIMARY KEY, v TEXT);`,
+    );
+    using b = ReplicaDb.open(path, { nodeId: 2 });
+    let seq = 0;
+    const from = (origin: number, table: "t" | "s", op: Op) => {
+      const id = table === "t" ? 1n : "k";
+      const batch: Batch = {
+        origin,
+        epoch: origin,
+        shard: 0,
+        tables: [{ name: table, schemaVersion: 0, columns: ["id", "v"] }],
+        changes: [{
+          table: 0,
+          seq: ++seq,
+          key: table === "t" ? "1" : "'k'",
+          op,
+          ...(op === Op.Upsert ? { values: [id, `by ${origin}`] } : {}),
+        }],
+      };
+      return b.applyMessages([message(batch, seq)], 2);
+    };
+    assert.equal((await from(1, "t", Op.Upsert)).overwrites, undefined);
+    assert.equal((await from(1, "t", Op.Upsert)).overwrites, undefined);
+    assert.deepEqual((await from(3, "t", Op.Upsert)).overwrites, [
+      { table: "t", key: "1", origin: 3, was: 1 },
+    ]);
+    await from(3, "t", Op.Delete);
+    assert.equal(
+      (await from(1, "t", Op.Upsert)).overwrites,
+      undefined,
+      "a new row after a delete",
+    );
+    await from(1, "s", Op.Upsert);
+    assert.equal(
+      (await from(3, "s", Op.Upsert)).overwrites,
+      undefined,
+      "not counted for keys the application picks",
+    );
+  },
+);
