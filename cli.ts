@@ -324,10 +324,24 @@ function cleanup(config: MarmotConfig): number {
   try {
     checkDatabaseFile(config.dbPath);
     using _lock = lockDatabase(config.dbPath, { what: "marmot cleanup" });
-    const dropped = removeMarmot(config.dbPath);
+    const removed = removeMarmot(config.dbPath);
     console.log(
-      `Removed ${dropped.length} marmot triggers and tables from "${config.dbPath}"`,
+      `Removed ${removed.dropped.length} marmot triggers, indexes and tables from "${config.dbPath}"`,
     );
+    if (removed.unguarded.length > 0) {
+      console.log(
+        `Took the apply guard marmot added out of triggers ${
+          removed.unguarded.map((n) => JSON.stringify(n)).join(", ")
+        }`,
+      );
+    }
+    if (removed.stillGuarded.length > 0) {
+      console.log(
+        `Kept the empty table __marmot__apply: triggers ${
+          removed.stillGuarded.map((n) => JSON.stringify(n)).join(", ")
+        } read it; take their guard out, then run cleanup again`,
+      );
+    }
     return 0;
   } catch (e) {
     console.error(`marmot: ${e instanceof Error ? e.message : e}`);

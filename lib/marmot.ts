@@ -110,6 +110,7 @@ export function resolveConfig(options: MarmotOptions): MarmotConfig {
       catchUpTimeout: options.catchUpTimeout,
       include: options.include,
       exclude: options.exclude,
+      guardAppTriggers: options.guardAppTriggers,
     }),
     replicationLog: {
       ...d.replicationLog,
@@ -513,6 +514,7 @@ function openReplicaDb(config: MarmotConfig, log: Logger): ReplicaDb {
   return ReplicaDb.open(config.dbPath, {
     include: config.include,
     exclude: config.exclude,
+    guardAppTriggers: config.guardAppTriggers,
     nodeId: config.nodeId,
     log: (level, message) => log.log(level, message),
   });

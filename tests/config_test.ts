@@ -25,6 +25,7 @@ catch_up_timeout = 30
 [tables]
 include = ["users", "odd \\"name\\"", "ünï 🙂"]
 exclude = ["sessions"]
+guard_app_triggers = true
 
 [replication_log]
 shards = 16
@@ -71,6 +72,7 @@ const FULL: MarmotConfig = {
   catchUpTimeout: 30,
   include: ["users", 'odd "name"', "ünï 🙂"],
   exclude: ["sessions"],
+  guardAppTriggers: true,
   replicationLog: {
     shards: 16,
     replicas: 3,

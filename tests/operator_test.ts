@@ -307,3 +307,52 @@ Deno.test("rows two nodes insert with the same auto-assigned integer key: marmot
         .test(node1.log),
   );
 });
+
+const COUNTED = `${SCHEMA}
+  CREATE TABLE counter(k TEXT PRIMARY KEY, n INTEGER);
+  INSERT INTO counter VALUES ('t', 0);
+  CREATE TRIGGER count_t AFTER INSERT ON t BEGIN
+    UPDATE counter SET n = n + 1 WHERE k = 't'; END;`;
+
+Deno.test("an application trigger without the apply guard is named at start; with tables.guard_app_triggers it fires on the origin only, and a counter it keeps agrees on every node", async (t) => {
+  await t.step("named", async () => {
+    await using bed = await testBed("marmot_ops_app_trigger_");
+    const a = bed.db("a");
+    await sqlite(a, COUNTED);
+    const node = bed.start(a, 1);
+    await node.waitForLog("Replicating");
+    assert.match(
+      node.log,
+      /Application trigger "count_t" on table "t" fires again on every node/,
+    );
+  });
+  await t.step("guarded", async () => {
+    await using bed = await testBed(
+      "marmot_ops_app_trigger_",
+      "[tables]\nguard_app_triggers = true\n",
+    );
+    const [a, b] = [bed.db("a"), bed.db("b")];
+    await sqlite(a, COUNTED);
+    await sqlite(b, COUNTED);
+    const node1 = bed.start(a, 1);
+    const node2 = bed.start(b, 2);
+    await node1.waitForLog("Replicating");
+    await node2.waitForLog("Replicating");
+    assert.match(node1.log, /"count_t" on table "t" now skips marmot's apply/);
+    await sqlite(
+      a,
+      "INSERT INTO t VALUES ('1', 'a'); INSERT INTO t VALUES ('2', 'a');",
+    );
+    await waitRow(b, "2", "node 1's rows to reach node 2");
+    await sqlite(b, "INSERT INTO t VALUES ('3', 'b');");
+    await waitRow(a, "3", "node 2's row to reach node 1");
+    await waitConverged([a, b]);
+    for (const db of [a, b]) {
+      assert.equal(
+        (await sqlite(db, "SELECT n FROM counter;")).trim(),
+        "3",
+        `the counter on ${db}`,
+      );
+    }
+  });
+});

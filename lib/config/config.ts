@@ -29,6 +29,11 @@ export interface MarmotConfig {
   include: string[];
   /** Tables never replicated. @default [] */
   exclude: string[];
+  /**
+   * Add the apply guard to the application's triggers on replicated tables,
+   * so they do not fire again on the nodes that apply a change. @default false
+   */
+  guardAppTriggers: boolean;
   /** The replication log (JetStream streams). */
   replicationLog: {
     /** How many shards (one stream each). @default 4 */
@@ -139,6 +144,7 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
     catchUpTimeout: 60,
     include: [],
     exclude: [],
+    guardAppTriggers: false,
     replicationLog: {
       shards: 4,
       replicas: undefined,
@@ -221,6 +227,10 @@ const KEYS: Record<string, Record<string, Key>> = {
   tables: {
     include: { kind: "strings", set: (c, v: string[]) => c.include = v },
     exclude: { kind: "strings", set: (c, v: string[]) => c.exclude = v },
+    guard_app_triggers: {
+      kind: "bool",
+      set: (c, v: boolean) => c.guardAppTriggers = v,
+    },
   },
   replication_log: {
     shards: {

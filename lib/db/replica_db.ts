@@ -25,6 +25,7 @@ import {
   upgradeChangeLog,
 } from "./marmot_tables.ts";
 import { listTables, type TableInfo } from "./schema.ts";
+import { APPLY_GUARD, appTriggers, guardTrigger } from "./app_triggers.ts";
 import { delay } from "../_retry.ts";
 
 type ArrayRows = { setReturnArrays(enabled: boolean): void };
@@ -67,6 +68,11 @@ export interface ReplicaDbOptions {
   exclude?: string[];
   /** Busy timeout in milliseconds. @default 10000 */
   busyTimeout?: number;
+  /**
+   * Add the apply guard to application triggers on replicated tables.
+   * @default false
+   */
+  guardAppTriggers?: boolean;
   /** This node's id; a database last used by another node starts a new change log. */
   nodeId?: number;
   /** Receives log lines. */
@@ -92,6 +98,8 @@ export class ReplicaDb implements Disposable {
   #applier: Applier;
   /** The file held open: device and inode. */
   #file: { dev: number | null; ino: number | null };
+  /** Application triggers named in the log, or guarded. */
+  #triggersNamed = new Set<string>();
   /** Tables whose auto-assigned integer key was warned about. */
   #keyWarned = new Set<string>();
   /** The highest stream sequence this connection recorded per shard. */
@@ -221,6 +229,7 @@ export class ReplicaDb implements Disposable {
       upgradeChangeLog(this.db);
       installCaptureTriggers(this.db, tables);
       for (const t of tables) this.#warnAutoKey(t);
+      this.#checkAppTriggers(new Set(tables.map((t) => t.name)));
       this.#tables = new Map(tables.map((t) => [t.name, t]));
       // Inside the transaction: DDL committed by another connection right
       // after it must show up as a change on the next call.
@@ -247,6 +256,42 @@ export class ReplicaDb implements Disposable {
           : `INTEGER PRIMARY KEY "${table.pk[0]}"`
       }): rows two nodes insert at about the same time get the same key, and one overwrites the other on every node; give new rows keys no other node can pick, such as random text ids (see README, "Limits to know")`,
     );
+  }
+
+  /**
+   * Names, once each, the application triggers on replicated tables that
+   * would fire again on every node applying a change; with the
+   * `guardAppTriggers` option, adds the apply guard to them instead.
+   */
+  #checkAppTriggers(tables: ReadonlySet<string>): void {
+    for (const trigger of appTriggers(this.db, tables)) {
+      if (trigger.guarded || this.#triggersNamed.has(trigger.name)) continue;
+      this.#triggersNamed.add(trigger.name);
+      const what =
+        `Application trigger "${trigger.name}" on table "${trigger.table}"`;
+      if (this.#options.guardAppTriggers) {
+        try {
+          guardTrigger(this.db, trigger);
+          this.log(
+            "info",
+            `${what} now skips marmot's apply transactions (tables.guard_app_triggers)`,
+          );
+          continue;
+        } catch (e) {
+          this.log(
+            "warn",
+            `${what} cannot be guarded (${
+              e instanceof Error ? e.message : e
+            }); add the guard to it by hand`,
+          );
+          continue;
+        }
+      }
+      this.log(
+        "warn",
+        `${what} fires again on every node that applies a change of it, and what it wrote on the origin replicates too: add \`WHEN ${APPLY_GUARD}\` to it (AND-ed with its own WHEN), or set tables.guard_app_triggers = true (docs/configuration.md, "Application triggers")`,
+      );
+    }
   }
 
   /** Whether the schema changed since {@linkcode refreshSchema} last read it. */
