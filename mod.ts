@@ -55,7 +55,7 @@ export {
   DatabaseError,
 } from "./lib/db/replica_db.ts";
 export { DatabaseInUseError } from "./lib/db/file_lock.ts";
-export { removeMarmot } from "./lib/db/cleanup.ts";
+export { type Removed, removeMarmot } from "./lib/db/cleanup.ts";
 export { NatsServerError } from "./lib/nats/nats_server.ts";
 export {
   restoreSnapshot,
