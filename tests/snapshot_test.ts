@@ -11,6 +11,8 @@ import {
 } from "../lib/snapshot/snapshot.ts";
 import { silentLogger } from "../lib/log.ts";
 import { Marmot } from "../lib/marmot.ts";
+import { connect } from "@nats-io/transport-node";
+import { Kvm } from "@nats-io/kv";
 import {
   cli,
   sqlite,
@@ -335,6 +337,10 @@ Deno.test({
       "Bootstrapped the database from the newest snapshot",
     );
     await waitConverged([a, b, c]);
+    // The node that finds the lease taken leaves it quietly.
+    for (const n of nodes) {
+      assert.doesNotMatch(n.log, /WARN .*snapshot/i, n.log);
+    }
   },
 });
 
@@ -447,5 +453,37 @@ Deno.test({
     await sqlite(c, "INSERT INTO pairs VALUES (900000, 900000, 'from c');");
     const content = await waitConverged([a, c]);
     assert.equal(content.split("\n").length, 2 * 300 + 1);
+  },
+});
+
+Deno.test({
+  name:
+    "a node that finds the snapshot lease held leaves the snapshot to its holder without a warning, and takes it once the lease is free",
+  async fn() {
+    await using bed = await testBed(
+      "marmot_lease_",
+      "[snapshot]\ninterval_seconds = 1\nevery_messages = 0\n",
+    );
+    const nc = await connect({ servers: bed.url });
+    try {
+      const leases = await new Kvm(nc).create("marmot-changes-leases", {
+        ttl: 10 * 60 * 1000,
+      });
+      await leases.create("snapshot", "9");
+      const a = bed.db("a");
+      await sqlite(a, SCHEMA);
+      const node = bed.start(a, 1, ["--verbose"]);
+      await node.waitForLog("Replicating");
+      await waitFor(
+        "two checks that find the lease held",
+        () => node.log.split("another node is taking it").length >= 3,
+      );
+      assert.match(node.log, /another node is taking it .*holder=9/);
+      assert.doesNotMatch(node.log, /WARN .*snapshot|Snapshot saved/i);
+      await leases.delete("snapshot");
+      await node.waitForLog("Snapshot saved");
+    } finally {
+      await nc.close();
+    }
   },
 });

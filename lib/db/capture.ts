@@ -44,13 +44,19 @@ function keyPartText(v: string): string {
     `THEN 'T' || quote(CAST(${v} AS BLOB)) ELSE quote(${v}) END`;
 }
 
+/** The names of the three capture triggers of `table`. */
+export function captureTriggerNames(table: string): string[] {
+  return ["ins", "upd", "del"].map((kind) =>
+    `${MARMOT_PREFIX}${kind}__${table}`
+  );
+}
+
 /** The SQL that creates the three capture triggers of a table. */
 export function captureTriggersSql(table: TableInfo): string {
   const name = quoteText(table.name);
   const on = quoteIdent(table.name);
   const when = `WHEN NOT EXISTS (SELECT 1 FROM ${TABLES.apply})`;
-  const trig = (kind: string) =>
-    quoteIdent(`${MARMOT_PREFIX}${kind}__${table.name}`);
+  const [ins, upd, del] = captureTriggerNames(table.name).map(quoteIdent);
   // A one-column key is logged as its value: copying it is much cheaper
   // for the application's write than building its text.
   const k = (row: "NEW" | "OLD") =>
@@ -64,9 +70,9 @@ export function captureTriggersSql(table: TableInfo): string {
       k(row)
     });`;
   return `
-CREATE TRIGGER ${trig("ins")} AFTER INSERT ON ${on} ${when}
+CREATE TRIGGER ${ins} AFTER INSERT ON ${on} ${when}
 BEGIN ${log("NEW")} END;
-CREATE TRIGGER ${trig("upd")} AFTER UPDATE ON ${on} ${when}
+CREATE TRIGGER ${upd} AFTER UPDATE ON ${on} ${when}
 BEGIN
   INSERT INTO ${TABLES.changes}(seq, tbl, k) SELECT ${NEXT_SEQ}, ${name}, ${
     k("OLD")
@@ -74,7 +80,7 @@ BEGIN
     WHERE ${k("OLD")} IS NOT ${k("NEW")};
   ${log("NEW")}
 END;
-CREATE TRIGGER ${trig("del")} AFTER DELETE ON ${on} ${when}
+CREATE TRIGGER ${del} AFTER DELETE ON ${on} ${when}
 BEGIN ${log("OLD")} END;
 `;
 }

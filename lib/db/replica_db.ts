@@ -14,7 +14,9 @@ import {
   type Parked,
 } from "./apply.ts";
 import {
+  captureTriggerNames,
   installCaptureTriggers,
+  marmotTriggers,
   type PendingChange,
   readPending,
 } from "./capture.ts";
@@ -98,6 +100,10 @@ export class ReplicaDb implements Disposable {
   #applier: Applier;
   /** The file held open: device and inode. */
   #file: { dev: number | null; ino: number | null };
+  /** The root page of each table at the last schema read. */
+  #rootPages = new Map<string, number>();
+  /** Dropped capture triggers named in the log. */
+  #droppedNamed = new Set<string>();
   /** Application triggers named in the log, or guarded. */
   #triggersNamed = new Set<string>();
   /** Tables whose auto-assigned integer key was warned about. */
@@ -227,6 +233,7 @@ export class ReplicaDb implements Disposable {
           this.log("info", `Not replicating table "${t}": ${why}`),
       });
       upgradeChangeLog(this.db);
+      this.#noteDroppedTriggers(tables);
       installCaptureTriggers(this.db, tables);
       for (const t of tables) this.#warnAutoKey(t);
       this.#checkAppTriggers(new Set(tables.map((t) => t.name)));
@@ -237,6 +244,37 @@ export class ReplicaDb implements Disposable {
     });
     this.#statements.clear();
     return true;
+  }
+
+  /**
+   * Says, once per trigger, that a capture trigger of a table marmot
+   * already replicated is gone (the application dropped it): the writes
+   * made since were not captured.
+   */
+  #noteDroppedTriggers(tables: TableInfo[]): void {
+    const present = new Set(marmotTriggers(this.db));
+    const roots = new Map(
+      (this.db.prepare(
+        "SELECT name, rootpage FROM sqlite_master WHERE type = 'table'",
+      ).all() as { name: string; rootpage: number }[]).map((
+        r,
+      ) => [r.name, Number(r.rootpage)]),
+    );
+    const before = this.#rootPages;
+    this.#rootPages = roots;
+    for (const t of tables) {
+      // A table created again (or rebuilt and renamed, as migrations do)
+      // has another root page and lost its triggers with the old table.
+      if (before.get(t.name) !== roots.get(t.name)) continue;
+      for (const name of captureTriggerNames(t.name)) {
+        if (present.has(name) || this.#droppedNamed.has(name)) continue;
+        this.#droppedNamed.add(name);
+        this.log(
+          "warn",
+          `marmot's capture trigger "${name}" on table "${t.name}" was dropped by another connection; installing it again: writes to the table since it was dropped were not captured, run \`marmot verify\` to find them`,
+        );
+      }
+    }
   }
 
   /**

@@ -111,8 +111,15 @@ export class SnapshotScheduler {
     const lease = this.#lease ??= await this.#openLease();
     try {
       await lease.create(LEASE, String(this.#options.nodeId));
-    } catch {
-      return false; // another node is taking it
+    } catch (e) {
+      const holder = await lease.get(LEASE).catch(() => null);
+      if (holder?.operation !== "PUT") throw e;
+      // Every node finds a snapshot due at about the same time; one takes it.
+      this.#options.log.debug("Snapshot due; another node is taking it", {
+        why,
+        holder: holder.string(),
+      });
+      return false;
     }
     try {
       const started = performance.now();

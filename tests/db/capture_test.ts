@@ -304,3 +304,42 @@ Deno.test(
     assert.ok(db.refreshSchema(), "the index holds no column to block it");
   },
 );
+
+Deno.test(
+  "refreshSchema() says once that a capture trigger the application dropped is installed again, and not for a table a migration rebuilt",
+  async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const path = `${tmp.path}/a.db`;
+    const logged: string[] = [];
+    using db = await openNew(path, (level, m) => logged.push(`${level} ${m}`));
+    const dropped = () => logged.filter((m) => m.includes("was dropped"));
+    for (let i = 0; i < 2; i++) {
+      await appWrite(path, 'DROP TRIGGER "__marmot__ins__wr";');
+      assert.ok(db.refreshSchema());
+      assert.ok(
+        (await query(path, "SELECT name FROM sqlite_master;")).some((r) =>
+          r.name === "__marmot__ins__wr"
+        ),
+        "installed again",
+      );
+    }
+    assert.equal(dropped().length, 1, dropped().join("\n"));
+    assert.match(
+      dropped()[0]!,
+      /^warn marmot's capture trigger "__marmot__ins__wr" on table "wr" was dropped by another connection; installing it again: writes to the table since it was dropped were not captured/,
+    );
+    // As migrations change a column: a new table, the rows copied, the old
+    // one dropped and the new one renamed.
+    await appWrite(
+      path,
+      `BEGIN;
+       CREATE TABLE wr_new(k TEXT PRIMARY KEY, "v'al", extra TEXT) WITHOUT ROWID;
+       INSERT INTO wr_new(k, "v'al") SELECT k, "v'al" FROM wr;
+       DROP TABLE wr;
+       ALTER TABLE wr_new RENAME TO wr;
+       COMMIT;`,
+    );
+    assert.ok(db.refreshSchema());
+    assert.equal(dropped().length, 1, "a rebuilt table is no dropped trigger");
+  },
+);
