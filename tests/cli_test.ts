@@ -353,7 +353,10 @@ Deno.test(
 
       const run = await marmot(["cleanup", "--db-path", db], dir);
       assert.equal(run.code, 0, run.stderr);
-      assert.match(run.stdout, /^Removed \d+ marmot triggers and tables/);
+      assert.match(
+        run.stdout,
+        /^Removed \d+ marmot triggers, indexes and tables/,
+      );
       assert.equal(run.stderr, "");
       assert.deepEqual(await marmotObjects(db), []);
       assert.equal(
