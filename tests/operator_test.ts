@@ -8,8 +8,10 @@ import {
   cli,
   dump,
   holdWriteLock,
+  type MarmotProcess,
   sleep,
   sqlite,
+  type TestBed,
   testBed,
   waitConverged,
   waitFor,
@@ -27,15 +29,24 @@ function waitRow(db: string, id: string, what: string): Promise<void> {
   );
 }
 
+/** Two nodes (1 and 2) on databases created with `schema`, replicating. */
+async function startNodes(
+  bed: TestBed,
+  schema: string,
+): Promise<[[string, MarmotProcess], [string, MarmotProcess]]> {
+  const dbs = [bed.db("a"), bed.db("b")] as const;
+  const nodes = [];
+  for (const [i, db] of dbs.entries()) {
+    await sqlite(db, schema);
+    nodes.push(bed.start(db, i + 1));
+  }
+  for (const node of nodes) await node.waitForLog("Replicating");
+  return [[dbs[0], nodes[0]!], [dbs[1], nodes[1]!]];
+}
+
 Deno.test("a second marmot on the same database file exits 2 naming the file and the holder, and the first goes on", async () => {
   await using bed = await testBed("marmot_ops_lock_");
-  const [a, b] = [bed.db("a"), bed.db("b")];
-  await sqlite(a, SCHEMA);
-  await sqlite(b, SCHEMA);
-  const first = bed.start(a, 1);
-  const other = bed.start(b, 2);
-  await first.waitForLog("Replicating");
-  await other.waitForLog("Replicating");
+  const [[a, first], [b, other]] = await startNodes(bed, SCHEMA);
   for (const id of [3, 1]) {
     const second = bed.start(a, id);
     await waitFor(`a second marmot (node ${id}) to exit`, () => second.exited);
@@ -62,13 +73,7 @@ Deno.test("a second marmot on the same database file exits 2 naming the file and
 
 Deno.test("marmot cleanup refuses while marmot runs, and a marmot whose tables were dropped behind its back stops instead of breaking the application's writes", async () => {
   await using bed = await testBed("marmot_ops_cleanup_");
-  const [a, b] = [bed.db("a"), bed.db("b")];
-  await sqlite(a, SCHEMA);
-  await sqlite(b, SCHEMA);
-  const node1 = bed.start(a, 1);
-  const node2 = bed.start(b, 2);
-  await node1.waitForLog("Replicating");
-  await node2.waitForLog("Replicating");
+  const [[a, node1], [b, node2]] = await startNodes(bed, SCHEMA);
 
   const refused = await cli(["cleanup", "--db-path", a]);
   assert.equal(refused.code, 2, refused.stderr);
@@ -98,13 +103,7 @@ Deno.test("marmot cleanup refuses while marmot runs, and a marmot whose tables w
 
 Deno.test("a database file replaced by a restored backup under a running marmot: marmot starts again on it, the rows written after the backup come back, and new writes replicate both ways", async () => {
   await using bed = await testBed("marmot_ops_replace_");
-  const [a, b] = [bed.db("a"), bed.db("b")];
-  await sqlite(a, SCHEMA);
-  await sqlite(b, SCHEMA);
-  const node1 = bed.start(a, 1);
-  const node2 = bed.start(b, 2);
-  await node1.waitForLog("Replicating");
-  await node2.waitForLog("Replicating");
+  const [[a, node1], [b, node2]] = await startNodes(bed, SCHEMA);
   await sqlite(a, "INSERT INTO t VALUES ('1', 'before the backup');");
   await waitRow(b, "1", "row 1 to replicate");
   const dirA = a.slice(0, a.lastIndexOf("/"));
@@ -134,13 +133,8 @@ Deno.test("a database file replaced by a restored backup under a running marmot:
 
 Deno.test("a node restored from a file-level backup while marmot was stopped gets its later rows back, and what the application wrote before marmot started again reaches the others", async () => {
   await using bed = await testBed("marmot_ops_backup_");
-  const [a, b] = [bed.db("a"), bed.db("b")];
-  await sqlite(a, SCHEMA);
-  await sqlite(b, SCHEMA);
-  let node1 = bed.start(a, 1);
-  const node2 = bed.start(b, 2);
-  await node1.waitForLog("Replicating");
-  await node2.waitForLog("Replicating");
+  const [[a, started], [b, node2]] = await startNodes(bed, SCHEMA);
+  let node1 = started;
   await sqlite(a, "INSERT INTO t VALUES ('1', 'before the backup');");
   await waitRow(b, "1", "row 1 to replicate");
   await sqlite(a, `.backup '${a}.backup'`);
@@ -210,13 +204,7 @@ Deno.test("under --exec, a database file replaced while marmot runs stops the ap
 
 Deno.test("an application transaction that holds the write lock for longer than the busy timeout delays the other nodes' rows without making marmot look stalled, and they arrive after it commits", async () => {
   await using bed = await testBed("marmot_ops_long_txn_");
-  const [a, b] = [bed.db("a"), bed.db("b")];
-  await sqlite(a, SCHEMA);
-  await sqlite(b, SCHEMA);
-  const node1 = bed.start(a, 1);
-  const node2 = bed.start(b, 2);
-  await node1.waitForLog("Replicating");
-  await node2.waitForLog("Replicating");
+  const [[a, node1], [b, node2]] = await startNodes(bed, SCHEMA);
   const lock = await holdWriteLock(b);
   let rows = "";
   for (let i = 1; i <= 50; i++) rows += `INSERT INTO t VALUES ('${i}', 'x');\n`;
@@ -236,14 +224,8 @@ Deno.test("an application transaction that holds the write lock for longer than 
 
 Deno.test("VACUUM on one node keeps the rowids of a table without a primary key or index, so later updates and deletes hit the same rows everywhere", async () => {
   await using bed = await testBed("marmot_ops_vacuum_");
-  const [a, b] = [bed.db("a"), bed.db("b")];
   const schema = "CREATE TABLE log(msg TEXT, n INTEGER);";
-  await sqlite(a, schema);
-  await sqlite(b, schema);
-  const node1 = bed.start(a, 1);
-  const node2 = bed.start(b, 2);
-  await node1.waitForLog("Replicating");
-  await node2.waitForLog("Replicating");
+  const [[a, node1], [b, node2]] = await startNodes(bed, schema);
   await sqlite(
     a,
     "INSERT INTO log VALUES ('one', 1), ('two', 2), ('three', 3), ('four', 4);",
@@ -272,15 +254,10 @@ Deno.test("VACUUM on one node keeps the rowids of a table without a primary key 
 
 Deno.test("rows two nodes insert with the same auto-assigned integer key: marmot warns at start naming the table, and logs the overwrite", async () => {
   await using bed = await testBed("marmot_ops_auto_key_");
-  const [a, b] = [bed.db("a"), bed.db("b")];
   const schema = `${SCHEMA}
     CREATE TABLE items(id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT);`;
-  await sqlite(a, schema);
-  await sqlite(b, schema);
-  const node1 = bed.start(a, 1);
-  let node2 = bed.start(b, 2);
-  await node1.waitForLog("Replicating");
-  await node2.waitForLog("Replicating");
+  const [[a, node1], [b, started]] = await startNodes(bed, schema);
+  let node2 = started;
   for (const node of [node1, node2]) {
     assert.match(
       node.log,
