@@ -100,6 +100,11 @@ export const SQL = {
   writerSet: `INSERT INTO ${T.writers}(tbl, k, origin) VALUES (?, ?, ?)
     ON CONFLICT(tbl, k) DO UPDATE SET origin = excluded.origin`,
   writerDelete: `DELETE FROM ${T.writers} WHERE tbl = ? AND k = ?`,
+  /** Moves a table's pending changes to its new name (new, old). */
+  changesRenameTable: `UPDATE ${T.changes} SET tbl = ? WHERE tbl = ?`,
+  writersRenameTable: `UPDATE ${T.writers} SET tbl = ? WHERE tbl = ?`,
+  changesDropTable: `DELETE FROM ${T.changes} WHERE tbl = ?`,
+  writersDropTable: `DELETE FROM ${T.writers} WHERE tbl = ?`,
   metaSet:
     `INSERT INTO ${T.meta}(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value`,
   appliedGet: `SELECT seq FROM ${T.applied} WHERE shard = ?`,

@@ -233,7 +233,7 @@ export class ReplicaDb implements Disposable {
           this.log("info", `Not replicating table "${t}": ${why}`),
       });
       upgradeChangeLog(this.db);
-      this.#noteDroppedTriggers(tables);
+      this.#followTables(tables);
       installCaptureTriggers(this.db, tables);
       for (const t of tables) this.#warnAutoKey(t);
       this.#checkAppTriggers(new Set(tables.map((t) => t.name)));
@@ -247,12 +247,15 @@ export class ReplicaDb implements Disposable {
   }
 
   /**
-   * Says, once per trigger, that a capture trigger of a table marmot
-   * already replicated is gone (the application dropped it): the writes
-   * made since were not captured.
+   * Follows the replicated tables through the schema change that `tables`
+   * shows, by their root pages (a renamed table keeps its own):
+   * - a table renamed keeps its pending changes, under its new name;
+   * - a table dropped takes its pending changes with it, said in a line;
+   * - a capture trigger of a table that is still the same table, gone
+   *   (another connection dropped it), is said once: the writes made since
+   *   were not captured.
    */
-  #noteDroppedTriggers(tables: TableInfo[]): void {
-    const present = new Set(marmotTriggers(this.db));
+  #followTables(tables: TableInfo[]): void {
     const roots = new Map(
       (this.db.prepare(
         "SELECT name, rootpage FROM sqlite_master WHERE type = 'table'",
@@ -262,6 +265,35 @@ export class ReplicaDb implements Disposable {
     );
     const before = this.#rootPages;
     this.#rootPages = roots;
+    const now = new Map(tables.map((t) => [t.name, t]));
+    const byRoot = new Map(tables.map((t) => [roots.get(t.name), t.name]));
+    for (const old of this.#tables.keys()) {
+      if (now.has(old)) continue;
+      const renamed = byRoot.get(before.get(old));
+      if (renamed !== undefined && !this.#tables.has(renamed)) {
+        const moved = this.statement(SQL.changesRenameTable).run(renamed, old)
+          .changes;
+        this.statement(SQL.writersRenameTable).run(renamed, old);
+        this.log(
+          "info",
+          `Table "${old}" was renamed to "${renamed}"; ${moved} pending change${
+            Number(moved) === 1 ? "" : "s"
+          } of it follow it`,
+        );
+      } else if (!roots.has(old)) {
+        const dropped = this.statement(SQL.changesDropTable).run(old).changes;
+        this.statement(SQL.writersDropTable).run(old);
+        if (Number(dropped) > 0) {
+          this.log(
+            "warn",
+            `Table "${old}" was dropped with ${dropped} change${
+              Number(dropped) === 1 ? "" : "s"
+            } of it not yet published; they go with it`,
+          );
+        }
+      }
+    }
+    const present = new Set(marmotTriggers(this.db));
     for (const t of tables) {
       // A table created again (or rebuilt and renamed, as migrations do)
       // has another root page and lost its triggers with the old table.

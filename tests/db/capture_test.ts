@@ -343,3 +343,54 @@ Deno.test(
     assert.equal(dropped().length, 1, "a rebuilt table is no dropped trigger");
   },
 );
+
+Deno.test(
+  "refreshSchema() moves the pending changes of a renamed table to its new name, and those of a dropped table go with it",
+  async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const path = `${tmp.path}/a.db`;
+    await appWrite(
+      path,
+      `CREATE TABLE posts(id TEXT PRIMARY KEY, v TEXT);
+       CREATE TABLE drafts(id TEXT PRIMARY KEY);`,
+    );
+    const logged: string[] = [];
+    using db = ReplicaDb.open(path, {
+      log: (level, m) => logged.push(`${level} ${m}`),
+    });
+    await appWrite(
+      path,
+      `INSERT INTO posts VALUES ('1', 'before');
+       INSERT INTO drafts VALUES ('d');
+       ALTER TABLE posts RENAME TO articles;
+       INSERT INTO articles VALUES ('2', 'after, logged by the old trigger');
+       DROP TABLE drafts;`,
+    );
+    assert.ok(db.refreshSchema());
+    const { changes } = db.readPending(0, 1000);
+    assert.deepEqual(
+      changes.map((c) => `${c.table.name} ${c.key} ${c.values?.[1]}`),
+      [
+        "articles '1' before",
+        "articles '2' after, logged by the old trigger",
+      ],
+    );
+    assert.equal(db.pendingCount(), 2, "nothing left under the old names");
+    assert.ok(
+      logged.includes(
+        `info Table "posts" was renamed to "articles"; 2 pending changes of it follow it`,
+      ),
+      logged.join("\n"),
+    );
+    assert.ok(
+      logged.includes(
+        `warn Table "drafts" was dropped with 1 change of it not yet published; they go with it`,
+      ),
+    );
+    await appWrite(path, "INSERT INTO articles VALUES ('3', 'new trigger');");
+    assert.deepEqual(
+      db.readPending(0, 1000).changes.map((c) => c.key),
+      ["'1'", "'2'", "'3'"],
+    );
+  },
+);
