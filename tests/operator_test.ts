@@ -46,7 +46,7 @@ async function startNodes(
 
 Deno.test("a second marmot on the same database file exits 2 naming the file and the holder, and the first goes on", async () => {
   await using bed = await testBed("marmot_ops_lock_");
-  const [[a, first], [b, other]] = await startNodes(bed, SCHEMA);
+  const [[a, first], [b]] = await startNodes(bed, SCHEMA);
   for (const id of [3, 1]) {
     const second = bed.start(a, id);
     await waitFor(`a second marmot (node ${id}) to exit`, () => second.exited);
@@ -103,7 +103,7 @@ Deno.test("marmot cleanup refuses while marmot runs, and a marmot whose tables w
 
 Deno.test("a database file replaced by a restored backup under a running marmot: marmot starts again on it, the rows written after the backup come back, and new writes replicate both ways", async () => {
   await using bed = await testBed("marmot_ops_replace_");
-  const [[a, node1], [b, node2]] = await startNodes(bed, SCHEMA);
+  const [[a, node1], [b]] = await startNodes(bed, SCHEMA);
   await sqlite(a, "INSERT INTO t VALUES ('1', 'before the backup');");
   await waitRow(b, "1", "row 1 to replicate");
   const dirA = a.slice(0, a.lastIndexOf("/"));
@@ -133,7 +133,7 @@ Deno.test("a database file replaced by a restored backup under a running marmot:
 
 Deno.test("a node restored from a file-level backup while marmot was stopped gets its later rows back, and what the application wrote before marmot started again reaches the others", async () => {
   await using bed = await testBed("marmot_ops_backup_");
-  const [[a, started], [b, node2]] = await startNodes(bed, SCHEMA);
+  const [[a, started], [b]] = await startNodes(bed, SCHEMA);
   let node1 = started;
   await sqlite(a, "INSERT INTO t VALUES ('1', 'before the backup');");
   await waitRow(b, "1", "row 1 to replicate");
@@ -204,7 +204,7 @@ Deno.test("under --exec, a database file replaced while marmot runs stops the ap
 
 Deno.test("an application transaction that holds the write lock for longer than the busy timeout delays the other nodes' rows without making marmot look stalled, and they arrive after it commits", async () => {
   await using bed = await testBed("marmot_ops_long_txn_");
-  const [[a, node1], [b, node2]] = await startNodes(bed, SCHEMA);
+  const [[a], [b, node2]] = await startNodes(bed, SCHEMA);
   const lock = await holdWriteLock(b);
   let rows = "";
   for (let i = 1; i <= 50; i++) rows += `INSERT INTO t VALUES ('${i}', 'x');\n`;
@@ -225,7 +225,7 @@ Deno.test("an application transaction that holds the write lock for longer than 
 Deno.test("VACUUM on one node keeps the rowids of a table without a primary key or index, so later updates and deletes hit the same rows everywhere", async () => {
   await using bed = await testBed("marmot_ops_vacuum_");
   const schema = "CREATE TABLE log(msg TEXT, n INTEGER);";
-  const [[a, node1], [b, node2]] = await startNodes(bed, schema);
+  const [[a], [b]] = await startNodes(bed, schema);
   await sqlite(
     a,
     "INSERT INTO log VALUES ('one', 1), ('two', 2), ('three', 3), ('four', 4);",
