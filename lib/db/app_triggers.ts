@@ -11,7 +11,7 @@
 import type { DatabaseSync } from "node:sqlite";
 import { MARMOT_PREFIX } from "./schema.ts";
 import { TABLES } from "./marmot_tables.ts";
-import { quoteIdent } from "./sql.ts";
+import { quoteIdent, sqlTokens } from "./sql.ts";
 
 /** The condition that is false inside marmot's apply transactions. */
 export const APPLY_GUARD = `NOT EXISTS (SELECT 1 FROM ${TABLES.apply})`;
@@ -89,8 +89,6 @@ export function unguardTriggerSql(sql: string): string | undefined {
   return undefined;
 }
 
-const WORD = /[A-Za-z_0-9$]+/y;
-
 /**
  * Where the trigger's own `WHEN` and `BEGIN` keywords are: the first of each
  * outside strings, quoted names and comments (the header before `WHEN` holds
@@ -100,33 +98,11 @@ function triggerClauses(
   sql: string,
 ): { when: number | undefined; begin: number } | undefined {
   let when: number | undefined;
-  let i = 0;
-  while (i < sql.length) {
-    const c = sql[i]!;
-    const close = { "'": "'", '"': '"', "`": "`", "[": "]" }[c];
-    if (close) {
-      i++;
-      while (i < sql.length) {
-        if (sql[i] === close) {
-          if (close !== "]" && sql[i + 1] === close) i += 2;
-          else break;
-        } else i++;
-      }
-      i++;
-    } else if (sql.startsWith("--", i)) {
-      const end = sql.indexOf("\n", i);
-      i = end < 0 ? sql.length : end + 1;
-    } else if (sql.startsWith("/*", i)) {
-      const end = sql.indexOf("*/", i + 2);
-      i = end < 0 ? sql.length : end + 2;
-    } else if (/[A-Za-z_]/.test(c)) {
-      WORD.lastIndex = i;
-      const word = WORD.exec(sql)![0];
-      const upper = word.toUpperCase();
-      if (upper === "BEGIN") return { when, begin: i };
-      if (upper === "WHEN" && when === undefined) when = i;
-      i += word.length;
-    } else i++;
+  for (const token of sqlTokens(sql)) {
+    if (token.kind !== "word") continue;
+    const upper = token.text.toUpperCase();
+    if (upper === "BEGIN") return { when, begin: token.start };
+    if (upper === "WHEN" && when === undefined) when = token.start;
   }
   return undefined;
 }

@@ -92,3 +92,78 @@ export function parseKey(text: string): SqlValue[] {
     i++;
   }
 }
+
+/** One token of SQL text, for reading statements SQLite stored. */
+export interface SqlToken {
+  /** `word` (keyword or bare name), `name` (quoted name), `string`, or `punct`. */
+  kind: "word" | "name" | "string" | "punct";
+  /** The token's text as written. */
+  text: string;
+  /** Where it starts in the statement. */
+  start: number;
+  /** Where it ends (exclusive). */
+  end: number;
+}
+
+const WORD = /[A-Za-z_0-9$\u0080-\uffff]+/y;
+const CLOSE: Record<string, string> = { '"': '"', "`": "`", "[": "]" };
+
+/** The tokens of `sql`, without whitespace and comments. */
+export function sqlTokens(sql: string): SqlToken[] {
+  const tokens: SqlToken[] = [];
+  let i = 0;
+  while (i < sql.length) {
+    const c = sql[i]!;
+    const start = i;
+    if (/\s/.test(c)) {
+      i++;
+      continue;
+    }
+    if (sql.startsWith("--", i)) {
+      const end = sql.indexOf("\n", i);
+      i = end < 0 ? sql.length : end + 1;
+      continue;
+    }
+    if (sql.startsWith("/*", i)) {
+      const end = sql.indexOf("*/", i + 2);
+      i = end < 0 ? sql.length : end + 2;
+      continue;
+    }
+    const close = c === "'" ? "'" : CLOSE[c];
+    if (close) {
+      i++;
+      while (i < sql.length) {
+        if (sql[i] === close) {
+          if (close !== "]" && sql[i + 1] === close) i += 2;
+          else break;
+        } else i++;
+      }
+      i++;
+      tokens.push({
+        kind: c === "'" ? "string" : "name",
+        text: sql.slice(start, i),
+        start,
+        end: i,
+      });
+      continue;
+    }
+    WORD.lastIndex = i;
+    const word = WORD.exec(sql);
+    if (word) {
+      i += word[0].length;
+      tokens.push({ kind: "word", text: word[0], start, end: i });
+      continue;
+    }
+    i++;
+    tokens.push({ kind: "punct", text: c, start, end: i });
+  }
+  return tokens;
+}
+
+/** The name a `word` or `name` token stands for: `"a""b"` → `a"b`. */
+export function tokenName(token: SqlToken): string {
+  if (token.kind !== "name") return token.text;
+  const inner = token.text.slice(1, -1);
+  const q = token.text[0]!;
+  return q === "[" ? inner : inner.replaceAll(q + q, q);
+}
