@@ -6,7 +6,7 @@
  * @module
  */
 
-import { jetstreamManager } from "@nats-io/jetstream";
+import { jetstreamManager, StorageType } from "@nats-io/jetstream";
 import { connect, type ConnectionOptions } from "@nats-io/transport-node";
 import { delay } from "../_retry.ts";
 import {
@@ -99,6 +99,7 @@ export async function startCluster(
     if (failure !== undefined) throw failure.reason;
     await waitForJetStream(
       servers[0]!.clientUrl,
+      servers.length,
       20_000,
       signal,
       options.connectOptions,
@@ -112,6 +113,7 @@ export async function startCluster(
 
 async function waitForJetStream(
   url: string,
+  replicas: number,
   timeoutMs: number,
   signal: AbortSignal | undefined,
   connectOptions: Partial<ConnectionOptions> = {},
@@ -124,7 +126,18 @@ async function waitForJetStream(
       try {
         // Requests account info. Before a meta leader is elected the request
         // goes unanswered, so keep the timeout short and retry.
-        await jetstreamManager(nc, { timeout: 500 });
+        const jsm = await jetstreamManager(nc, { timeout: 500 });
+        // The meta leader may not know every server yet ("no suitable peers
+        // for placement"): ready once a stream of every server can be made.
+        if (replicas > 1) {
+          await jsm.streams.add({
+            name: PROBE,
+            subjects: [`${PROBE}.>`],
+            num_replicas: replicas,
+            storage: StorageType.Memory,
+          });
+          await jsm.streams.delete(PROBE);
+        }
         return;
       } catch (error) {
         if (Date.now() >= deadline) {
@@ -140,6 +153,8 @@ async function waitForJetStream(
     await nc.close();
   }
 }
+
+const PROBE = "marmot_cluster_probe";
 
 /** Free TCP ports on loopback, found by binding port 0 (tests and the demo use them for route ports). */
 export function pickFreePorts(count: number): number[] {
