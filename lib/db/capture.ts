@@ -51,20 +51,26 @@ export function captureTriggerNames(table: string): string[] {
   );
 }
 
+/**
+ * The change log's `k` of a row, in SQL: a one-column key (or the rowid) is
+ * logged as its value, since copying it is much cheaper for the
+ * application's write than building its text; a composite key as its text.
+ */
+export function storedKeyExpr(table: TableInfo, row: "NEW" | "OLD"): string {
+  return table.rowid
+    ? `${row}.${table.rowid}`
+    : table.pk.length === 1
+    ? `${row}.${quoteIdent(table.pk[0]!)}`
+    : keyExpr(table, row);
+}
+
 /** The SQL that creates the three capture triggers of a table. */
 export function captureTriggersSql(table: TableInfo): string {
   const name = quoteText(table.name);
   const on = quoteIdent(table.name);
   const when = `WHEN NOT EXISTS (SELECT 1 FROM ${TABLES.apply})`;
   const [ins, upd, del] = captureTriggerNames(table.name).map(quoteIdent);
-  // A one-column key is logged as its value: copying it is much cheaper
-  // for the application's write than building its text.
-  const k = (row: "NEW" | "OLD") =>
-    table.rowid
-      ? `${row}.${table.rowid}`
-      : table.pk.length === 1
-      ? `${row}.${quoteIdent(table.pk[0]!)}`
-      : keyExpr(table, row);
+  const k = (row: "NEW" | "OLD") => storedKeyExpr(table, row);
   const log = (row: "NEW" | "OLD") =>
     `INSERT INTO ${TABLES.changes}(seq, tbl, k) VALUES (${NEXT_SEQ}, ${name}, ${
       k(row)

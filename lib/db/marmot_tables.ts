@@ -16,6 +16,9 @@
  *   are here.
  * - `meta(key, value)`: this change log's epoch and node, and the creation
  *   time of each stream a position refers to.
+ * - `tables(name, rootpage)`: the replicated tables at the last schema
+ *   reading, to follow them through renames and drops and to publish the
+ *   rows of a table new since, also across restarts.
  * - `writers(tbl, k, origin)`: the node that last wrote each row of a table
  *   with an auto-assigned integer key, to count the rows one node's insert
  *   overwrote on another (see `ApplyResult.overwrites`).
@@ -37,6 +40,7 @@ export const TABLES = {
   parts: quoteIdent(`${MARMOT_PREFIX}parts`),
   meta: quoteIdent(`${MARMOT_PREFIX}meta`),
   writers: quoteIdent(`${MARMOT_PREFIX}writers`),
+  tables: quoteIdent(`${MARMOT_PREFIX}tables`),
 };
 const T = TABLES;
 
@@ -81,6 +85,8 @@ CREATE TABLE IF NOT EXISTS ${T.parts}(
   stream_seq INTEGER NOT NULL, data BLOB NOT NULL,
   PRIMARY KEY(origin, epoch, shard, id, idx));
 CREATE TABLE IF NOT EXISTS ${T.meta}(key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS ${T.tables}(
+  name TEXT PRIMARY KEY, rootpage INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ${T.writers}(
   tbl TEXT NOT NULL, k NOT NULL, origin INTEGER NOT NULL,
   PRIMARY KEY(tbl, k)) WITHOUT ROWID;
@@ -104,6 +110,12 @@ export const SQL = {
   changesRenameTable: `UPDATE ${T.changes} SET tbl = ? WHERE tbl = ?`,
   writersRenameTable: `UPDATE ${T.writers} SET tbl = ? WHERE tbl = ?`,
   changesDropTable: `DELETE FROM ${T.changes} WHERE tbl = ?`,
+  tablesAll: `SELECT name, rootpage FROM ${T.tables}`,
+  tablesClear: `DELETE FROM ${T.tables}`,
+  tablesInsert: `INSERT INTO ${T.tables}(name, rootpage) VALUES (?, ?)`,
+  /** Lifts the next change log sequence to the time floor (a mark row). */
+  changesFloor:
+    `INSERT OR IGNORE INTO ${T.changes}(seq, tbl, k) VALUES (${NEXT_SEQ}, NULL, NULL)`,
   writersDropTable: `DELETE FROM ${T.writers} WHERE tbl = ?`,
   metaSet:
     `INSERT INTO ${T.meta}(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value`,

@@ -19,14 +19,17 @@ import {
   marmotTriggers,
   type PendingChange,
   readPending,
+  storedKeyExpr,
 } from "./capture.ts";
 import {
   SETUP_SQL,
   SQL,
   storedKey,
+  TABLES,
   upgradeChangeLog,
 } from "./marmot_tables.ts";
 import { listTables, type TableInfo } from "./schema.ts";
+import { quoteIdent, quoteText } from "./sql.ts";
 import { APPLY_GUARD, appTriggers, guardTrigger } from "./app_triggers.ts";
 import { delay } from "../_retry.ts";
 
@@ -100,8 +103,6 @@ export class ReplicaDb implements Disposable {
   #applier: Applier;
   /** The file held open: device and inode. */
   #file: { dev: number | null; ino: number | null };
-  /** The root page of each table at the last schema read. */
-  #rootPages = new Map<string, number>();
   /** Dropped capture triggers named in the log. */
   #droppedNamed = new Set<string>();
   /** Application triggers named in the log, or guarded. */
@@ -247,13 +248,18 @@ export class ReplicaDb implements Disposable {
   }
 
   /**
-   * Follows the replicated tables through the schema change that `tables`
-   * shows, by their root pages (a renamed table keeps its own):
+   * Follows the replicated tables through the schema changes since the last
+   * reading (kept in the file, so across restarts too), by their root pages
+   * (a renamed table keeps its own):
    * - a table renamed keeps its pending changes, under its new name;
    * - a table dropped takes its pending changes with it, said in a line;
+   * - a table new since (created, or newly included) has its rows logged as
+   *   changes, so that rows written before its triggers existed replicate;
    * - a capture trigger of a table that is still the same table, gone
    *   (another connection dropped it), is said once: the writes made since
    *   were not captured.
+   *
+   * The first reading of a file only records its tables.
    */
   #followTables(tables: TableInfo[]): void {
     const roots = new Map(
@@ -263,14 +269,21 @@ export class ReplicaDb implements Disposable {
         r,
       ) => [r.name, Number(r.rootpage)]),
     );
-    const before = this.#rootPages;
-    this.#rootPages = roots;
+    const known = new Map(
+      (this.statement(SQL.tablesAll).all() as {
+        name: string;
+        rootpage: bigint;
+      }[]).map((r) => [r.name, Number(r.rootpage)]),
+    );
+    const recorded = this.statement(SQL.metaGet).get("tables") !== undefined;
     const now = new Map(tables.map((t) => [t.name, t]));
     const byRoot = new Map(tables.map((t) => [roots.get(t.name), t.name]));
-    for (const old of this.#tables.keys()) {
+    const renamedTo = new Set<string>();
+    for (const [old, rootpage] of known) {
       if (now.has(old)) continue;
-      const renamed = byRoot.get(before.get(old));
-      if (renamed !== undefined && !this.#tables.has(renamed)) {
+      const renamed = byRoot.get(rootpage);
+      if (renamed !== undefined && !known.has(renamed)) {
+        renamedTo.add(renamed);
         const moved = this.statement(SQL.changesRenameTable).run(renamed, old)
           .changes;
         this.statement(SQL.writersRenameTable).run(renamed, old);
@@ -293,11 +306,17 @@ export class ReplicaDb implements Disposable {
         }
       }
     }
+    if (recorded) {
+      for (const t of tables) {
+        if (known.has(t.name) || renamedTo.has(t.name)) continue;
+        this.#logExistingRows(t);
+      }
+    }
     const present = new Set(marmotTriggers(this.db));
     for (const t of tables) {
       // A table created again (or rebuilt and renamed, as migrations do)
       // has another root page and lost its triggers with the old table.
-      if (before.get(t.name) !== roots.get(t.name)) continue;
+      if (known.get(t.name) !== roots.get(t.name)) continue;
       for (const name of captureTriggerNames(t.name)) {
         if (present.has(name) || this.#droppedNamed.has(name)) continue;
         this.#droppedNamed.add(name);
@@ -306,6 +325,29 @@ export class ReplicaDb implements Disposable {
           `marmot's capture trigger "${name}" on table "${t.name}" was dropped by another connection; installing it again: writes to the table since it was dropped were not captured, run \`marmot verify\` to find them`,
         );
       }
+    }
+    this.statement(SQL.tablesClear).run();
+    for (const t of tables) {
+      this.statement(SQL.tablesInsert).run(t.name, roots.get(t.name)!);
+    }
+    this.statement(SQL.metaSet).run("tables", 1);
+  }
+
+  /** Logs every row of a table new to marmot as a change, to publish. */
+  #logExistingRows(table: TableInfo): void {
+    this.statement(SQL.changesFloor).run();
+    const { changes } = this.db.prepare(
+      `INSERT INTO ${TABLES.changes}(tbl, k) SELECT ${quoteText(table.name)}, ${
+        storedKeyExpr(table, "NEW")
+      } FROM ${quoteIdent(table.name)} AS NEW`,
+    ).run();
+    if (Number(changes) > 0) {
+      this.log(
+        "info",
+        `Table "${table.name}" is new to marmot: publishing its ${changes} row${
+          Number(changes) === 1 ? "" : "s"
+        }`,
+      );
     }
   }
 

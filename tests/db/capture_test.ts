@@ -394,3 +394,52 @@ Deno.test(
     );
   },
 );
+
+Deno.test(
+  "a table new to marmot has the rows written before its triggers existed published, also when it was created while marmot was stopped; the first start publishes nothing",
+  async () => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const path = `${tmp.path}/a.db`;
+    await appWrite(
+      path,
+      "CREATE TABLE old(id TEXT PRIMARY KEY); INSERT INTO old VALUES ('x');",
+    );
+    const logged: string[] = [];
+    const open = () =>
+      ReplicaDb.open(path, { log: (level, m) => logged.push(`${level} ${m}`) });
+    {
+      using db = open();
+      assert.equal(db.pendingCount(), 0, "rows there at the first start stay");
+      await appWrite(
+        path,
+        `BEGIN;
+         CREATE TABLE made(a INTEGER, b TEXT, PRIMARY KEY (a, b));
+         INSERT INTO made VALUES (1, 'one'), (2, 'two');
+         COMMIT;`,
+      );
+      assert.ok(db.refreshSchema());
+      assert.deepEqual(
+        db.readPending(0, 1000).changes.map((c) => `${c.table.name} ${c.key}`),
+        ["made 1,'one'", "made 2,'two'"],
+      );
+      assert.ok(
+        logged.includes(
+          `info Table "made" is new to marmot: publishing its 2 rows`,
+        ),
+        logged.join("\n"),
+      );
+    }
+    await appWrite(
+      path,
+      `CREATE TABLE later(v); INSERT INTO later VALUES ('while stopped');
+       ALTER TABLE old RENAME TO older;`,
+    );
+    using db = open();
+    const changes = db.readPending(0, 1000).changes;
+    assert.deepEqual(
+      changes.map((c) => `${c.table.name} ${c.key}`),
+      ["made 1,'one'", "made 2,'two'", "later 1"],
+      "a renamed table's rows are not new",
+    );
+  },
+);
