@@ -339,6 +339,39 @@ Deno.test({
     });
 
     await t.step(
+      "a schema that differs is named with the statements and the nodes",
+      async () => {
+        await sqlite(
+          dbs[2]!,
+          "CREATE INDEX posts_score ON posts(score);",
+        );
+        await sqlite(
+          dbs[1]!,
+          'CREATE TRIGGER posts_none AFTER INSERT ON posts WHEN NOT EXISTS (SELECT 1 FROM "__marmot__apply") BEGIN SELECT 1; END;',
+        );
+        await sqlite(
+          dbs[0]!,
+          "CREATE TRIGGER posts_none AFTER INSERT ON posts BEGIN SELECT 1; END;",
+        );
+        await sqlite(
+          dbs[2]!,
+          "CREATE TRIGGER posts_none AFTER INSERT ON posts BEGIN SELECT 1; END;",
+        );
+        const run = await marmotVerify([...url, "--expect", "3"]);
+        assert.equal(run.code, 1, run.stdout + run.stderr);
+        assert.match(
+          run.stdout,
+          /^table "posts": schema differs: node 3 has CREATE INDEX posts_score ON posts\(score\)$/m,
+        );
+        assert.doesNotMatch(
+          run.stdout,
+          /posts_none/,
+          "a trigger that differs only by the apply guard is the same",
+        );
+      },
+    );
+
+    await t.step(
       "a node with changes it never publishes is not quiescent",
       async () => {
         // A change for a table that does not exist stays in the log for good.

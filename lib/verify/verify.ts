@@ -145,6 +145,12 @@ export interface TableDifference {
   missingOn: number[];
   /** The column lists, grouped, when nodes disagree on them (else empty). */
   columns: { nodes: number[]; columns: string[] }[];
+  /**
+   * The schema statements (CREATE text of the table, its indexes and
+   * triggers) that not every node has, each with the nodes that have it
+   * (empty when the schemas agree).
+   */
+  schema: { nodes: number[]; sql: string }[];
   /** The ranges whose rows differ. */
   ranges: RangeDifference[];
   /** Whether more ranges differ than were narrowed down (`maxRanges`). */
@@ -475,6 +481,7 @@ async function compare(
         key: tables[0]!.key,
         missingOn: nodes.filter((n) => !has.includes(n)),
         columns: [],
+        schema: schemaDifference(has, (n) => summaries.get(n)![name]!.schema),
         ranges: [],
         truncated: false,
       };
@@ -492,7 +499,7 @@ async function compare(
       }
       if (
         diff.missingOn.length > 0 || diff.columns.length > 0 ||
-        diff.ranges.length > 0
+        diff.schema.length > 0 || diff.ranges.length > 0
       ) {
         result.differences.push(diff);
       }
@@ -732,6 +739,22 @@ function nodeList(nodes: number[]): string {
 }
 
 /**
+ * The statements that not every node in `nodes` has, with the nodes that
+ * have each; nodes that do not report a schema (older ones) are left out.
+ */
+function schemaDifference(
+  nodes: number[],
+  schemaOf: (node: number) => string[] | undefined,
+): { nodes: number[]; sql: string }[] {
+  const reporting = nodes.filter((n) => schemaOf(n) !== undefined);
+  const statements = [...new Set(reporting.flatMap((n) => schemaOf(n)!))];
+  return statements.flatMap((sql) => {
+    const having = reporting.filter((n) => schemaOf(n)!.includes(sql));
+    return having.length === reporting.length ? [] : [{ nodes: having, sql }];
+  });
+}
+
+/**
  * The lines `marmot verify` prints for a result: one per difference (and per
  * differing row of a small range), then a summary.
  */
@@ -755,6 +778,13 @@ export function formatVerifyResult(result: VerifyResult): string[] {
               c.columns.map((n) => JSON.stringify(n)).join(", ")
             })`
           ).join("; ")
+        }`,
+      );
+    }
+    if (d.schema.length > 0) {
+      lines.push(
+        `table ${name}: schema differs: ${
+          d.schema.map((s) => `${have(s.nodes)} ${s.sql}`).join("; ")
         }`,
       );
     }

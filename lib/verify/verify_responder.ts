@@ -33,6 +33,8 @@ import {
   type RowsDigest,
 } from "./checksum.ts";
 import { listTables, type TableInfo } from "../db/schema.ts";
+import { readSchema } from "../db/schema_events.ts";
+import { unguardTriggerSql } from "../db/app_triggers.ts";
 import type { Logger } from "../log.ts";
 
 /** The version of the verify protocol. */
@@ -92,6 +94,12 @@ export interface TableSummary extends RowsDigest {
   columns: string[];
   /** The key columns (the rowid name for a table without a primary key). */
   key: string[];
+  /**
+   * The CREATE text of the table and of its indexes and triggers, sorted,
+   * without the apply guard marmot adds to triggers (absent from nodes that
+   * predate it).
+   */
+  schema?: string[];
 }
 
 /** What a request is answered with. */
@@ -215,10 +223,13 @@ export class VerifyResponder {
       );
       if (request.op === "tables") {
         const out: Record<string, TableSummary> = {};
+        const schema = readSchema(db, (t) => tables.has(t));
         for (const t of tables.values()) {
           out[t.name] = {
             columns: t.rowid ? [t.rowid, ...t.columns] : t.columns,
             key: t.rowid ? [t.rowid] : t.pk,
+            schema: schema.filter((o) => o.table === t.name)
+              .map((o) => unguardTriggerSql(o.sql) ?? o.sql).sort(),
             ...await checksumTable(db, t, { signal }),
           };
         }
