@@ -37,6 +37,7 @@ import { delay, retry } from "./_retry.ts";
 import {
   ensureStreams,
   lastSequences,
+  schemaStreamName,
   streamName,
   subjectName,
 } from "./nats/streams.ts";
@@ -535,12 +536,20 @@ async function startPipeline(
     subject: (s) => subjectName(config.nats.subjectPrefix, s),
     maxPayload: nc.info?.max_payload ?? 1024 * 1024,
     compress: config.replicationLog.compress,
+    schemaSubject: subjectName(config.nats.subjectPrefix, "schema"),
+    lastSequences: async () =>
+      lastSequences(
+        await jetstreamManager(nc),
+        config.nats.streamPrefix,
+        config.replicationLog.shards,
+      ),
     log,
   });
   const subscriber = new Subscriber(db, js, {
     nodeId: config.nodeId,
     shards: config.replicationLog.shards,
     stream: (s) => streamName(config.nats.streamPrefix, s),
+    schemaStream: schemaStreamName(config.nats.streamPrefix),
     onStreamRestart: (s) => publisher.republish(s),
     onRerecorded: () => publisher.wake(),
     log,

@@ -51,6 +51,10 @@ export interface PublisherOptions {
   readLimit?: number;
   /** zstd-compress batches. @default true */
   compress?: boolean;
+  /** The schema stream's subject. */
+  schemaSubject: string;
+  /** The last stream sequence of every shard stream. */
+  lastSequences: () => Promise<number[]>;
   /** Logger. */
   log: Logger;
 }
@@ -205,6 +209,12 @@ export class Publisher {
     // A table created or altered since the last pass gets its triggers and
     // its current columns before anything of it is read.
     this.#db.refreshSchema();
+    if (this.#db.schemaOutbox().length > 0) {
+      // Then read again: nothing may come between the last look at the
+      // outbox and the read of the rows.
+      await this.#publishSchema();
+      return true;
+    }
     this.#catchUp(limit);
     const { changes, lastSeq } = this.#db.readPending(
       this.#cursor,
@@ -222,12 +232,45 @@ export class Publisher {
     return true;
   }
 
+  /**
+   * Publishes the schema events waiting in the outbox, in order. Each goes
+   * out once every change read before it (in the old shape) is published,
+   * and carries every shard stream's last sequence: a node applies it once
+   * it has applied that far, so what was published before it applies
+   * before it. The changes read after it carry its position.
+   */
+  async #publishSchema(): Promise<void> {
+    for (const { id, event } of this.#db.schemaOutbox()) {
+      while (this.#senders.size > 0 && !this.#abort.signal.aborted) {
+        await Promise.all(this.#senders.values());
+      }
+      const shards = await this.#options.lastSequences();
+      const data = new TextEncoder().encode(
+        JSON.stringify({ ...event, origin: this.#options.nodeId, shards }),
+      );
+      // The event's own random id: outbox rows are numbered again once
+      // empty, and the same change can be made twice.
+      const ack = await this.#publish(
+        this.#options.schemaSubject,
+        data,
+        `schema.${event.id}`,
+      );
+      this.#db.schemaPublished(id, ack.seq, event);
+      this.#options.log.info("Published a schema change", {
+        seq: ack.seq,
+        objects: event.changes.map((c) => c.name).join(","),
+      });
+    }
+  }
+
   #shardOf(table: string, key: string): number {
     return shardFor(table, key, this.#options.shards);
   }
 
   #enqueue(changes: PendingChange[]): void {
+    const version = this.#db.schemaVersions().tag;
     for (const c of changes) {
+      c.version ??= version;
       const shard = this.#shardOf(c.table.name, c.key);
       let queue = this.#queues.get(shard);
       if (!queue) this.#queues.set(shard, queue = []);
@@ -508,12 +551,15 @@ export function toBatch(
   const index = new Map<string, number>();
   const changes: Change[] = [];
   for (const p of pending) {
-    const id = `${p.table.name}\u0000${p.columns.join("\u0000")}`;
+    const schemaVersion = p.version ?? 0;
+    const id = `${p.table.name}\u0000${schemaVersion}\u0000${
+      p.columns.join("\u0000")
+    }`;
     let t = index.get(id);
     if (t === undefined) {
       t = tables.length;
       index.set(id, t);
-      tables.push({ name: p.table.name, schemaVersion: 0, columns: p.columns });
+      tables.push({ name: p.table.name, schemaVersion, columns: p.columns });
     }
     changes.push(
       p.values

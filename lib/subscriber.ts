@@ -24,6 +24,17 @@ import {
 } from "./codec.ts";
 import type { IncomingMessage } from "./db/apply.ts";
 import type { ReplicaDb } from "./db/replica_db.ts";
+import type { SchemaEvent } from "./db/schema_events.ts";
+
+/** A schema event as the schema stream carries it. */
+interface WireSchemaEvent extends SchemaEvent {
+  /** The node that published it. */
+  origin: number;
+  /** The schema stream position that node had applied when it was made. */
+  base: number;
+  /** Every shard stream's last sequence when it was published. */
+  shards: number[];
+}
 import type { Logger } from "./log.ts";
 
 /** Options for {@linkcode Subscriber}. */
@@ -34,6 +45,8 @@ export interface SubscriberOptions {
   shards: number;
   /** The stream name of a shard. */
   stream: (shard: number) => string;
+  /** The schema stream's name. */
+  schemaStream: string;
   /** Bytes of messages queued before the consumers wait. @default 8388608 */
   queueBytes?: number;
   /** Messages applied per transaction at most. @default 1000 */
@@ -106,6 +119,16 @@ export class Subscriber {
   /** The deferred own batches are due to be applied. */
   #flushDue = false;
   #expected = new Map<number, number>();
+  /** Schema events read from the schema stream, not yet applied, in order. */
+  #schemaQueue: { seq: number; event: WireSchemaEvent }[] = [];
+  /** The last schema event applied. */
+  #schemaApplied = 0;
+  #schemaMessages: ConsumerMessages | undefined;
+  /**
+   * Per shard: messages held back, in order, because they need a schema
+   * event this node has not applied yet.
+   */
+  #held = new Map<number, Queued[]>();
 
   constructor(db: ReplicaDb, js: JetStreamClient, options: SubscriberOptions) {
     this.#db = db;
@@ -124,7 +147,126 @@ export class Subscriber {
       const consumed = await this.#consume(shard, from);
       this.#tasks.push(this.#pump(shard, consumed.messages, consumed.from));
     }
+    this.#schemaApplied = this.#db.schemaVersions().applied;
+    this.#tasks.push(this.#consumeSchema(this.#schemaApplied + 1));
     this.#tasks.push(this.#applyLoop());
+  }
+
+  /** Reads the schema stream from `from` into the schema queue, for good. */
+  async #consumeSchema(from: number): Promise<void> {
+    let next = from;
+    for (let attempt = 1; !this.#abort.signal.aborted; attempt++) {
+      try {
+        const consumer = await this.#js.consumers.get(
+          this.#options.schemaStream,
+          { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: next },
+        );
+        const messages = await consumer.consume({
+          max_messages: 16,
+          idle_heartbeat: 2_000,
+        });
+        this.#schemaMessages = messages;
+        if (this.#abort.signal.aborted) messages.close().catch(() => {});
+        for await (const msg of messages) {
+          attempt = 1;
+          next = msg.seq + 1;
+          let event: WireSchemaEvent;
+          try {
+            event = JSON.parse(new TextDecoder().decode(msg.data));
+          } catch (e) {
+            this.#options.log.error(
+              "Cannot read a schema change; skipping it",
+              {
+                seq: msg.seq,
+                error: e,
+              },
+            );
+            continue;
+          }
+          this.#schemaQueue.push({ seq: msg.seq, event });
+          this.#wakeApplier?.();
+        }
+      } catch (e) {
+        if (this.#abort.signal.aborted) return;
+        this.#options.log.log(
+          attempt % 10 === 1 ? "warn" : "debug",
+          "Cannot read the schema stream yet, retrying",
+          { from: next, attempt, error: e },
+        );
+      }
+      await delay(Math.min(5000, 250 * attempt), { signal: this.#abort.signal })
+        .catch(() => {});
+    }
+  }
+
+  /**
+   * Applies the next schema event once every shard is applied as far as
+   * its origin's streams were when it was published, and gives the shards
+   * it held back to the queue again.
+   *
+   * @returns whether it applied one
+   */
+  async #applySchema(): Promise<boolean> {
+    const head = this.#schemaQueue[0];
+    if (!head) return false;
+    const { seq, event } = head;
+    const ready = (event.shards ?? []).every((last, shard) =>
+      shard >= this.#options.shards || this.#db.appliedSeq(shard) >= last
+    );
+    if (!ready) return false;
+    if (event.origin === this.#options.nodeId) {
+      // Its own change: the file has it already.
+      await this.#db.skipSchema(seq);
+      this.#schemaQueue.shift();
+      this.#schemaApplied = seq;
+      this.#releaseHeld();
+      return true;
+    }
+    const result = await this.#db.applySchema(
+      seq,
+      event,
+      this.#options.schemaStream,
+    );
+    this.#schemaQueue.shift();
+    this.#schemaApplied = seq;
+    if ("parked" in result) {
+      this.stats.parked++;
+      this.#options.log.error("Parked a schema change that cannot be applied", {
+        seq,
+        origin: event.origin,
+        reason: result.parked,
+      });
+    } else {
+      this.#options.log.info("Applied a schema change", {
+        seq,
+        origin: event.origin,
+        statements: result.ran.length,
+      });
+      if (result.overridden.length > 0) {
+        this.#options.log.warn(
+          "This node's schema change, made at the same time as another node's, loses to it (the later one in the schema stream wins)",
+          { seq, origin: event.origin, objects: result.overridden.join(", ") },
+        );
+      }
+      if (result.lost.length > 0) {
+        this.#options.log.warn(
+          "A schema change of another node, made at the same time as this node's, loses to this node's later one",
+          { seq, origin: event.origin, objects: result.lost.join(", ") },
+        );
+      }
+    }
+    this.#releaseHeld();
+    return true;
+  }
+
+  /** Gives the shards held back for a schema event to the queue again. */
+  #releaseHeld(): void {
+    for (const [shard, held] of this.#held) {
+      this.#expected.set(shard, held[0]!.msg.seq);
+      this.#queue.unshift(...held);
+      for (const h of held) this.#queuedBytes += h.msg.data.length;
+    }
+    this.#held.clear();
   }
 
   /**
@@ -332,6 +474,15 @@ export class Subscriber {
   async #applyLoop(): Promise<void> {
     const max = this.#options.applyLimit ?? 1000;
     while (!this.#abort.signal.aborted) {
+      try {
+        if (await this.#applySchema()) continue;
+      } catch (e) {
+        this.#options.log.error("Cannot apply a schema change, retrying", {
+          error: e,
+        });
+        await delay(500);
+        continue;
+      }
       if (this.#flushDue) {
         this.#flushDue = false;
         await this.#flushDeferred();
@@ -391,6 +542,11 @@ export class Subscriber {
         continue;
       }
       this.#expected.set(shard, msg.seq + 1);
+      const held = this.#held.get(shard);
+      if (held) {
+        held.push({ shard, msg });
+        continue;
+      }
       let batch;
       try {
         batch = isPart(msg.data)
@@ -398,6 +554,16 @@ export class Subscriber {
           : decodeBatch(msg.data, { values: this.#valuesFor });
       } catch (e) {
         batch = e instanceof Error ? e : new Error(String(e));
+      }
+      // Rows in a shape this node does not have yet wait for the schema
+      // event that made it, and the rest of their shard with them.
+      if (
+        !(batch instanceof Error) && !("kind" in batch) &&
+        !this.#isOwn(batch) &&
+        batch.tables.some((t) => t.schemaVersion > this.#schemaApplied)
+      ) {
+        this.#held.set(shard, [{ shard, msg }]);
+        continue;
       }
       incoming.push({
         shard,
@@ -515,6 +681,7 @@ export class Subscriber {
     this.#wakeApplier?.();
     for (const wake of this.#wakeConsumers.splice(0)) wake();
     await Promise.allSettled([...this.#current.values()].map((m) => m.close()));
+    await this.#schemaMessages?.close().catch(() => {});
     await Promise.allSettled(this.#tasks);
     clearTimeout(this.#deferTimer);
     this.#deferTimer = undefined;

@@ -52,6 +52,8 @@ async function withBed(
           shards: SHARDS,
           subject: (s) => `pt.${s}`,
           maxPayload: 1024 * 1024,
+          schemaSubject: "pt.schema",
+          lastSequences: () => Promise.resolve([]),
           log: silentLogger,
           ...options,
         }),

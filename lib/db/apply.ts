@@ -133,7 +133,10 @@ export class Applier {
       partsHeld: () => this.#partsHeld,
       notePart: () => this.#partsHeld = true,
     });
-    await this.#replica.writeTransaction(() => call.run(messages));
+    await this.#replica.writeTransaction(() => {
+      call.schemaAhead = this.#replica.catchUpSchema();
+      call.run(messages);
+    });
     for (const [id, o] of call.origins) this.#origins.set(id, o.seq);
     for (const [shard, seq] of call.shardSeqs) {
       this.#replica.noteApplied(shard, seq);
@@ -187,6 +190,10 @@ class ApplyCall {
   #touches = 0;
   /** The highest change log sequence before own changes left it. */
   #changeLogTop: number | undefined;
+  /** This node's schema stream position, read on the first write. */
+  #schemaApplied: number | undefined;
+  /** This file has schema changes of its own not yet published. */
+  schemaAhead = false;
   /** Own changes that came back behind later own ones. */
   readonly #staleOwn: { table: string; key: string; seq: number }[] = [];
 
@@ -485,9 +492,30 @@ class ApplyCall {
   }
 
   #write(ref: TableRef, change: Change): void {
-    if (change.op === Op.Upsert) {
-      upsertRow(this.#replica, ref.name, ref.columns, change.values!);
-    } else deleteRow(this.#replica, ref.name, change.key);
+    const now = this.#replica.currentNames(
+      ref.name,
+      ref.columns,
+      ref.schemaVersion,
+    );
+    if (change.op !== Op.Upsert) {
+      deleteRow(this.#replica, now.table, change.key);
+      return;
+    }
+    let { columns } = now;
+    let values = change.values!;
+    // A row in the shape of an older schema applies to the columns that
+    // still exist.
+    this.#schemaApplied ??= this.#replica.schemaVersions().tag;
+    const info = this.#replica.tables.get(now.table);
+    if (info && (this.schemaAhead || ref.schemaVersion < this.#schemaApplied)) {
+      const have = new Set(
+        info.rowid ? [info.rowid, ...info.columns] : info.columns,
+      );
+      const keep = columns.map((c) => have.has(c));
+      columns = columns.filter((_, i) => keep[i]);
+      values = values.filter((_, i) => keep[i]);
+    }
+    upsertRow(this.#replica, now.table, columns, values);
   }
 }
 

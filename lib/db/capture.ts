@@ -24,6 +24,11 @@ export interface PendingChange {
   columns: string[];
   /** The current row, or `undefined` when it no longer exists. */
   values: SqlValue[] | undefined;
+  /**
+   * The schema stream position its image was read under (set by the
+   * publisher): a node applies it once it has applied that far.
+   */
+  version?: number;
 }
 
 /** The key text expression of a row in a trigger (`NEW` or `OLD`). */

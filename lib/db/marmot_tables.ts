@@ -19,6 +19,10 @@
  * - `tables(name, rootpage)`: the replicated tables at the last schema
  *   reading, to follow them through renames and drops and to publish the
  *   rows of a table new since, also across restarts.
+ * - `schema(type, name, tbl_name, sql, rootpage)`: the replicated schema at
+ *   the last reading, to read the next schema change against.
+ * - `schema_out(id, event)`: schema events read from this file and not yet
+ *   published to the schema stream.
  * - `writers(tbl, k, origin)`: the node that last wrote each row of a table
  *   with an auto-assigned integer key, to count the rows one node's insert
  *   overwrote on another (see `ApplyResult.overwrites`).
@@ -41,6 +45,8 @@ export const TABLES = {
   meta: quoteIdent(`${MARMOT_PREFIX}meta`),
   writers: quoteIdent(`${MARMOT_PREFIX}writers`),
   tables: quoteIdent(`${MARMOT_PREFIX}tables`),
+  schema: quoteIdent(`${MARMOT_PREFIX}schema`),
+  schemaOut: quoteIdent(`${MARMOT_PREFIX}schema_out`),
 };
 const T = TABLES;
 
@@ -87,6 +93,12 @@ CREATE TABLE IF NOT EXISTS ${T.parts}(
 CREATE TABLE IF NOT EXISTS ${T.meta}(key TEXT PRIMARY KEY, value);
 CREATE TABLE IF NOT EXISTS ${T.tables}(
   name TEXT PRIMARY KEY, rootpage INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ${T.schema}(
+  type TEXT NOT NULL, name TEXT NOT NULL, tbl_name TEXT NOT NULL,
+  sql TEXT NOT NULL, rootpage INTEGER NOT NULL, PRIMARY KEY(type, name))
+  WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ${T.schemaOut}(
+  id INTEGER PRIMARY KEY, event TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ${T.writers}(
   tbl TEXT NOT NULL, k NOT NULL, origin INTEGER NOT NULL,
   PRIMARY KEY(tbl, k)) WITHOUT ROWID;
@@ -111,6 +123,14 @@ export const SQL = {
   writersRenameTable: `UPDATE ${T.writers} SET tbl = ? WHERE tbl = ?`,
   changesDropTable: `DELETE FROM ${T.changes} WHERE tbl = ?`,
   tablesAll: `SELECT name, rootpage FROM ${T.tables}`,
+  schemaAll:
+    `SELECT type, name, tbl_name AS "table", sql, rootpage FROM ${T.schema}`,
+  schemaClear: `DELETE FROM ${T.schema}`,
+  schemaInsert:
+    `INSERT INTO ${T.schema}(type, name, tbl_name, sql, rootpage) VALUES (?, ?, ?, ?, ?)`,
+  schemaOutAll: `SELECT id, event FROM ${T.schemaOut} ORDER BY id`,
+  schemaOutInsert: `INSERT INTO ${T.schemaOut}(event) VALUES (?)`,
+  schemaOutDelete: `DELETE FROM ${T.schemaOut} WHERE id = ?`,
   tablesClear: `DELETE FROM ${T.tables}`,
   tablesInsert: `INSERT INTO ${T.tables}(name, rootpage) VALUES (?, ?)`,
   /** Lifts the next change log sequence to the time floor (a mark row). */

@@ -31,6 +31,13 @@ import {
 import { listTables, type TableInfo } from "./schema.ts";
 import { quoteIdent, quoteText } from "./sql.ts";
 import { APPLY_GUARD, appTriggers, guardTrigger } from "./app_triggers.ts";
+import {
+  applySchemaEvent,
+  diffSchema,
+  readSchema,
+  type SchemaEvent,
+  type SchemaObject,
+} from "./schema_events.ts";
 import { delay } from "../_retry.ts";
 
 type ArrayRows = { setReturnArrays(enabled: boolean): void };
@@ -103,6 +110,17 @@ export class ReplicaDb implements Disposable {
   #applier: Applier;
   /** The file held open: device and inode. */
   #file: { dev: number | null; ino: number | null };
+  /** Objects changed by this node's own published schema events: the last event's position. */
+  #ownSchema = new Map<string, number>();
+  /** Table and column renames of schema events, by position. */
+  #renames: {
+    seq: number;
+    table: string;
+    from: string | undefined;
+    columns: [string, string][];
+    /** The outbox entry of an own event not yet published. */
+    outbox: number | undefined;
+  }[] = [];
   /** Dropped capture triggers named in the log. */
   #droppedNamed = new Set<string>();
   /** Application triggers named in the log, or guarded. */
@@ -223,28 +241,276 @@ export class ReplicaDb implements Disposable {
    */
   refreshSchema(force = false): boolean {
     if (!force && !this.schemaChanged()) return false;
-    this.transaction(() => {
-      // Triggers that write to missing tables would fail every application
-      // write.
-      this.#checkMarmotTables();
-      const tables = listTables(this.db, {
-        include: this.#options.include ?? [],
-        exclude: this.#options.exclude ?? [],
-        onSkip: (t, why) =>
-          this.log("info", `Not replicating table "${t}": ${why}`),
-      });
-      upgradeChangeLog(this.db);
-      this.#followTables(tables);
-      installCaptureTriggers(this.db, tables);
-      for (const t of tables) this.#warnAutoKey(t);
-      this.#checkAppTriggers(new Set(tables.map((t) => t.name)));
-      this.#tables = new Map(tables.map((t) => [t.name, t]));
-      // Inside the transaction: DDL committed by another connection right
-      // after it must show up as a change on the next call.
-      this.#schemaVersion = this.#pragmaNumber("schema_version");
-    });
+    this.transaction(() => this.#readTables(true));
     this.#statements.clear();
     return true;
+  }
+
+  /**
+   * Reads the replicated tables and installs capture triggers on them, in
+   * the caller's transaction. With `capture`, a schema change since the
+   * last reading is recorded as a schema event to publish; without it (a
+   * received event was just applied) it is only recorded as read.
+   */
+  #readTables(capture: boolean): void {
+    // Triggers that write to missing tables would fail every application
+    // write.
+    this.#checkMarmotTables();
+    const tables = listTables(this.db, {
+      include: this.#options.include ?? [],
+      exclude: this.#options.exclude ?? [],
+      onSkip: (t, why) =>
+        this.log("info", `Not replicating table "${t}": ${why}`),
+    });
+    upgradeChangeLog(this.db);
+    this.#followTables(tables);
+    installCaptureTriggers(this.db, tables);
+    for (const t of tables) this.#warnAutoKey(t);
+    const names = new Set(tables.map((t) => t.name));
+    this.#checkAppTriggers(names);
+    this.#recordSchema(names, capture);
+    this.#tables = new Map(tables.map((t) => [t.name, t]));
+    // Inside the transaction: DDL committed by another connection right
+    // after it must show up as a change on the next call.
+    this.#schemaVersion = this.#pragmaNumber("schema_version");
+  }
+
+  /**
+   * Keeps the replicated schema as read now, and with `capture` puts the
+   * change since the last reading in the outbox of schema events. The first
+   * reading of a file only records it.
+   */
+  #recordSchema(tables: ReadonlySet<string>, capture: boolean): void {
+    const now = readSchema(this.db, (t) => tables.has(t));
+    const recorded = this.statement(SQL.metaGet).get("schema") !== undefined;
+    if (capture && recorded) {
+      const before =
+        (this.statement(SQL.schemaAll).all() as unknown as SchemaObject[]).map((
+          o,
+        ) => ({ ...o, rootpage: Number(o.rootpage) }));
+      const event = diffSchema(before, now);
+      if (event) {
+        const base = this.schemaVersions().tag;
+        const { lastInsertRowid } = this.statement(SQL.schemaOutInsert).run(
+          JSON.stringify({ ...event, base, id: crypto.randomUUID() }),
+        );
+        // Until it is published, rows of other nodes in the older shape
+        // follow its renames too.
+        this.#noteRenames(
+          Number.MAX_SAFE_INTEGER,
+          event,
+          Number(lastInsertRowid),
+        );
+        this.log(
+          "info",
+          `Schema changed: ${
+            event.changes.map((c) =>
+              `${c.type} "${c.name}" ${
+                c.sql === null ? "dropped" : c.from ? `(was "${c.from}")` : ""
+              }`.trim()
+            ).join(", ")
+          }; publishing the change`,
+        );
+      }
+    }
+    this.statement(SQL.schemaClear).run();
+    for (const o of now) {
+      this.statement(SQL.schemaInsert).run(
+        o.type,
+        o.name,
+        o.table,
+        o.sql,
+        o.rootpage,
+      );
+    }
+    this.statement(SQL.metaSet).run("schema", 1);
+  }
+
+  /**
+   * The schema stream positions: `applied`, the last schema event this node
+   * applied from the stream; `published`, the last one it published itself;
+   * `tag`, the higher, which the rows it publishes carry (a node applies
+   * them only once it has applied that far).
+   */
+  schemaVersions(): { applied: number; published: number; tag: number } {
+    const get = (key: string) =>
+      Number(
+        (this.statement(SQL.metaGet).get(key) as
+          | { value: number | bigint }
+          | undefined)?.value ?? 0,
+      );
+    const applied = get("schema_applied");
+    const published = get("schema_published");
+    return { applied, published, tag: Math.max(applied, published) };
+  }
+
+  /**
+   * Reads a schema change the application made since the last reading (in
+   * the caller's transaction), so that what is applied next sees it.
+   *
+   * @returns whether this file's schema is ahead of the schema stream (own
+   *   schema events not yet published)
+   */
+  catchUpSchema(): boolean {
+    if (this.schemaChanged()) {
+      this.#readTables(true);
+      this.#statements.clear();
+    }
+    return this.statement(SQL.schemaOutAll).get() !== undefined;
+  }
+
+  /** Records the schema stream position of an own event without applying it. */
+  async skipSchema(seq: number): Promise<void> {
+    await this.writeTransaction(() =>
+      this.statement(SQL.metaSet).run("schema_applied", seq)
+    );
+  }
+
+  #noteRenames(seq: number, event: SchemaEvent, outbox?: number): void {
+    for (const c of event.changes) {
+      if (c.type === "table" && (c.from !== undefined || c.columns)) {
+        this.#renames.push({
+          seq,
+          table: c.name,
+          from: c.from,
+          columns: c.columns ?? [],
+          outbox,
+        });
+      }
+    }
+    this.#renames.sort((a, b) => a.seq - b.seq);
+  }
+
+  /**
+   * The table and column names a change made under schema stream position
+   * `version` has now: followed through the renames of later schema events
+   * (a row in flight in the old shape keeps its values).
+   */
+  currentNames(
+    table: string,
+    columns: string[],
+    version: number,
+  ): { table: string; columns: string[] } {
+    let name = table;
+    let cols = columns;
+    for (const r of this.#renames) {
+      if (r.seq <= version) continue;
+      if (r.from !== undefined && r.from === name) name = r.table;
+      if (r.table !== name) continue;
+      for (const [from, to] of r.columns) {
+        cols = cols.map((c) => c === from ? to : c);
+      }
+    }
+    return { table: name, columns: cols };
+  }
+
+  /** The schema events waiting to be published, oldest first. */
+  schemaOutbox(): {
+    id: number;
+    event: SchemaEvent & { base: number; id: string };
+  }[] {
+    return (this.statement(SQL.schemaOutAll).all() as {
+      id: bigint;
+      event: string;
+    }[]).map((r) => ({ id: Number(r.id), event: JSON.parse(r.event) }));
+  }
+
+  /** Records that outbox entry `id` was published as schema event `seq`. */
+  schemaPublished(id: number, seq: number, event: SchemaEvent): void {
+    for (const c of event.changes) {
+      this.#ownSchema.set(`${c.type}\u0000${c.name}`, seq);
+    }
+    const noted = this.#renames.filter((r) => r.outbox === id);
+    for (const r of noted) r.seq = seq;
+    if (noted.length === 0) this.#noteRenames(seq, event);
+    this.#renames.sort((a, b) => a.seq - b.seq);
+    this.transaction(() => {
+      this.statement(SQL.schemaOutDelete).run(id);
+      if (seq > this.schemaVersions().published) {
+        this.statement(SQL.metaSet).run("schema_published", seq);
+      }
+    });
+  }
+
+  /**
+   * Applies schema event `seq` of the schema stream, with the capture
+   * triggers of the tables it changed and the position, in one transaction.
+   * An event that cannot apply here is parked with the statement and
+   * SQLite's reason, and counts as applied: the other tables go on.
+   *
+   * @returns the statements run, or the reason it was parked
+   */
+  async applySchema(
+    seq: number,
+    received: SchemaEvent,
+    stream: string,
+  ): Promise<
+    { ran: string[]; lost: string[]; overridden: string[] } | {
+      parked: string;
+    }
+  > {
+    // An object this node changed in a later event, or is about to publish
+    // a change of, keeps this node's change: it is later in the stream, and
+    // wins on every node.
+    const pending = new Set(
+      this.schemaOutbox().flatMap((o) =>
+        o.event.changes.map((c) => `${c.type}\u0000${c.name}`)
+      ),
+    );
+    const lost: string[] = [];
+    // This node's own change of an object that the other node had not seen
+    // when it made this one: the later one wins, on every node.
+    const base = (received as { base?: number }).base ?? 0;
+    const overridden = received.changes.filter((c) => {
+      const own = this.#ownSchema.get(`${c.type}\u0000${c.name}`) ?? 0;
+      return own > base && own < seq;
+    }).map((c) => `${c.type} "${c.name}"`);
+    const event = {
+      changes: received.changes.filter((c) => {
+        const k = `${c.type}\u0000${c.name}`;
+        const mine = pending.has(k) || (this.#ownSchema.get(k) ?? 0) > seq;
+        if (mine) lost.push(`${c.type} "${c.name}"`);
+        return !mine;
+      }),
+    };
+    this.#noteRenames(seq, event);
+    const result = await this.writeTransaction(() => {
+      // The application's own schema change not yet read goes out first.
+      if (this.schemaChanged()) this.#readTables(true);
+      this.statement(SQL.applyOn).run();
+      this.db.exec("SAVEPOINT marmot_schema");
+      let out: { ran: string[]; lost: string[]; overridden: string[] } | {
+        parked: string;
+      };
+      try {
+        out = { ran: applySchemaEvent(this.db, event), lost, overridden };
+        this.db.exec("RELEASE marmot_schema");
+      } catch (e) {
+        this.db.exec("ROLLBACK TO marmot_schema");
+        this.db.exec("RELEASE marmot_schema");
+        const reason = `Cannot apply schema change ${seq} (${
+          event.changes.map((c) => c.sql ?? `DROP ${c.type} ${c.name}`).join(
+            "; ",
+          )
+        }): ${e instanceof Error ? e.message : e}`;
+        this.statement(SQL.parkedInsert).run(
+          stream,
+          seq,
+          null,
+          null,
+          reason,
+          null,
+        );
+        out = { parked: reason };
+      }
+      this.statement(SQL.applyOff).run();
+      this.#statements.clear();
+      this.#readTables(false);
+      this.statement(SQL.metaSet).run("schema_applied", seq);
+      return out;
+    });
+    this.#statements.clear();
+    return result;
   }
 
   /**

@@ -251,6 +251,12 @@ export function applySchemaEvent(
     ran.push(sql);
   };
   const current = objectsByKey(db);
+  // Already so (the origin's own event, or one applied before): nothing to do.
+  if (
+    event.changes.every((c) =>
+      (current.get(`${c.type}\u0000${c.name}`)?.sql ?? null) === c.sql
+    )
+  ) return ran;
   const target = new Map(
     event.changes.map((c) => [`${c.type}\u0000${c.name}`, c]),
   );

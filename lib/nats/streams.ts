@@ -37,9 +37,14 @@ export function streamName(prefix: string, shard: number): string {
   return `${prefix}-${shard}`;
 }
 
-/** The subject of a shard. */
-export function subjectName(prefix: string, shard: number): string {
+/** The subject of a shard, or of the schema stream (`"schema"`). */
+export function subjectName(prefix: string, shard: number | "schema"): string {
   return `${prefix}.${shard}`;
+}
+
+/** The schema stream: every schema event, in the order every node applies them. */
+export function schemaStreamName(prefix: string): string {
+  return `${prefix}-schema`;
 }
 
 const NANOS = 1_000_000_000;
@@ -54,17 +59,26 @@ export async function ensureStreams(
   log: Logger,
   signal?: AbortSignal,
 ): Promise<void> {
-  for (let shard = 0; shard < options.shards; shard++) {
+  for (let shard = -1; shard < options.shards; shard++) {
+    // The schema stream (-1) keeps every event: a node that starts from an
+    // old snapshot applies them all.
+    const limits = shard < 0
+      ? { maxEntries: -1, maxBytes: -1, maxAgeSeconds: 0 }
+      : options;
     const config: Partial<StreamConfig> & { name: string } = {
-      name: streamName(options.streamPrefix, shard),
-      subjects: [subjectName(options.subjectPrefix, shard)],
+      name: shard < 0
+        ? schemaStreamName(options.streamPrefix)
+        : streamName(options.streamPrefix, shard),
+      subjects: [
+        subjectName(options.subjectPrefix, shard < 0 ? "schema" : shard),
+      ],
       retention: RetentionPolicy.Limits,
       storage: StorageType.File,
       discard: DiscardPolicy.Old,
       num_replicas: options.replicas,
-      max_msgs: options.maxEntries,
-      max_bytes: options.maxBytes,
-      max_age: options.maxAgeSeconds * NANOS,
+      max_msgs: limits.maxEntries,
+      max_bytes: limits.maxBytes,
+      max_age: limits.maxAgeSeconds * NANOS,
       duplicate_window: 120 * NANOS,
     };
     let attempt = 0;

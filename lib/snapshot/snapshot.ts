@@ -34,6 +34,8 @@ export interface SnapshotInfo {
   sequences: number[];
   /** Highest applied change sequence per shard and origin change log: [shard, node, epoch, seq]. */
   origins: [number, number, number, number][];
+  /** The last schema stream event the snapshot's schema includes (absent: 0). */
+  schema?: number;
 }
 
 /**
@@ -63,7 +65,13 @@ export async function takeSnapshot(
   const copy = new DatabaseSync(path);
   let sequences: number[];
   let origins: [number, number, number, number][];
+  let schema: number;
   try {
+    schema = Number(
+      (copy.prepare(
+        "SELECT value FROM __marmot__meta WHERE key = 'schema_applied'",
+      ).get() as { value: number } | undefined)?.value ?? 0,
+    );
     // Parts of an envelope still incomplete are not in the snapshot (it
     // keeps user tables only): a restored node reads the shard again from
     // the first of them, and skips what it already has by origin sequence.
@@ -105,6 +113,7 @@ export async function takeSnapshot(
     sha256,
     sequences,
     origins,
+    schema,
   };
 }
 
@@ -185,6 +194,10 @@ export async function restoreSnapshot(
         "INSERT INTO __marmot__origins(shard, node, epoch, seq) VALUES (?, ?, ?, ?)",
       );
       for (const o of info.origins) origin.run(...o);
+      db.exec("CREATE TABLE __marmot__meta(key TEXT PRIMARY KEY, value)");
+      db.prepare(
+        "INSERT INTO __marmot__meta(key, value) VALUES ('schema_applied', ?)",
+      ).run(info.schema ?? 0);
     } catch (e) {
       if (e instanceof SnapshotError) throw e;
       fail(e instanceof Error ? e.message : String(e), e);
