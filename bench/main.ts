@@ -448,6 +448,7 @@ async function main() {
       fromInsertStart: stats(samples.map((s) => s.seenAt - s.at)),
     };
     for (const r of readers) r.close();
+    const schema = await schemaRounds(dbs, 3);
     await tap?.close();
     const toNats: number[] = [];
     const fromNats: number[] = [];
@@ -485,6 +486,12 @@ async function main() {
       },
       lagMs: lag,
       lagSplitMs: lagSplit,
+      // From an ALTER TABLE on node 1 until nodes 2 and 3 have the column and
+      // a row written in it.
+      schemaMs: {
+        rounds: schema,
+        median: [...schema].sort((a, b) => a - b)[1],
+      },
       // Share of one core each process used while the writers ran.
       lagCpu,
       memory: {
@@ -518,6 +525,49 @@ async function main() {
     await Promise.allSettled(servers.map((s) => s.stop()));
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
+}
+
+/**
+ * Times `rounds` schema changes: from an `ALTER TABLE … ADD COLUMN` and a row
+ * written in the new column on node 1 until every other node has that row.
+ */
+async function schemaRounds(dbs: string[], rounds: number): Promise<number[]> {
+  const origin = new DatabaseSync(dbs[0]!);
+  origin.exec("PRAGMA busy_timeout = 10000");
+  const others = dbs.slice(1).map((db) =>
+    new DatabaseSync(db, { readOnly: true })
+  );
+  const times: number[] = [];
+  try {
+    for (let round = 0; round < rounds; round++) {
+      const column = `ddl_${round}`;
+      const id = 900_000_000 + round;
+      const start = performance.now();
+      origin.exec(`ALTER TABLE bench ADD COLUMN ${column} INTEGER DEFAULT 0`);
+      origin.exec(
+        `INSERT INTO bench(id, node, ts, payload, ${column}) VALUES (${id}, 1, 0, '', 1)`,
+      );
+      const has = (db: DatabaseSync) => {
+        try {
+          return (db.prepare(`SELECT ${column} AS v FROM bench WHERE id = ?`)
+            .get(id) as { v: number } | undefined)?.v === 1;
+        } catch {
+          return false; // the column is not there yet
+        }
+      };
+      while (!others.every(has)) {
+        if (performance.now() - start > 60_000) {
+          throw new Error(`schema change ${round} did not reach every node`);
+        }
+        await new Promise((r) => setTimeout(r, 1));
+      }
+      times.push(performance.now() - start);
+    }
+  } finally {
+    origin.close();
+    for (const db of others) db.close();
+  }
+  return times;
 }
 
 // deno-lint-ignore no-explicit-any -- the JSON result printed as a table
@@ -589,6 +639,12 @@ function printTable(r: any) {
     [
       "  commits, observations (expected)",
       `${r.lagMs.commits}, ${r.lagMs.observed} (${r.lagMs.expected})`,
+    ],
+    [
+      "schema change to every node, median of 3 (ms)",
+      `${f(r.schemaMs.median, 1)} (${
+        r.schemaMs.rounds.map((t: number) => f(t, 1)).join(", ")
+      })`,
     ],
     [
       "CPU during lag (% of a core): marmot",
