@@ -224,3 +224,94 @@ Deno.test("a marmot killed with SIGKILL while applying schema changes neither re
   assert.doesNotMatch(node2.log, /duplicate column|Parked/);
   assert.equal((await sqlite(b, "SELECT count(*) FROM posts;")).trim(), "20");
 });
+
+Deno.test("every kind of DDL, alone and several in one transaction, made on any node with rows right before and after it on the origin and on the others, ends with the same schema and rows on three nodes", async (t) => {
+  await using bed = await testBed("marmot_schema_kinds_");
+  const dbs = [bed.db("a"), bed.db("b"), bed.db("c")];
+  const base =
+    `CREATE TABLE posts(id TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '', body TEXT, n INTEGER);
+    CREATE INDEX posts_title ON posts(title);
+    CREATE TABLE tags(id TEXT PRIMARY KEY, name TEXT);
+    CREATE VIEW titles AS SELECT id, title FROM posts;`;
+  for (const db of dbs) await sqlite(db, base);
+  const nodes = dbs.map((db, i) => bed.start(db, i + 1));
+  await Promise.all(nodes.map((n) => n.waitForLog("Replicating")));
+  const cases: [string, string][] = [
+    ["CREATE TABLE", "CREATE TABLE notes(id TEXT PRIMARY KEY, v BLOB);"],
+    [
+      "ADD COLUMN",
+      "ALTER TABLE posts ADD COLUMN views INTEGER NOT NULL DEFAULT 0;",
+    ],
+    ["RENAME COLUMN", "ALTER TABLE posts RENAME COLUMN body TO content;"],
+    ["DROP COLUMN", "ALTER TABLE posts DROP COLUMN n;"],
+    ["RENAME TO", "ALTER TABLE tags RENAME TO labels;"],
+    [
+      "indexes",
+      "CREATE UNIQUE INDEX labels_name ON labels(name); CREATE INDEX posts_views ON posts(views) WHERE views > 0; DROP INDEX posts_title;",
+    ],
+    [
+      "views",
+      "DROP VIEW titles; CREATE VIEW counts AS SELECT count(*) AS n FROM posts;",
+    ],
+    [
+      "the application's triggers",
+      'CREATE TABLE audit(msg TEXT); CREATE TRIGGER posts_audit AFTER INSERT ON posts WHEN NOT EXISTS (SELECT 1 FROM "__marmot__apply") BEGIN INSERT INTO audit VALUES (new.id); END;',
+    ],
+    [
+      "SQLite's generic rebuild",
+      `BEGIN;
+       CREATE TABLE labels_new(id TEXT PRIMARY KEY, name TEXT, color TEXT DEFAULT 'none');
+       INSERT INTO labels_new(id, name) SELECT id, name FROM labels;
+       DROP TABLE labels;
+       ALTER TABLE labels_new RENAME TO labels;
+       CREATE UNIQUE INDEX labels_name ON labels(name);
+       COMMIT;`,
+    ],
+    [
+      "PocketBase: a field added under a temporary name, then renamed",
+      `BEGIN;
+       ALTER TABLE posts ADD COLUMN "_tmp_x8f2" TEXT DEFAULT '' NOT NULL;
+       ALTER TABLE posts RENAME COLUMN "_tmp_x8f2" TO "summary";
+       COMMIT;`,
+    ],
+    [
+      "PocketBase: a field renamed through a temporary name",
+      `BEGIN;
+       ALTER TABLE posts RENAME COLUMN title TO "_tmp_q1";
+       ALTER TABLE posts RENAME COLUMN "_tmp_q1" TO headline;
+       COMMIT;`,
+    ],
+    [
+      "PocketBase: views dropped, a column changed, rows rewritten, views created again",
+      `BEGIN;
+       DROP VIEW counts;
+       ALTER TABLE posts DROP COLUMN content;
+       ALTER TABLE posts ADD COLUMN content TEXT DEFAULT '' NOT NULL;
+       UPDATE posts SET content = 'rewritten ' || id;
+       CREATE VIEW counts AS SELECT count(*) AS n, max(content) AS last FROM posts;
+       COMMIT;`,
+    ],
+    ["DROP TABLE", "DROP TABLE notes;"],
+  ];
+  let row = 0;
+  /** A row in posts written on `db`, in whatever shape posts has there now. */
+  const write = (db: string) =>
+    sqlite(db, `INSERT INTO posts(id) VALUES ('r${++row}');`);
+  for (const [i, [name, ddl]] of cases.entries()) {
+    await t.step(name, async () => {
+      const origin = dbs[i % 3]!;
+      const other = dbs[(i + 1) % 3]!;
+      await write(origin);
+      await write(other);
+      await sqlite(origin, ddl);
+      await write(origin);
+      await write(other);
+      await waitSame(dbs);
+    });
+  }
+  for (const n of nodes) assert.doesNotMatch(n.log, /Parked/, n.log);
+  assert.equal(
+    (await sqlite(dbs[2]!, "SELECT count(*) FROM posts;")).trim(),
+    String(row),
+  );
+});

@@ -511,7 +511,7 @@ class ApplyCall {
       const have = new Set(
         info.rowid ? [info.rowid, ...info.columns] : info.columns,
       );
-      const keep = columns.map((c) => have.has(c));
+      const keep = columns.map((c) => have.has(c) && !now.stale.has(c));
       columns = columns.filter((_, i) => keep[i]);
       values = values.filter((_, i) => keep[i]);
     }

@@ -118,6 +118,7 @@ export class ReplicaDb implements Disposable {
     table: string;
     from: string | undefined;
     columns: [string, string][];
+    redefined: string[];
     /** The outbox entry of an own event not yet published. */
     outbox: number | undefined;
   }[] = [];
@@ -368,12 +369,15 @@ export class ReplicaDb implements Disposable {
 
   #noteRenames(seq: number, event: SchemaEvent, outbox?: number): void {
     for (const c of event.changes) {
-      if (c.type === "table" && (c.from !== undefined || c.columns)) {
+      if (
+        c.type === "table" && (c.from !== undefined || c.columns || c.redefined)
+      ) {
         this.#renames.push({
           seq,
           table: c.name,
           from: c.from,
           columns: c.columns ?? [],
+          redefined: c.redefined ?? [],
           outbox,
         });
       }
@@ -390,9 +394,10 @@ export class ReplicaDb implements Disposable {
     table: string,
     columns: string[],
     version: number,
-  ): { table: string; columns: string[] } {
+  ): { table: string; columns: string[]; stale: Set<string> } {
     let name = table;
     let cols = columns;
+    const stale = new Set<string>();
     for (const r of this.#renames) {
       if (r.seq <= version) continue;
       if (r.from !== undefined && r.from === name) name = r.table;
@@ -400,8 +405,9 @@ export class ReplicaDb implements Disposable {
       for (const [from, to] of r.columns) {
         cols = cols.map((c) => c === from ? to : c);
       }
+      for (const c of r.redefined) stale.add(c);
     }
-    return { table: name, columns: cols };
+    return { table: name, columns: cols, stale };
   }
 
   /** The schema events waiting to be published, oldest first. */

@@ -53,6 +53,11 @@ export interface SchemaChange {
   /** A table's renamed columns, `[old, new]`, in the order they apply. */
   columns?: [string, string][];
   /**
+   * A table's columns whose definition changed (dropped and added again
+   * under their name): a value written in the old shape is not theirs.
+   */
+  redefined?: string[];
+  /**
    * The table was created again under its name (a new root page): its rows
    * were copied by the origin, so a rebuild copies every column both have.
    */
@@ -132,6 +137,8 @@ export function diffSchema(
     if (source) {
       const renames = renamedColumns(source.sql, o.sql);
       if (renames.length > 0) c.columns = renames;
+      const redefined = redefinedColumns(source.sql, o.sql, renames);
+      if (redefined.length > 0) c.redefined = redefined;
     } else if (was) c.rebuilt = true;
     changes.push(c);
   }
@@ -223,6 +230,24 @@ function renamedColumns(before: string, after: string): [string, string][] {
     renames.push([x.name, y.name]);
   }
   return renames;
+}
+
+/** Columns in both statements (after `renames`) whose definition differs. */
+function redefinedColumns(
+  before: string,
+  after: string,
+  renames: [string, string][],
+): string[] {
+  const renamed = new Map(renames);
+  const old = new Map(
+    tableParts(before).columns.map((c) => [
+      renamed.get(c.name) ?? c.name,
+      definition(c),
+    ]),
+  );
+  return tableParts(after).columns
+    .filter((c) => old.has(c.name) && old.get(c.name) !== definition(c))
+    .map((c) => c.name);
 }
 
 /** The replicated objects of `db` by type and name. */
