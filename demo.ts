@@ -34,7 +34,9 @@ console.log(`demo: databases in ${dir}`);
 for (const db of dbs) {
   sqlite(
     db,
-    "CREATE TABLE notes(id INTEGER PRIMARY KEY, author TEXT, body TEXT, at TEXT)",
+    // Random text ids, as PocketBase gives its records: no two nodes pick
+    // the same key for new rows.
+    "CREATE TABLE notes(id TEXT PRIMARY KEY DEFAULT (lower(hex(randomblob(8)))), author TEXT, body TEXT, at TEXT)",
   );
 }
 const nodes = dbs.map((db, i) => {
@@ -114,7 +116,7 @@ try {
     );
   }
   const edited = performance.now();
-  sqlite(dbs[2]!, "UPDATE notes SET body = 'edited on node 3' WHERE id = 1");
+  sqlite(dbs[2]!, "UPDATE notes SET body = 'edited on node 3'");
   await waitFor(
     "the edit on node 1",
     () => sqlite(dbs[0]!, "SELECT body FROM notes") === "edited on node 3",

@@ -111,8 +111,6 @@ export class Subscriber {
   #tasks: Promise<void>[] = [];
   #current = new Map<number, ConsumerMessages>();
   #ownRecoveredLogged = false;
-  /** Tables whose overwrites were logged at warn level. */
-  #overwritten = new Set<string>();
   #deferred: IncomingMessage[] = [];
   #gapped = new Set<number>();
   #deferTimer: ReturnType<typeof setTimeout> | undefined;
@@ -647,27 +645,13 @@ export class Subscriber {
     this.stats.skipped += result.skipped;
     this.stats.parked += result.parked.length;
     for (const o of result.overwrites ?? []) {
+      // Counted and said at debug level only: an edit of another node's row
+      // counts too, and the table was named in a warning at start.
       this.stats.overwrites++;
-      const first = !this.#overwritten.has(o.table);
-      this.#overwritten.add(o.table);
-      this.#options.log.log(
-        first ? "warn" : "debug",
+      this.#options.log.debug(
         "A row written by one node was overwritten by another's change",
-        {
-          ...o,
-          ...(first
-            ? {
-              hint:
-                'if two nodes gave new rows the same auto-assigned key, one row is lost; give new rows keys no other node can pick (README, "Limits to know")',
-            }
-            : {}),
-        },
+        { ...o },
       );
-    }
-    for (const p of result.parked) {
-      this.#options.log.error("Parked a change that cannot be applied", {
-        ...p,
-      });
     }
     this.#options.onApplied?.({
       messages: messages.length,
