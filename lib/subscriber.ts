@@ -653,6 +653,11 @@ export class Subscriber {
         { ...o },
       );
     }
+    for (const p of result.parked) {
+      this.#options.log.error("Parked a change that cannot be applied", {
+        ...p,
+      });
+    }
     this.#options.onApplied?.({
       messages: messages.length,
       applied: result.applied,
