@@ -394,7 +394,11 @@ export class ReplicaDb implements Disposable {
     table: string,
     columns: string[],
     version: number,
-  ): { table: string; columns: string[]; stale: Set<string> } {
+  ): { table: string; columns: string[]; stale: ReadonlySet<string> } {
+    // Per applied change: nothing to follow in the usual case (kept sorted).
+    if ((this.#renames.at(-1)?.seq ?? 0) <= version) {
+      return { table, columns, stale: NO_COLUMNS };
+    }
     let name = table;
     let cols = columns;
     const stale = new Set<string>();
@@ -1055,6 +1059,8 @@ export function checkDatabaseFile(path: string): void {
     throw e;
   }
 }
+
+const NO_COLUMNS: ReadonlySet<string> = new Set();
 
 /** How long {@linkcode ReplicaDb} retries a busy write lock in 0.1 ms steps. */
 const FAST_RETRY_MS = 10;
