@@ -60,6 +60,12 @@ const OBSERVE_MS = 0.5;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const log = (m: string) => console.error(`bench: ${m}`);
 
+/** The middle value (the lower middle of an even count). */
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor((sorted.length - 1) / 2)] ?? NaN;
+}
+
 function percentile(sorted: number[], p: number): number {
   if (sorted.length === 0) return NaN;
   return sorted[
@@ -448,7 +454,12 @@ async function main() {
       fromInsertStart: stats(samples.map((s) => s.seenAt - s.at)),
     };
     for (const r of readers) r.close();
-    const schema = await schemaRounds(dbs, 3);
+    const schema = await schemaRounds(dbs, 3).catch((e) => {
+      for (const n of nodes) {
+        log(`node ${n.id}'s log, last lines:\n${n.log.join("").slice(-3000)}`);
+      }
+      throw e;
+    });
     await tap?.close();
     const toNats: number[] = [];
     const fromNats: number[] = [];
@@ -490,7 +501,9 @@ async function main() {
       // a row written in it.
       schemaMs: {
         rounds: schema,
-        median: [...schema].sort((a, b) => a - b)[1],
+        median: median(schema.map((r) => r.schema)),
+        otherFromOriginMedian: median(schema.map((r) => r.otherFromOrigin)),
+        otherFromPeerMedian: median(schema.map((r) => r.otherFromPeer)),
       },
       // Share of one core each process used while the writers ran.
       lagCpu,
@@ -527,18 +540,59 @@ async function main() {
   }
 }
 
+/** What one schema round measured, in milliseconds. */
+interface SchemaRound {
+  /** From the DDL commit on node 1 until every other node has a row in the new column. */
+  schema: number;
+  /** A row of another table, written on node 1 right after the DDL, until every other node has it. */
+  otherFromOrigin: number;
+  /** A row of another table, written on node 2 at the same moment, until nodes 1 and 3 have it. */
+  otherFromPeer: number;
+}
+
 /**
  * Times `rounds` schema changes: from an `ALTER TABLE … ADD COLUMN` and a row
- * written in the new column on node 1 until every other node has that row.
+ * written in the new column on node 1 until every other node has that row,
+ * and the lag of rows of another table written meanwhile on node 1 (they
+ * come after the DDL in node 1's order, so they wait for it) and on node 2
+ * (they need not wait).
  */
-async function schemaRounds(dbs: string[], rounds: number): Promise<number[]> {
-  const origin = new DatabaseSync(dbs[0]!);
-  origin.exec("PRAGMA busy_timeout = 10000");
-  const others = dbs.slice(1).map((db) =>
-    new DatabaseSync(db, { readOnly: true })
-  );
-  const times: number[] = [];
+async function schemaRounds(
+  dbs: string[],
+  rounds: number,
+): Promise<SchemaRound[]> {
+  const open = (db: string) => {
+    const c = new DatabaseSync(db);
+    c.exec("PRAGMA busy_timeout = 10000");
+    return c;
+  };
+  const origin = open(dbs[0]!);
+  const peer = open(dbs[1]!);
+  const readers = dbs.map((db) => new DatabaseSync(db, { readOnly: true }));
+  const has = (db: DatabaseSync, sql: string, id: number) => {
+    try {
+      return (db.prepare(sql).get(id) as { v: number } | undefined)?.v === 1;
+    } catch {
+      return false; // the table or column is not there yet
+    }
+  };
+  /** Milliseconds from `start` until `sql` finds row `id` on every reader of `on`. */
+  const arrival = async (on: number[], sql: string, id: number) => {
+    const start = performance.now();
+    while (!on.every((i) => has(readers[i]!, sql, id))) {
+      if (performance.now() - start > 60_000) {
+        throw new Error(`row ${id} (${sql}) did not reach nodes ${on}`);
+      }
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    return performance.now();
+  };
+  const times: SchemaRound[] = [];
   try {
+    origin.exec("CREATE TABLE IF NOT EXISTS other(id INTEGER PRIMARY KEY, v)");
+    origin.exec("INSERT INTO other VALUES (0, 1)");
+    const otherRow = "SELECT v FROM other WHERE id = ?";
+    await arrival([1, 2], otherRow, 0);
     for (let round = 0; round < rounds; round++) {
       const column = `ddl_${round}`;
       const id = 900_000_000 + round;
@@ -547,25 +601,23 @@ async function schemaRounds(dbs: string[], rounds: number): Promise<number[]> {
       origin.exec(
         `INSERT INTO bench(id, node, ts, payload, ${column}) VALUES (${id}, 1, 0, '', 1)`,
       );
-      const has = (db: DatabaseSync) => {
-        try {
-          return (db.prepare(`SELECT ${column} AS v FROM bench WHERE id = ?`)
-            .get(id) as { v: number } | undefined)?.v === 1;
-        } catch {
-          return false; // the column is not there yet
-        }
-      };
-      while (!others.every(has)) {
-        if (performance.now() - start > 60_000) {
-          throw new Error(`schema change ${round} did not reach every node`);
-        }
-        await new Promise((r) => setTimeout(r, 1));
-      }
-      times.push(performance.now() - start);
+      const fromOrigin = performance.now();
+      origin.exec(`INSERT INTO other VALUES (${2 * id}, 1)`);
+      const fromPeer = performance.now();
+      peer.exec(`INSERT INTO other VALUES (${2 * id + 1}, 1)`);
+      const [schemaAt, originAt, peerAt] = await Promise.all([
+        arrival([1, 2], `SELECT ${column} AS v FROM bench WHERE id = ?`, id),
+        arrival([1, 2], otherRow, 2 * id),
+        arrival([0, 2], otherRow, 2 * id + 1),
+      ]);
+      times.push({
+        schema: schemaAt - start,
+        otherFromOrigin: originAt - fromOrigin,
+        otherFromPeer: peerAt - fromPeer,
+      });
     }
   } finally {
-    origin.close();
-    for (const db of others) db.close();
+    for (const c of [origin, peer, ...readers]) c.close();
   }
   return times;
 }
@@ -643,8 +695,14 @@ function printTable(r: any) {
     [
       "schema change to every node, median of 3 (ms)",
       `${f(r.schemaMs.median, 1)} (${
-        r.schemaMs.rounds.map((t: number) => f(t, 1)).join(", ")
+        r.schemaMs.rounds.map((t: SchemaRound) => f(t.schema, 1)).join(", ")
       })`,
+    ],
+    [
+      "  lag of another table meanwhile: origin / other node (ms)",
+      `${f(r.schemaMs.otherFromOriginMedian, 1)} / ${
+        f(r.schemaMs.otherFromPeerMedian, 1)
+      }`,
     ],
     [
       "CPU during lag (% of a core): marmot",
