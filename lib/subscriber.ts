@@ -80,6 +80,8 @@ export interface SubscriberStats {
    * `ApplyResult.overwrites`).
    */
   overwrites: number;
+  /** Rows kept aside by a UNIQUE conflict (see `ApplyResult.hidden`). */
+  hidden: number;
 }
 
 /** How long a shard consumer may go without a message or heartbeat. */
@@ -99,6 +101,7 @@ export class Subscriber {
     skipped: 0,
     parked: 0,
     overwrites: 0,
+    hidden: 0,
   };
   #db: ReplicaDb;
   #js: JetStreamClient;
@@ -651,6 +654,23 @@ export class Subscriber {
       this.#options.log.debug(
         "A row written by one node was overwritten by another's change",
         { ...o },
+      );
+    }
+    for (const h of result.hidden ?? []) {
+      this.stats.hidden++;
+      this.#options.log.info(
+        "A row lost a UNIQUE value to a row with a lower key; kept aside",
+        {
+          ...h,
+          hint:
+            "every node keeps the same winner; the row is in __marmot__conflicts and comes back when the value is free",
+        },
+      );
+    }
+    for (const s of result.shown ?? []) {
+      this.#options.log.info(
+        "A row kept aside by a UNIQUE conflict is shown again: the value is free",
+        { ...s },
       );
     }
     for (const p of result.parked) {

@@ -21,6 +21,15 @@ import {
 import { DatabaseError, type ReplicaDb } from "./replica_db.ts";
 import { SQL, storedKey } from "./marmot_tables.ts";
 import { parseKey, quoteIdent } from "./sql.ts";
+import { keyExpr, readImage } from "./capture.ts";
+import type { TableInfo } from "./schema.ts";
+import {
+  compareKeys,
+  isUniqueError,
+  type Rival,
+  rivalsOf,
+  uniqueIndexes,
+} from "./unique.ts";
 
 /** A message taken from a shard stream, to apply. */
 export interface IncomingMessage {
@@ -80,6 +89,14 @@ export interface ApplyResult {
    * another's row. Absent when none.
    */
   overwrites?: { table: string; key: string; origin: number; was: number }[];
+  /**
+   * Rows kept aside in `__marmot__conflicts` by this call: a row with a
+   * lower key holds a value of a UNIQUE index they claim (see unique.ts).
+   * Absent when none.
+   */
+  hidden?: { table: string; key: string; index: string; winner: string }[];
+  /** Rows kept aside before that this call showed again. Absent when none. */
+  shown?: { table: string; key: string }[];
 }
 
 /**
@@ -96,6 +113,8 @@ export class Applier {
    * runs per message; with none (the usual case) it is skipped.
    */
   #partsHeld = true;
+  /** Whether `__marmot__conflicts` may hold rows, as `#partsHeld`. */
+  #hiddenHeld = true;
 
   constructor(replica: ReplicaDb) {
     this.#replica = replica;
@@ -132,6 +151,7 @@ export class Applier {
       appliedSeq: (id) => this.#origins.get(id) ?? 0,
       partsHeld: () => this.#partsHeld,
       notePart: () => this.#partsHeld = true,
+      hiddenHeld: () => this.#hiddenHeld,
     });
     await this.#replica.writeTransaction(() => {
       call.schemaAhead = this.#replica.catchUpSchema();
@@ -159,6 +179,7 @@ interface ApplyState {
   appliedSeq(originId: string): number;
   partsHeld(): boolean;
   notePart(): void;
+  hiddenHeld(): boolean;
 }
 
 /** A change that failed on its first try, to try once more at the end. */
@@ -194,6 +215,8 @@ class ApplyCall {
   #schemaApplied: number | undefined;
   /** This file has schema changes of its own not yet published. */
   schemaAhead = false;
+  /** The tables (their current names) this call wrote or got own changes of. */
+  readonly #touched = new Set<string>();
   /** Own changes that came back behind later own ones. */
   readonly #staleOwn: { table: string; key: string; seq: number }[] = [];
 
@@ -208,6 +231,7 @@ class ApplyCall {
     try {
       for (const message of messages) this.#applyMessage(message);
       this.#retryFailed();
+      this.#settle();
       this.#recordPositions();
       this.#rerecordStaleOwn();
       if (this.#changeLogTop !== undefined) {
@@ -348,6 +372,7 @@ class ApplyCall {
         ).changes;
         if (Number(acked) > 0) {
           this.#noteWriter(ref.name, change);
+          if (this.#state.hiddenHeld()) this.#ownChange(ref, change);
           this.result.skipped++;
           continue;
         }
@@ -491,20 +516,19 @@ class ApplyCall {
     );
   }
 
-  #write(ref: TableRef, change: Change): void {
+  /**
+   * The table (its current name) and the columns and values a change writes:
+   * a row in the shape of an older schema applies to the columns that
+   * still exist.
+   */
+  #shape(ref: TableRef, change: Change): Shaped {
     const now = this.#replica.currentNames(
       ref.name,
       ref.columns,
       ref.schemaVersion,
     );
-    if (change.op !== Op.Upsert) {
-      deleteRow(this.#replica, now.table, change.key);
-      return;
-    }
     let { columns } = now;
-    let values = change.values!;
-    // A row in the shape of an older schema applies to the columns that
-    // still exist.
+    let values = change.values ?? [];
     this.#schemaApplied ??= this.#replica.schemaVersions().tag;
     const info = this.#replica.tables.get(now.table);
     if (info && (this.schemaAhead || ref.schemaVersion < this.#schemaApplied)) {
@@ -515,8 +539,233 @@ class ApplyCall {
       columns = columns.filter((_, i) => keep[i]);
       values = values.filter((_, i) => keep[i]);
     }
-    upsertRow(this.#replica, now.table, columns, values);
+    return { table: now.table, columns, values };
   }
+
+  /**
+   * Writes one change. A row that a UNIQUE index refuses is settled by the
+   * rule of unique.ts: the lower key is shown, the other kept aside.
+   */
+  #write(ref: TableRef, change: Change): void {
+    const row = this.#shape(ref, change);
+    this.#touched.add(row.table);
+    if (change.op !== Op.Upsert) {
+      deleteRow(this.#replica, row.table, change.key);
+      this.#unhide(row.table, change.key);
+      return;
+    }
+    try {
+      upsertRow(this.#replica, row.table, row.columns, row.values);
+    } catch (e) {
+      if (!isUniqueError(e) || !this.#replica.db.isTransaction) throw e;
+      this.#contest(ref, change, row, e as Error);
+      return;
+    }
+    this.#unhide(row.table, change.key);
+  }
+
+  /** A row refused by a UNIQUE index: it wins against higher keys only. */
+  #contest(ref: TableRef, change: Change, row: Shaped, refused: Error): void {
+    const rivals = this.#rivals(row, change.key);
+    if (rivals.length === 0) throw refused; // not a value another row holds
+    const first = lowest(rivals);
+    if (compareKeys(change.key, first.key) > 0) {
+      this.#keepAside(row.table, ref, change, first);
+      deleteRow(this.#replica, row.table, change.key); // its older version
+      return;
+    }
+    for (const rival of rivals) this.#hideShown(row.table, rival, change.key);
+    upsertRow(this.#replica, row.table, row.columns, row.values);
+    this.#unhide(row.table, change.key);
+  }
+
+  #rivals(row: Shaped, key: string): Rival[] {
+    const info = replicatedTable(this.#replica, row.table);
+    return rivalsOf(
+      this.#replica.db,
+      info,
+      uniqueIndexes(this.#replica.db, row.table),
+      keyExpr(info, "t"),
+      row.columns,
+      row.values,
+      key,
+    );
+  }
+
+  /** Moves a shown row aside: it lost `rival.index` to `winner`. */
+  #hideShown(table: string, rival: Rival, winner: string): void {
+    const info = replicatedTable(this.#replica, table);
+    const columns = info.rowid ? [info.rowid, ...info.columns] : info.columns;
+    const values = readImage(this.#replica, info, columns, rival.key);
+    if (!values) return; // already aside (it lost on another index too)
+    this.#keepAside(
+      table,
+      {
+        name: table,
+        schemaVersion: this.#replica.schemaVersions().tag,
+        columns,
+      },
+      { table: 0, seq: 0, key: rival.key, op: Op.Upsert, values },
+      { key: winner, index: rival.index },
+    );
+    deleteRow(this.#replica, table, rival.key);
+  }
+
+  /** Keeps a row image in `__marmot__conflicts`: it lost to `to`. */
+  #keepAside(table: string, ref: TableRef, change: Change, to: Rival): void {
+    const image = encodeBatch({
+      origin: 0,
+      epoch: 0,
+      shard: 0,
+      tables: [ref],
+      changes: [{ ...change, table: 0, seq: 0 }],
+    });
+    this.#replica.statement(SQL.conflictsPut).run(
+      table,
+      change.key,
+      to.index,
+      to.key,
+      rowJson(ref.columns, change.values!),
+      image,
+    );
+    (this.result.hidden ??= []).push({
+      table,
+      key: change.key,
+      index: to.index,
+      winner: to.key,
+    });
+  }
+
+  /** A row written anew is no longer aside. */
+  #unhide(table: string, key: string): void {
+    if (!this.#state.hiddenHeld() && !this.result.hidden) return;
+    this.#replica.statement(SQL.conflictsDelete).run(table, key);
+  }
+
+  /**
+   * This node's own change came back: its table's rows aside are tried
+   * again, and a row the application wrote again under the key of one
+   * aside replaces it.
+   */
+  #ownChange(ref: TableRef, change: Change): void {
+    const table = this.#replica.currentNames(
+      ref.name,
+      ref.columns,
+      ref.schemaVersion,
+    ).table;
+    if (!this.#replica.tables.has(table)) return;
+    this.#touched.add(table);
+    if (change.op !== Op.Upsert || this.#isShown(table, change.key)) {
+      this.#replica.statement(SQL.conflictsDelete).run(table, change.key);
+    }
+  }
+
+  #isShown(table: string, key: string): boolean {
+    const info = replicatedTable(this.#replica, table);
+    return this.#replica.statementFor(
+      `exists\u0000${table}`,
+      () => `SELECT 1 FROM ${quoteIdent(table)} WHERE ${keyWhere(info)}`,
+    ).get(...parseKey(key)) !== undefined;
+  }
+
+  /**
+   * Tries the rows aside of every table this call touched again, lowest key
+   * first: one is shown when every shown row holding a value it claims has
+   * a higher key (those go aside), and the search starts over. It ends when
+   * none can be shown, which is the same state on every node that has the
+   * same rows (see unique.ts).
+   */
+  #settle(): void {
+    if (!this.#state.hiddenHeld() && !this.result.hidden) return;
+    for (const table of this.#touched) {
+      if (!this.#replica.tables.has(table)) continue;
+      // Each round shows a row in place of higher ones, so it ends; the
+      // bound only keeps a bug from spinning.
+      for (let round = 0; round < 10_000; round++) {
+        const aside = this.#replica.statement(SQL.conflictsOfTable).all(
+          table,
+        ) as { k: string; image: Uint8Array }[];
+        aside.sort((a, b) => compareKeys(a.k, b.k));
+        if (!aside.some((row) => this.#tryShow(table, row))) break;
+      }
+    }
+  }
+
+  /** Shows one row aside if it wins now; true when the rows changed. */
+  #tryShow(table: string, aside: { k: string; image: Uint8Array }): boolean {
+    const forget = () =>
+      this.#replica.statement(SQL.conflictsDelete).run(table, aside.k);
+    if (this.#isShown(table, aside.k)) {
+      forget(); // written again since, by this node's application
+      return false;
+    }
+    const batch = decodeBatch(aside.image);
+    const ref = batch.tables[0]!;
+    const change = batch.changes[0]!;
+    const row = this.#shape(ref, change);
+    const rivals = this.#rivals(row, aside.k);
+    if (rivals.length > 0 && compareKeys(lowest(rivals).key, aside.k) < 0) {
+      const first = lowest(rivals);
+      this.#replica.statement(SQL.conflictsSetWinner).run(
+        first.index,
+        first.key,
+        table,
+        aside.k,
+        first.index,
+        first.key,
+      );
+      return false;
+    }
+    const db = this.#replica.db;
+    db.exec("SAVEPOINT marmot_show");
+    try {
+      for (const rival of rivals) this.#hideShown(table, rival, aside.k);
+      upsertRow(this.#replica, table, row.columns, row.values);
+      forget();
+      db.exec("RELEASE marmot_show");
+    } catch (e) {
+      if (!db.isTransaction) throw e;
+      // Refused for another reason (a CHECK, NOT NULL): it stays aside.
+      db.exec("ROLLBACK TO marmot_show");
+      db.exec("RELEASE marmot_show");
+      if (this.result.hidden) {
+        this.result.hidden = this.result.hidden.filter((h) =>
+          !(h.table === table && rivals.some((r) => r.key === h.key))
+        );
+      }
+      return false;
+    }
+    (this.result.shown ??= []).push({ table, key: aside.k });
+    return true;
+  }
+}
+
+/** The columns and values a change writes, in its table's current name. */
+interface Shaped {
+  table: string;
+  columns: string[];
+  values: SqlValue[];
+}
+
+/** The rival with the lowest key. */
+function lowest(rivals: Rival[]): Rival {
+  return rivals.reduce((a, b) => compareKeys(a.key, b.key) <= 0 ? a : b);
+}
+
+/** A row image as JSON for people: BLOBs as hex, big integers as numbers. */
+function rowJson(columns: string[], values: SqlValue[]): string {
+  const parts = columns.map((c, i) => {
+    const v = values[i];
+    const text = v instanceof Uint8Array
+      ? JSON.stringify(
+        `x'${Array.from(v, (b) => b.toString(16).padStart(2, "0")).join("")}'`,
+      )
+      : typeof v === "bigint"
+      ? v.toString()
+      : JSON.stringify(v ?? null);
+    return `${JSON.stringify(c)}:${text}`;
+  });
+  return `{${parts.join(",")}}`;
 }
 
 /** Inserts or updates one row by its primary key (or rowid). */
@@ -544,10 +793,12 @@ function upsertRow(
           ).run(...rest, rowid!).changes,
         ) > 0;
     if (!changed) {
+      // Only a row with no other columns may already be there.
+      const or = dataColumns.length === 0 ? " OR IGNORE" : "";
       statement(
         "insert",
         () =>
-          `INSERT OR IGNORE INTO ${quoteIdent(table)}(${info.rowid}${
+          `INSERT${or} INTO ${quoteIdent(table)}(${info.rowid}${
             dataColumns.map((c) => `, ${quoteIdent(c)}`).join("")
           }) VALUES (${values.map(() => "?").join(", ")})`,
       ).run(...values);
@@ -613,12 +864,17 @@ function upsertRow(
 /** Deletes one row by its key text. */
 function deleteRow(replica: ReplicaDb, table: string, key: string): void {
   const info = replicatedTable(replica, table);
-  replica.statementFor(`delete\u0000${table}`, () => {
-    const where = info.rowid
-      ? `${info.rowid} = ?`
-      : info.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
-    return `DELETE FROM ${quoteIdent(table)} WHERE ${where}`;
-  }).run(...parseKey(key));
+  replica.statementFor(
+    `delete\u0000${table}`,
+    () => `DELETE FROM ${quoteIdent(table)} WHERE ${keyWhere(info)}`,
+  ).run(...parseKey(key));
+}
+
+/** The WHERE clause that finds a row by its key values. */
+function keyWhere(info: TableInfo): string {
+  return info.rowid
+    ? `${info.rowid} = ?`
+    : info.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
 }
 
 function replicatedTable(replica: ReplicaDb, table: string) {

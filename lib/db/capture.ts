@@ -6,11 +6,11 @@
  * @module
  */
 import type { DatabaseSync } from "node:sqlite";
-import type { SqlValue } from "../codec.ts";
+import { decodeBatch, type SqlValue } from "../codec.ts";
 import type { ReplicaDb } from "./replica_db.ts";
 import { MARMOT_PREFIX, type TableInfo } from "./schema.ts";
 import { parseKey, quoteIdent, quoteText } from "./sql.ts";
-import { NEXT_SEQ, TABLES } from "./marmot_tables.ts";
+import { NEXT_SEQ, SQL, TABLES } from "./marmot_tables.ts";
 
 /** A captured change, ready to publish: the row's current image or its absence. */
 export interface PendingChange {
@@ -31,8 +31,8 @@ export interface PendingChange {
   version?: number;
 }
 
-/** The key text expression of a row in a trigger (`NEW` or `OLD`). */
-export function keyExpr(table: TableInfo, row: "NEW" | "OLD"): string {
+/** The key text expression of the row named `row` (`NEW` or `OLD` in a trigger, or a table alias). */
+export function keyExpr(table: TableInfo, row: string): string {
   if (table.rowid) return `quote(${row}.${table.rowid})`;
   if (table.integerKey) return `quote(${row}.${quoteIdent(table.pk[0]!)})`;
   return table.pk.map((c) => keyPartText(`${row}.${quoteIdent(c)}`)).join(
@@ -214,6 +214,7 @@ export function readPending(
       newest.set(id, { seq: row.seq, table: row.tbl, key });
     }
     const changes: PendingChange[] = [];
+    let aside: boolean | undefined;
     for (const change of newest.values()) {
       if (keep && !keep(change.table, change.key)) continue;
       const table = replica.tables.get(change.table)!;
@@ -221,7 +222,12 @@ export function readPending(
         ? [table.rowid, ...table.columns]
         : table.columns;
       try {
-        const values = readImage(replica, table, columns, change.key);
+        let values = readImage(replica, table, columns, change.key);
+        // A row kept aside by a UNIQUE conflict still exists for the others.
+        if (values === undefined) {
+          aside ??= replica.statement(SQL.conflictsAny).get() !== undefined;
+          if (aside) values = asideImage(replica, table, columns, change.key);
+        }
         changes.push({
           table,
           key: change.key,
@@ -271,6 +277,28 @@ function keyText(table: TableInfo, row: LogRow): string | undefined {
 }
 
 /**
+ * The image of a row kept aside in `__marmot__conflicts` (see unique.ts), in
+ * `columns` (a column it lacks is NULL); `undefined` when it is not there.
+ */
+function asideImage(
+  replica: ReplicaDb,
+  table: TableInfo,
+  columns: string[],
+  key: string,
+): SqlValue[] | undefined {
+  const row = replica.statement(SQL.conflictsGet).get(table.name, key) as
+    | { image: Uint8Array }
+    | undefined;
+  if (!row) return undefined;
+  const batch = decodeBatch(row.image);
+  const ref = batch.tables[0]!;
+  const now = replica.currentNames(ref.name, ref.columns, ref.schemaVersion);
+  const values = batch.changes[0]!.values!;
+  const byName = new Map(now.columns.map((c, i) => [c, values[i]!]));
+  return columns.map((c) => byName.get(c) ?? null);
+}
+
+/**
  * The most columns one image SELECT reads. SQLite allows 2,000 columns in a
  * table but also at most 2,000 in a result and an expression depth of 1,000
  * (the NUL mask below is a chain of `||`): a wider row is read in parts.
@@ -282,7 +310,7 @@ export const IMAGE_PART_COLUMNS = 500;
  * exists; read in parts of at most {@linkcode IMAGE_PART_COLUMNS} columns
  * (inside the caller's read transaction, so the parts agree).
  */
-function readImage(
+export function readImage(
   replica: ReplicaDb,
   table: TableInfo,
   columns: string[],

@@ -26,6 +26,10 @@
  * - `writers(tbl, k, origin)`: the node that last wrote each row of a table
  *   with an auto-assigned integer key, to count the rows one node's insert
  *   overwrote on another (see `ApplyResult.overwrites`).
+ * - `conflicts(tbl, k, idx, winner, at, row, image)`: rows kept aside because
+ *   a row with a lower key holds a value of a UNIQUE index they claim (see
+ *   unique.ts): `row` is the image as JSON for people, `image` the encoded
+ *   change to show it again with.
  *
  * @module
  */
@@ -47,6 +51,7 @@ export const TABLES = {
   tables: quoteIdent(`${MARMOT_PREFIX}tables`),
   schema: quoteIdent(`${MARMOT_PREFIX}schema`),
   schemaOut: quoteIdent(`${MARMOT_PREFIX}schema_out`),
+  conflicts: quoteIdent(`${MARMOT_PREFIX}conflicts`),
 };
 const T = TABLES;
 
@@ -102,6 +107,10 @@ CREATE TABLE IF NOT EXISTS ${T.schemaOut}(
 CREATE TABLE IF NOT EXISTS ${T.writers}(
   tbl TEXT NOT NULL, k NOT NULL, origin INTEGER NOT NULL,
   PRIMARY KEY(tbl, k)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ${T.conflicts}(
+  tbl TEXT NOT NULL, k TEXT NOT NULL, idx TEXT NOT NULL, winner TEXT NOT NULL,
+  at TEXT NOT NULL DEFAULT (datetime('now')), row TEXT NOT NULL,
+  image BLOB NOT NULL, PRIMARY KEY(tbl, k)) WITHOUT ROWID;
 DELETE FROM ${T.apply};
 `;
 
@@ -118,6 +127,20 @@ export const SQL = {
   writerSet: `INSERT INTO ${T.writers}(tbl, k, origin) VALUES (?, ?, ?)
     ON CONFLICT(tbl, k) DO UPDATE SET origin = excluded.origin`,
   writerDelete: `DELETE FROM ${T.writers} WHERE tbl = ? AND k = ?`,
+  conflictsPut:
+    `INSERT INTO ${T.conflicts}(tbl, k, idx, winner, row, image) VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT(tbl, k) DO UPDATE SET idx = excluded.idx, winner = excluded.winner,
+    at = excluded.at, row = excluded.row, image = excluded.image`,
+  conflictsGet: `SELECT image FROM ${T.conflicts} WHERE tbl = ? AND k = ?`,
+  conflictsDelete: `DELETE FROM ${T.conflicts} WHERE tbl = ? AND k = ?`,
+  conflictsOfTable: `SELECT k, image FROM ${T.conflicts} WHERE tbl = ?`,
+  conflictsSetWinner:
+    `UPDATE ${T.conflicts} SET idx = ?, winner = ? WHERE tbl = ? AND k = ? AND (idx, winner) IS NOT (?, ?)`,
+  conflictsAny: `SELECT 1 FROM ${T.conflicts} LIMIT 1`,
+  conflictsAll:
+    `SELECT tbl, k, idx, winner, at, row FROM ${T.conflicts} ORDER BY tbl, k`,
+  conflictsRenameTable: `UPDATE ${T.conflicts} SET tbl = ? WHERE tbl = ?`,
+  conflictsDropTable: `DELETE FROM ${T.conflicts} WHERE tbl = ?`,
   /** Moves a table's pending changes to its new name (new, old). */
   changesRenameTable: `UPDATE ${T.changes} SET tbl = ? WHERE tbl = ?`,
   writersRenameTable: `UPDATE ${T.writers} SET tbl = ? WHERE tbl = ?`,

@@ -563,6 +563,7 @@ export class ReplicaDb implements Disposable {
         const moved = this.statement(SQL.changesRenameTable).run(renamed, old)
           .changes;
         this.statement(SQL.writersRenameTable).run(renamed, old);
+        this.statement(SQL.conflictsRenameTable).run(renamed, old);
         this.log(
           "info",
           `Table "${old}" was renamed to "${renamed}"; ${moved} pending change${
@@ -572,6 +573,7 @@ export class ReplicaDb implements Disposable {
       } else if (!roots.has(old)) {
         const dropped = this.statement(SQL.changesDropTable).run(old).changes;
         this.statement(SQL.writersDropTable).run(old);
+        this.statement(SQL.conflictsDropTable).run(old);
         if (Number(dropped) > 0) {
           this.log(
             "warn",

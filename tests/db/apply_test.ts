@@ -468,7 +468,7 @@ Deno.test({
     await using tmp = await tempDir("marmot_db_test_");
     const dir = tmp.path;
     const schema =
-      "CREATE TABLE users(id INTEGER PRIMARY KEY, email TEXT UNIQUE);";
+      "CREATE TABLE users(id INTEGER PRIMARY KEY, email TEXT CHECK (email <> 'refused'));";
     await appWrite(
       `${dir}/b.db`,
       schema + "INSERT INTO users VALUES (1, 'taken');",
@@ -480,7 +480,7 @@ Deno.test({
       shard: 0,
       tables: [{ name: "users", schemaVersion: 0, columns: ["id", "email"] }],
       changes: [
-        { table: 0, seq: 1, key: "5", op: Op.Upsert, values: [5n, "taken"] },
+        { table: 0, seq: 1, key: "5", op: Op.Upsert, values: [5n, "refused"] },
         { table: 0, seq: 2, key: "6", op: Op.Upsert, values: [6n, "free"] },
       ],
     };
@@ -491,13 +491,13 @@ Deno.test({
     assert.equal(result.parked[0]!.key, "5");
     assert.match(
       result.parked[0]!.reason,
-      /UNIQUE constraint failed: users\.email/,
+      /CHECK constraint failed/,
     );
     const row = b.db.prepare("SELECT data FROM __marmot__parked").get() as {
       data: Uint8Array;
     };
     const kept = decodeBatch(row.data);
-    assert.deepStrictEqual(kept.changes[0]!.values, [5n, "taken"]);
+    assert.deepStrictEqual(kept.changes[0]!.values, [5n, "refused"]);
     assert.equal(kept.origin, 1);
   },
 });
