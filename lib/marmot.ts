@@ -4,7 +4,13 @@
  *
  * @module
  */
-import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { dirname } from "node:path";
+import {
+  jetstream,
+  type JetStreamManager,
+  jetstreamManager,
+} from "@nats-io/jetstream";
+import type { KV } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
 import {
   defaultConfig,
@@ -14,18 +20,21 @@ import {
 import {
   checkDatabaseFile,
   DatabaseChangedError,
+  DatabaseError,
   ReplicaDb,
 } from "./db/replica_db.ts";
 import { type DatabaseLock, lockDatabase } from "./db/file_lock.ts";
 import { type SnapshotInfo, takeSnapshot } from "./snapshot/snapshot.ts";
 import { openSnapshotStore } from "./snapshot/snapshot_store.ts";
 import {
+  openLeases,
   type SnapshotScheduler,
   startScheduler,
 } from "./snapshot/snapshot_scheduler.ts";
 import {
   bootstrap,
   fileExists,
+  type Founding,
   restoreIfNeeded,
 } from "./snapshot/bootstrap.ts";
 import { type FileWatcher, watchDatabase } from "./watch/file_watcher.ts";
@@ -44,6 +53,11 @@ import {
 import { Publisher, type PublisherStats } from "./publisher.ts";
 import { Subscriber, type SubscriberStats } from "./subscriber.ts";
 import { VerifyResponder } from "./verify/verify_responder.ts";
+import {
+  auxiliaryDbProblem,
+  isPocketBaseDb,
+  PocketBaseNotifier,
+} from "./pocketbase/pocketbase.ts";
 
 /**
  * Everything {@linkcode Marmot.start} accepts: the config file's settings in
@@ -112,6 +126,7 @@ export function resolveConfig(options: MarmotOptions): MarmotConfig {
       include: options.include,
       exclude: options.exclude,
       guardAppTriggers: options.guardAppTriggers,
+      pocketbase: options.pocketbase,
     }),
     replicationLog: {
       ...d.replicationLog,
@@ -204,6 +219,8 @@ export class Marmot implements AsyncDisposable {
     // one fails here, before anything is created or NATS starts).
     const bootstrapping = config.snapshot.bootstrap &&
       !fileExists(config.dbPath);
+    const auxiliary = auxiliaryDbProblem(config.dbPath);
+    if (auxiliary) throw new DatabaseError(auxiliary);
     if (!bootstrapping) checkDatabaseFile(config.dbPath);
     const lock = lockDatabase(config.dbPath, {
       what: "marmot",
@@ -249,6 +266,7 @@ export class Marmot implements AsyncDisposable {
         () => openSnapshotStore(config, nats.nc, replicas),
         log,
         signal,
+        founding(jsm, () => openLeases(nats.nc, config, replicas), config),
       );
       return openReplicaDb(config, log);
     };
@@ -257,13 +275,17 @@ export class Marmot implements AsyncDisposable {
       : await restore();
     const ready = db;
 
-    // 4. The pipeline: the publisher and the shard consumers.
+    // 4. The pipeline: the publisher and the shard consumers, and the
+    // reload signals of a PocketBase beside it.
+    const pocketbase = pocketBaseNotifier(config, ready, log);
+    steps.defer(() => pocketbase?.close());
     const { publisher, subscriber } = await startPipeline(
       ready,
       nats.nc,
       config,
       log,
       signal,
+      pocketbase,
     );
     steps.defer(async () => {
       await publisher.close();
@@ -522,12 +544,73 @@ function openReplicaDb(config: MarmotConfig, log: Logger): ReplicaDb {
 }
 
 /** Creates the publisher and starts the shard consumers (retrying until they start). */
+/**
+ * How a bootstrapping node finds the cluster empty and takes the founder
+ * lease (see `bootstrap`).
+ */
+function founding(
+  jsm: JetStreamManager,
+  leases: () => Promise<KV>,
+  config: MarmotConfig,
+): Founding {
+  const prefix = config.nats.streamPrefix;
+  return {
+    async clusterEmpty() {
+      const names = [schemaStreamName(prefix)];
+      for (let s = 0; s < config.replicationLog.shards; s++) {
+        names.push(streamName(prefix, s));
+      }
+      for (const name of names) {
+        if ((await jsm.streams.info(name)).state.last_seq > 0) return false;
+      }
+      return true;
+    },
+    async claim() {
+      const kv = await leases();
+      const me = String(config.nodeId);
+      try {
+        await kv.create(FOUNDER_LEASE, me);
+        return true;
+      } catch (e) {
+        const holder = await kv.get(FOUNDER_LEASE);
+        if (holder?.operation !== "PUT") throw e;
+        return holder.string() === me ? true : holder.string();
+      }
+    },
+  };
+}
+
+/** The lease key of the first node of an empty cluster. */
+const FOUNDER_LEASE = "founder";
+
+/**
+ * The reload signals for a PocketBase whose `data.db` this is (see
+ * `MarmotConfig.pocketbase`), or undefined.
+ */
+function pocketBaseNotifier(
+  config: MarmotConfig,
+  db: ReplicaDb,
+  log: Logger,
+): PocketBaseNotifier | undefined {
+  const on = config.pocketbase ?? isPocketBaseDb(config.dbPath, db.db);
+  if (!on) return undefined;
+  const dir = dirname(config.dbPath);
+  log.info(
+    "PocketBase data directory: it reloads replicated collections and settings",
+    {
+      dir,
+    },
+  );
+  return new PocketBaseNotifier(dir, log);
+}
+
 async function startPipeline(
   db: ReplicaDb,
   nc: NatsConnection,
   config: MarmotConfig,
   log: Logger,
   signal: AbortSignal | undefined,
+  pocketbase: PocketBaseNotifier | undefined,
 ): Promise<{ publisher: Publisher; subscriber: Subscriber }> {
   const js = jetstream(nc, { timeout: 5000 });
   const publisher = new Publisher(db, js, {
@@ -552,6 +635,12 @@ async function startPipeline(
     schemaStream: schemaStreamName(config.nats.streamPrefix),
     onStreamRestart: (s) => publisher.republish(s),
     onRerecorded: () => publisher.wake(),
+    ...(pocketbase
+      ? {
+        onTablesChanged: (tables) => pocketbase.tablesChanged(tables),
+        onSchemaApplied: () => pocketbase.reload("collections"),
+      }
+      : {}),
     log,
   });
   try {

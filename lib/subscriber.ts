@@ -60,6 +60,13 @@ export interface SubscriberOptions {
   onRerecorded?: () => void;
   /** Called after each apply transaction (tests and the CLI use it for progress). */
   onApplied?: (result: { messages: number; applied: number }) => void;
+  /**
+   * Called after an apply transaction with the tables other nodes' batches
+   * in it wrote to (by the names they were published under).
+   */
+  onTablesChanged?: (tables: ReadonlySet<string>) => void;
+  /** Called after another node's schema event was applied. */
+  onSchemaApplied?: () => void;
   /** Logger. */
   log: Logger;
 }
@@ -243,6 +250,11 @@ export class Subscriber {
         origin: event.origin,
         statements: result.ran.length,
       });
+      this.#options.log.debug("The schema change's statements", {
+        seq,
+        sql: result.ran.join("; "),
+      });
+      this.#options.onSchemaApplied?.();
       if (result.overridden.length > 0) {
         this.#options.log.warn(
           "This node's schema change, made at the same time as another node's, loses to it (the later one in the schema stream wins)",
@@ -682,6 +694,15 @@ export class Subscriber {
       messages: messages.length,
       applied: result.applied,
     });
+    if (this.#options.onTablesChanged && result.applied > 0) {
+      const tables = new Set<string>();
+      for (const m of messages) {
+        const b = m.batch;
+        if (b instanceof Error || "kind" in b || this.#isOwn(b)) continue;
+        for (const t of b.tables) tables.add(t.name);
+      }
+      if (tables.size > 0) this.#options.onTablesChanged(tables);
+    }
   }
 
   /** Stops consuming; what was not applied is read again on the next start. */

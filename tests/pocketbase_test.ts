@@ -11,77 +11,7 @@ import {
   waitConverged,
   waitFor,
 } from "./_helpers.ts";
-
-/** The PocketBase binary, or why there is none. */
-function pocketbaseBinary(): { path?: string; missing?: string } {
-  const path = Deno.env.get("MARMOT_POCKETBASE") || "pocketbase";
-  try {
-    const out = new Deno.Command(path, {
-      args: ["--version"],
-      stdout: "null",
-      stderr: "null",
-    }).outputSync();
-    if (out.success) return { path };
-    return { missing: `"${path} --version" exited with ${out.code}` };
-  } catch (e) {
-    return { missing: `cannot run "${path}": ${(e as Error).message}` };
-  }
-}
-
-const PB = pocketbaseBinary();
-if (PB.missing) {
-  console.warn(
-    `pocketbase tests: skipped: ${PB.missing} (set MARMOT_POCKETBASE to the binary; .ci/run builds it)`,
-  );
-}
-
-const ADMIN = { identity: "admin@example.com", password: "marmot-test-pw-1" };
-
-/** Calls PocketBase's REST API; returns the status and the JSON body. */
-async function api(
-  base: string,
-  method: string,
-  path: string,
-  body?: unknown,
-  token?: string,
-): Promise<{ status: number; json: Record<string, unknown> }> {
-  const res = await fetch(`${base}${path}`, {
-    method,
-    headers: {
-      ...(body === undefined ? {} : { "content-type": "application/json" }),
-      ...(token ? { authorization: token } : {}),
-    },
-    ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-  });
-  const text = await res.text();
-  return { status: res.status, json: text ? JSON.parse(text) : {} };
-}
-
-/** Calls the API and asserts the answer's status. */
-async function expectApi(
-  status: number,
-  ...args: Parameters<typeof api>
-): Promise<Record<string, unknown>> {
-  const res = await api(...args);
-  assert.equal(
-    res.status,
-    status,
-    `${args[1]} ${args[2]}: ${JSON.stringify(res.json)}`,
-  );
-  return res.json;
-}
-
-async function waitHealthy(base: string, what: string): Promise<void> {
-  await waitFor(
-    `${what}'s /api/health`,
-    () =>
-      fetch(`${base}/api/health`).then(async (r) => {
-        await r.body?.cancel();
-        return r.ok;
-      }, () => false),
-    60000,
-  );
-}
+import { ADMIN, api, expectApi, PB, waitHealthy } from "./_pocketbase.ts";
 
 Deno.test({
   name:

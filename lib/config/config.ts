@@ -34,6 +34,13 @@ export interface MarmotConfig {
    * so they do not fire again on the nodes that apply a change. @default false
    */
   guardAppTriggers: boolean;
+  /**
+   * Treat the database as PocketBase's `pb_data/data.db`: after applying
+   * other nodes' changes to `_collections` or `_params`, signal the running
+   * PocketBase to reload them (docs/pocketbase.md). Unset: when the file is
+   * named `data.db` and has a `_collections` table. @default undefined
+   */
+  pocketbase: boolean | undefined;
   /** The replication log (JetStream streams). */
   replicationLog: {
     /** How many shards (one stream each). @default 4 */
@@ -145,6 +152,7 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
     include: [],
     exclude: [],
     guardAppTriggers: false,
+    pocketbase: undefined,
     replicationLog: {
       shards: 4,
       replicas: undefined,
@@ -217,6 +225,7 @@ const KEYS: Record<string, Record<string, Key>> = {
       set: (c, v: number) => c.catchUpTimeout = v,
       check: (v: number) => v >= 0 ? undefined : "must be 0 or more seconds",
     },
+    pocketbase: { kind: "bool", set: (c, v: boolean) => c.pocketbase = v },
     node_id: {
       kind: "int",
       set: (c, v: number) => c.nodeId = v,

@@ -106,6 +106,8 @@ export class ReplicaDb implements Disposable {
    */
   #pragmas = new Map<string, StatementSync>();
   #schemaVersion = -1;
+  /** When the schema was last read and found changed (ms since the epoch). */
+  #schemaReadAt = Date.now();
   #options: ReplicaDbOptions;
   #applier: Applier;
   /** The file held open: device and inode. */
@@ -244,7 +246,13 @@ export class ReplicaDb implements Disposable {
     if (!force && !this.schemaChanged()) return false;
     this.transaction(() => this.#readTables(true));
     this.#statements.clear();
+    this.#schemaReadAt = Date.now();
     return true;
+  }
+
+  /** When marmot last found the schema changed, or opened the file (ms since the epoch). */
+  get schemaReadAt(): number {
+    return this.#schemaReadAt;
   }
 
   /**

@@ -210,24 +210,49 @@ function definition(column: { text: string }): string {
 }
 
 /**
- * Columns that kept their place and definition and changed their name,
- * `[old, new]`, when the table kept at least its other columns in place.
+ * Columns that changed only their name, `[old, new]`. SQLite keeps the
+ * order of the columns that stay (RENAME COLUMN keeps a column's place,
+ * DROP COLUMN removes it, ADD COLUMN appends), so the columns whose name is
+ * in both statements are anchors; between two anchors a new name can only
+ * be a renamed column, and after the last one the renamed columns come
+ * before the added ones. In each stretch a new column is the rename of the
+ * first old one left there with the same definition.
  */
 function renamedColumns(before: string, after: string): [string, string][] {
   const a = tableParts(before).columns;
   const b = tableParts(after).columns;
+  const lower = (c: { name: string }) => c.name.toLowerCase();
+  const afterNames = new Set(b.map(lower));
+  const beforeNames = new Set(a.map(lower));
   const renames: [string, string][] = [];
-  const afterNames = new Set(b.map((c) => c.name.toLowerCase()));
-  const beforeNames = new Set(a.map((c) => c.name.toLowerCase()));
-  for (let i = 0; i < Math.min(a.length, b.length); i++) {
-    const [x, y] = [a[i]!, b[i]!];
-    if (x.name.toLowerCase() === y.name.toLowerCase()) continue;
-    if (definition(x) !== definition(y)) continue;
-    // Not a rename when the old name lives on elsewhere, or the new one
-    // existed already.
-    if (afterNames.has(x.name.toLowerCase())) continue;
-    if (beforeNames.has(y.name.toLowerCase())) continue;
-    renames.push([x.name, y.name]);
+  let i = 0;
+  let j = 0;
+  while (i < a.length || j < b.length) {
+    // The next stretch: up to the next column whose name is in both.
+    const oldStretch: typeof a = [];
+    while (i < a.length && !afterNames.has(lower(a[i]!))) {
+      oldStretch.push(a[i++]!);
+    }
+    const newStretch: typeof b = [];
+    while (j < b.length && !beforeNames.has(lower(b[j]!))) {
+      newStretch.push(b[j++]!);
+    }
+    let from = 0;
+    for (const y of newStretch) {
+      const k = oldStretch.findIndex((x, n) =>
+        n >= from && definition(x) === definition(y)
+      );
+      if (k < 0) continue; // added (or, between anchors, not a plain rename)
+      renames.push([oldStretch[k]!.name, y.name]);
+      from = k + 1;
+    }
+    // Step over the anchor itself.
+    if (i < a.length && j < b.length) {
+      i++;
+      j++;
+    } else {
+      break;
+    }
   }
   return renames;
 }

@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { DatabaseSync } from "node:sqlite";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import type { MarmotConfig } from "../config/config.ts";
 import type { ReplicaDb } from "../db/replica_db.ts";
@@ -114,6 +115,16 @@ async function findTruncated(
   return out;
 }
 
+/** Creates an empty SQLite database in WAL mode at `path`. */
+function createEmptyDatabase(path: string): void {
+  const db = new DatabaseSync(path);
+  try {
+    db.exec("PRAGMA journal_mode = WAL");
+  } finally {
+    db.close();
+  }
+}
+
 export function fileExists(path: string): boolean {
   try {
     Deno.statSync(path);
@@ -125,15 +136,34 @@ export function fileExists(path: string): boolean {
 }
 
 /**
+ * How a bootstrapping node of a cluster that has nothing yet (no snapshot,
+ * every stream empty) may become its first node.
+ */
+export interface Founding {
+  /** Whether every shard stream and the schema stream are still empty. */
+  clusterEmpty(): Promise<boolean>;
+  /**
+   * Takes the founder lease for this node (or finds it already this
+   * node's); the node id holding it otherwise.
+   */
+  claim(): Promise<true | string>;
+}
+
+/**
  * Restores the newest snapshot as the (missing) database, waiting until one
- * exists and saying why every 10 s.
+ * exists and saying why every 10 s. With `founding`, the first node of an
+ * empty cluster (decided by the founder lease) instead starts on a new,
+ * empty database that its application creates (see docs/snapshots.md).
+ *
+ * @returns `"founded"` when this node is the first, else `"restored"`
  */
 export async function bootstrap(
   config: MarmotConfig,
   openStore: () => Promise<SnapshotStore>,
   log: Logger,
   signal?: AbortSignal,
-): Promise<void> {
+  founding?: Founding,
+): Promise<"restored" | "founded"> {
   const temp = `${config.dbPath}.download`;
   let store: SnapshotStore | undefined;
   for (let attempt = 0;; attempt++) {
@@ -153,9 +183,29 @@ export async function bootstrap(
           taken: info.createdAt,
           seconds: ((performance.now() - started) / 1000).toFixed(2),
         });
-        return;
+        return "restored";
       }
-      if (attempt % 10 === 0) {
+      const holder = founding && await founding.clusterEmpty()
+        ? await founding.claim()
+        : undefined;
+      if (holder === true) {
+        createEmptyDatabase(config.dbPath);
+        log.info(
+          "First node of an empty cluster: starting on a new database that the application creates",
+          {
+            db: config.dbPath,
+            hint:
+              "a snapshot is taken once the application has created its tables; every later node starts from it",
+          },
+        );
+        return "founded";
+      }
+      if (attempt % 10 === 0 && holder !== undefined) {
+        log.info(
+          "Waiting for the cluster's first node to save its first snapshot",
+          { db: config.dbPath, founder: holder },
+        );
+      } else if (attempt % 10 === 0) {
         log.warn(
           "Waiting for a snapshot to restore: no node has saved one yet",
           {

@@ -37,11 +37,18 @@ export interface SnapshotSchedulerOptions {
   take: (path: string) => Promise<SnapshotInfo>;
   /** The last sequence of every shard stream now. */
   lastSequences: () => Promise<number[]>;
+  /**
+   * Why the database is not worth a first snapshot yet (no tables, or its
+   * schema changed a moment ago: the application is still creating it).
+   */
+  notReady?: () => string | undefined;
   /** Logger. */
   log: Logger;
 }
 
 const LEASE = "snapshot";
+/** How often the store is checked while it has no snapshot. */
+const FIRST_CHECK_MS = 1000;
 
 /** Checks periodically whether a snapshot is due and takes it under a lease. */
 export class SnapshotScheduler {
@@ -52,6 +59,8 @@ export class SnapshotScheduler {
   #options: SnapshotSchedulerOptions;
   #timer: ReturnType<typeof setInterval> | undefined;
   #running: Promise<unknown> | undefined;
+  /** Whether the store had a snapshot at the last check. */
+  #seenSnapshot = false;
 
   /**
    * @param openStore opens the snapshot store (on the first check, and again
@@ -68,15 +77,21 @@ export class SnapshotScheduler {
     this.#options = options;
   }
 
-  /** Starts checking every `checkMs`. */
+  /**
+   * Starts checking every `checkMs`, and every second while no snapshot
+   * exists, so a new cluster has its first one within seconds.
+   */
   start(checkMs: number): void {
+    const every = Math.max(1, Math.round(checkMs / FIRST_CHECK_MS));
+    let tick = 0;
     this.#timer = setInterval(() => {
+      if (this.#seenSnapshot && tick++ % every !== 0) return;
       this.#running ??= this.check().catch((e) =>
         this.#options.log.warn("Cannot take the scheduled snapshot", {
           error: e,
         })
       ).finally(() => this.#running = undefined);
-    }, checkMs);
+    }, FIRST_CHECK_MS);
   }
 
   /** Why a snapshot is due now, or `undefined` when it is not. */
@@ -84,7 +99,17 @@ export class SnapshotScheduler {
     const { intervalSeconds, everyMessages } = this.#options;
     this.#store ??= await this.#openStore();
     const latest = await this.#store.latest();
-    if (!latest) return "no snapshot exists yet";
+    this.#seenSnapshot = latest !== undefined;
+    if (!latest) {
+      const why = this.#options.notReady?.();
+      if (why) {
+        this.#options.log.debug("No snapshot exists yet; not taking one", {
+          why,
+        });
+        return undefined;
+      }
+      return "no snapshot exists yet";
+    }
     const age = (Date.now() - Date.parse(latest.createdAt)) / 1000;
     if (intervalSeconds > 0 && age >= intervalSeconds) {
       return `the newest is ${Math.round(age)} s old`;
@@ -150,6 +175,25 @@ export class SnapshotScheduler {
   }
 }
 
+/**
+ * The KV bucket of the cluster's leases (the snapshot lease, the founder
+ * lease): a key expires 10 minutes after it was written, so a lease
+ * outlives a crashed holder by at most that.
+ */
+export function openLeases(
+  nc: NatsConnection,
+  config: MarmotConfig,
+  replicas: number,
+): Promise<KV> {
+  return new Kvm(nc).create(`${config.nats.streamPrefix}-leases`, {
+    replicas,
+    ttl: 10 * 60 * 1000,
+  });
+}
+
+/** How long the schema must stay as it is before a first snapshot. */
+const QUIET_MS = 2000;
+
 /** Starts the snapshot scheduler, unless scheduled snapshots are off. */
 export function startScheduler(
   db: ReplicaDb,
@@ -163,11 +207,7 @@ export function startScheduler(
   if (intervalSeconds <= 0 && everyMessages <= 0) return undefined;
   const scheduler = new SnapshotScheduler(
     () => openSnapshotStore(config, nc, replicas),
-    () =>
-      new Kvm(nc).create(`${config.nats.streamPrefix}-leases`, {
-        replicas,
-        ttl: 10 * 60 * 1000, // a lease outlives a crashed holder by at most this
-      }),
+    () => openLeases(nc, config, replicas),
     {
       nodeId: config.nodeId,
       intervalSeconds,
@@ -175,6 +215,12 @@ export function startScheduler(
       tempPath: `${config.dbPath}.snapshot`,
       take: (path) =>
         takeSnapshot(db, path, config.replicationLog.shards, config.nodeId),
+      notReady: () =>
+        db.tables.size === 0
+          ? "the database has no tables yet"
+          : Date.now() - db.schemaReadAt < QUIET_MS
+          ? "its schema changed less than 2 s ago"
+          : undefined,
       lastSequences: () =>
         lastSequences(
           jsm,

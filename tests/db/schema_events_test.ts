@@ -154,6 +154,17 @@ Deno.test("a schema event carries each kind of DDL to another database, which en
       /RENAME COLUMN "title" TO "headline"/,
     ],
     [
+      "PocketBase: a field dropped before a renamed one, and one added, in one edit",
+      `BEGIN;
+       ALTER TABLE posts DROP COLUMN body;
+       ALTER TABLE posts ADD COLUMN "tags_k3j9" TEXT;
+       ALTER TABLE posts RENAME COLUMN "tags_k3j9" TO tags;
+       ALTER TABLE posts RENAME COLUMN n TO "_tmp_n";
+       ALTER TABLE posts RENAME COLUMN "_tmp_n" TO views;
+       COMMIT;`,
+      /RENAME COLUMN "n" TO "views"/,
+    ],
+    [
       "PocketBase: views dropped, a column changed, rows rewritten, views created again",
       `BEGIN;
        DROP VIEW titles;

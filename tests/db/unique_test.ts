@@ -3,7 +3,7 @@
 // go through the real codec, one list per shard standing for its stream,
 // delivered to each node in an order the test picks.
 import assert from "node:assert/strict";
-import { type Batch } from "../../lib/codec.ts";
+import type { Batch } from "../../lib/codec.ts";
 import { ReplicaDb } from "../../lib/db/replica_db.ts";
 import { compareKeys, indexTerms } from "../../lib/db/unique.ts";
 import { dump, tempDir } from "../_helpers.ts";

@@ -1,0 +1,71 @@
+#!/bin/sh
+# The container's entrypoint: PocketBase on a Fly.io Machine, run and
+# supervised by marmot (README, "Deploy PocketBase on Fly.io").
+#
+# It execs marmot, so marmot is the process the platform signals: it
+# forwards SIGINT/SIGTERM to PocketBase, publishes what is pending, and
+# exits with PocketBase's exit code. It runs outside a container too (the
+# tests run it with FLY_* variables and paths in temporary directories).
+#
+# Environment (the defaults are the image's):
+#   FLY_MACHINE_ID         required: the node id is derived from it (stable)
+#   FLY_APP_NAME           the cluster peers are dns://$FLY_APP_NAME.internal
+#   MARMOT_DATA_DIR        the volume: pb_data/ and marmot's files   (/data)
+#   PB_HTTP                PocketBase's listen address           (0.0.0.0:8090)
+#   MARMOT_CLUSTER_ADDR    the NATS route listen address         ([::]:4248)
+#   MARMOT_NATS_BIND       the embedded server's client address  (127.0.0.1:4222)
+#   MARMOT_CLUSTER_PEERS   comma-separated routes (default from FLY_APP_NAME)
+#   MARMOT_BIN, POCKETBASE_BIN   the two programs (marmot, pocketbase)
+#   MARMOT_NATS_SERVER     the nats-server binary marmot embeds
+#   MARMOT_ARGS            more marmot flags, such as --verbose
+set -eu
+
+fail() {
+  echo "entrypoint: $*" >&2
+  exit 2
+}
+
+[ -n "${FLY_MACHINE_ID:-}" ] ||
+  fail "FLY_MACHINE_ID is not set: the node id is derived from it (set it to a stable name outside Fly)"
+data=${MARMOT_DATA_DIR:-/data}
+pb_http=${PB_HTTP:-0.0.0.0:8090}
+marmot=${MARMOT_BIN:-marmot}
+pocketbase=${POCKETBASE_BIN:-pocketbase}
+cluster_addr=${MARMOT_CLUSTER_ADDR:-[::]:4248}
+cluster_port=${cluster_addr##*:}
+if [ -n "${MARMOT_CLUSTER_PEERS:-}" ]; then
+  peers=$MARMOT_CLUSTER_PEERS
+elif [ -n "${FLY_APP_NAME:-}" ]; then
+  peers="dns://$FLY_APP_NAME.internal:$cluster_port"
+else
+  fail "set FLY_APP_NAME (peers are dns://<app>.internal) or MARMOT_CLUSTER_PEERS"
+fi
+
+# A stable positive node id from the Machine id (CRC-32, never 0).
+node_id=$(printf %s "$FLY_MACHINE_ID" | cksum | cut -d ' ' -f 1)
+[ "$node_id" -gt 0 ] || node_id=1
+
+mkdir -p "$data/pb_data" || fail "cannot create $data/pb_data"
+config="$data/marmot.toml"
+cat >"$config" <<TOML
+# Written by the entrypoint at every start; edit the entrypoint, not this.
+db_path = "$data/pb_data/data.db"
+node_id = $node_id
+pocketbase = true
+
+[nats]
+bind_address = "${MARMOT_NATS_BIND:-127.0.0.1:4222}"
+cluster_addr = "$cluster_addr"
+cluster_peers = [$(printf %s "$peers" | sed 's/[^,][^,]*/"&"/g; s/,/, /g')]
+store_dir = "$data/nats"
+
+[snapshot]
+bootstrap = true
+TOML
+
+# An empty volume: marmot bootstraps from the newest snapshot before
+# PocketBase first opens the file, or, as the first node of a new cluster,
+# lets PocketBase create it.
+# shellcheck disable=SC2086 # MARMOT_BIN and MARMOT_ARGS may hold several words
+exec $marmot --config "$config" ${MARMOT_ARGS:-} \
+  --exec "$pocketbase serve --http=$pb_http --dir $data/pb_data --automigrate=false"
