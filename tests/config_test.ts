@@ -21,6 +21,7 @@ db_path = "/data/app.db"
 node_id = 42
 exec = "pocketbase serve --http=0.0.0.0:8080"
 catch_up_timeout = 30
+pocketbase = false
 
 [tables]
 include = ["users", "odd \\"name\\"", "ünï 🙂"]
@@ -73,6 +74,7 @@ const FULL: MarmotConfig = {
   include: ["users", 'odd "name"', "ünï 🙂"],
   exclude: ["sessions"],
   guardAppTriggers: true,
+  pocketbase: false,
   replicationLog: {
     shards: 16,
     replicas: 3,
