@@ -18,12 +18,22 @@
 #   MARMOT_BIN, POCKETBASE_BIN   the two programs (marmot, pocketbase)
 #   MARMOT_NATS_SERVER     the nats-server binary marmot embeds
 #   MARMOT_ARGS            more marmot flags, such as --verbose
+#   MARMOT_RUN_AS          started as root: give the volume to this user and
+#                          run as it (the image sets marmot)
 set -eu
 
 fail() {
   echo "entrypoint: $*" >&2
   exit 2
 }
+
+if [ "$(id -u)" = 0 ] && [ -n "${MARMOT_RUN_AS:-}" ]; then
+  # A new volume is mounted owned by root.
+  chown -R "$MARMOT_RUN_AS:" "${MARMOT_DATA_DIR:-/data}" ||
+    fail "cannot give ${MARMOT_DATA_DIR:-/data} to $MARMOT_RUN_AS"
+  exec setpriv --reuid="$MARMOT_RUN_AS" --regid="$MARMOT_RUN_AS" \
+    --init-groups env MARMOT_RUN_AS= "$0" "$@"
+fi
 
 [ -n "${FLY_MACHINE_ID:-}" ] ||
   fail "FLY_MACHINE_ID is not set: the node id is derived from it (set it to a stable name outside Fly)"

@@ -5,12 +5,7 @@
  * @module
  */
 import { dirname } from "node:path";
-import {
-  jetstream,
-  type JetStreamManager,
-  jetstreamManager,
-} from "@nats-io/jetstream";
-import type { KV } from "@nats-io/kv";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import {
   defaultConfig,
@@ -31,10 +26,10 @@ import {
   type SnapshotScheduler,
   startScheduler,
 } from "./snapshot/snapshot_scheduler.ts";
+import { claimFounder, founding } from "./snapshot/founding.ts";
 import {
   bootstrap,
   fileExists,
-  type Founding,
   restoreIfNeeded,
 } from "./snapshot/bootstrap.ts";
 import { type FileWatcher, watchDatabase } from "./watch/file_watcher.ts";
@@ -274,6 +269,18 @@ export class Marmot implements AsyncDisposable {
       ? await restoreIfNeeded(db, jsm, restore, config, log, signal)
       : await restore();
     const ready = db;
+    // A node that has data and no snapshot yet keeps a new node from
+    // founding a second, empty data set (in the background: it must not
+    // hold up the start).
+    if (ready.tables.size > 0) {
+      const claiming = claimFounder(
+        () => openSnapshotStore(config, nats.nc, replicas),
+        () => openLeases(nats.nc, config, replicas),
+        config.nodeId,
+        log,
+      );
+      steps.defer(() => claiming);
+    }
 
     // 4. The pipeline: the publisher and the shard consumers, and the
     // reload signals of a PocketBase beside it.
@@ -544,45 +551,6 @@ function openReplicaDb(config: MarmotConfig, log: Logger): ReplicaDb {
 }
 
 /** Creates the publisher and starts the shard consumers (retrying until they start). */
-/**
- * How a bootstrapping node finds the cluster empty and takes the founder
- * lease (see `bootstrap`).
- */
-function founding(
-  jsm: JetStreamManager,
-  leases: () => Promise<KV>,
-  config: MarmotConfig,
-): Founding {
-  const prefix = config.nats.streamPrefix;
-  return {
-    async clusterEmpty() {
-      const names = [schemaStreamName(prefix)];
-      for (let s = 0; s < config.replicationLog.shards; s++) {
-        names.push(streamName(prefix, s));
-      }
-      for (const name of names) {
-        if ((await jsm.streams.info(name)).state.last_seq > 0) return false;
-      }
-      return true;
-    },
-    async claim() {
-      const kv = await leases();
-      const me = String(config.nodeId);
-      try {
-        await kv.create(FOUNDER_LEASE, me);
-        return true;
-      } catch (e) {
-        const holder = await kv.get(FOUNDER_LEASE);
-        if (holder?.operation !== "PUT") throw e;
-        return holder.string() === me ? true : holder.string();
-      }
-    },
-  };
-}
-
-/** The lease key of the first node of an empty cluster. */
-const FOUNDER_LEASE = "founder";
-
 /**
  * The reload signals for a PocketBase whose `data.db` this is (see
  * `MarmotConfig.pocketbase`), or undefined.

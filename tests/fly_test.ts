@@ -4,33 +4,15 @@
 // from empty directories, their embedded nats-servers routed on loopback.
 // A real PocketBase (tests/_pocketbase.ts) and a real nats-server.
 import assert from "node:assert/strict";
+import { dump, sqlite, tempDir, waitFor } from "./_helpers.ts";
 import {
-  CLI,
-  dump,
-  LoggedProcess,
-  pickFreePorts,
-  sqlite,
-  tempDir,
-  waitFor,
-} from "./_helpers.ts";
+  loopbackMachines,
+  type Machine,
+  machineRss,
+  startMachine,
+  stopMachines,
+} from "./_machines.ts";
 import { ADMIN, api, expectApi, PB, waitHealthy } from "./_pocketbase.ts";
-
-const ENTRYPOINT = new URL("../deploy/entrypoint.sh", import.meta.url)
-  .pathname;
-
-/** One Machine: the entrypoint with its environment. */
-interface Machine {
-  name: string;
-  dir: string;
-  url: string;
-  env: Record<string, string>;
-  process?: LoggedProcess;
-}
-
-function startMachine(m: Machine): LoggedProcess {
-  m.process = new LoggedProcess(m.name, "sh", [ENTRYPOINT], m.env);
-  return m.process;
-}
 
 Deno.test({
   name:
@@ -38,267 +20,253 @@ Deno.test({
   ignore: PB.missing !== undefined,
   async fn() {
     await using tmp = await tempDir("marmot_fly_");
-    const ports = pickFreePorts(9);
-    const routes = ports.slice(3, 6).map((p) => `nats://127.0.0.1:${p}`);
-    const machines: Machine[] = [0, 1, 2].map((i) => ({
-      name: `machine ${i + 1}`,
-      dir: `${tmp.path}/m${i + 1}`,
-      url: `http://127.0.0.1:${ports[i]}`,
-      env: {
-        FLY_APP_NAME: "marmot-test",
-        FLY_MACHINE_ID: `e28650${i + 1}c4d0e18`,
-        FLY_REGION: "ams",
-        MARMOT_DATA_DIR: `${tmp.path}/m${i + 1}`,
-        PB_HTTP: `127.0.0.1:${ports[i]}`,
-        MARMOT_CLUSTER_ADDR: `127.0.0.1:${ports[3 + i]}`,
-        MARMOT_CLUSTER_PEERS: routes.join(","),
-        MARMOT_NATS_BIND: `127.0.0.1:${ports[6 + i]}`,
-        MARMOT_BIN: `${Deno.execPath()} run -A --quiet ${CLI}`,
-        POCKETBASE_BIN: PB.path!,
-        NO_COLOR: "1",
-        MARMOT_ARGS: Deno.env.get("MARMOT_FLY_ARGS") ?? "",
-      },
-    }));
+    const machines = loopbackMachines(tmp.path, 3);
     try {
-      // All three start at once on empty volumes.
-      const started = performance.now();
-      for (const m of machines) startMachine(m);
-      await Promise.all(machines.map((m) => waitHealthy(m.url, m.name)));
-      const healthyAfter = (performance.now() - started) / 1000;
-      const founders = machines.filter((m) =>
-        m.process!.log.includes("First node of an empty cluster")
-      );
-      assert.equal(
-        founders.length,
-        1,
-        machines.map((m) => `${m.name}:\n${m.process!.tail()}`).join("\n"),
-      );
-      const [first, ...later] = [
-        founders[0]!,
-        ...machines.filter((m) => m !== founders[0]),
-      ] as [Machine, Machine, Machine];
-      for (const m of later) {
-        assert.match(
-          m.process!.log,
-          /Bootstrapped the database from the newest snapshot/,
+      await run(machines);
+    } catch (e) {
+      for (const m of machines) {
+        console.error(
+          `--- ${m.name}:\n${m.process?.tail(40) ?? "(not started)"}`,
         );
       }
-      console.log(`three Machines healthy after ${healthyAfter.toFixed(1)} s`);
-
-      // The first superuser: one command on one Machine, replicated.
-      const upsert = await new Deno.Command(PB.path!, {
-        args: [
-          "superuser",
-          "upsert",
-          ADMIN.identity,
-          ADMIN.password,
-          "--dir",
-          `${later[0].dir}/pb_data`,
-        ],
-        stdout: "piped",
-        stderr: "piped",
-      }).output();
-      assert.ok(upsert.success, new TextDecoder().decode(upsert.stderr));
-      const login = (m: Machine) =>
-        api(
-          m.url,
-          "POST",
-          "/api/collections/_superusers/auth-with-password",
-          ADMIN,
-        );
-      await waitFor(
-        "the superuser on every Machine",
-        async () =>
-          (await Promise.all(machines.map(login))).every((r) =>
-            r.status === 200
-          ),
-      );
-      const token = (await login(first)).json.token as string;
-      // A token from one Machine is accepted by another.
-      await expectApi(
-        200,
-        later[1].url,
-        "GET",
-        "/api/collections",
-        undefined,
-        token,
-      );
-
-      // A collection created through one Machine's API is used through the
-      // others without a restart.
-      await expectApi(200, first.url, "POST", "/api/collections", {
-        name: "notes",
-        type: "base",
-        fields: [
-          { name: "title", type: "text" },
-          { name: "body", type: "text" },
-        ],
-        listRule: "",
-        viewRule: "",
-        createRule: "",
-        updateRule: "",
-        deleteRule: "",
-      }, token);
-      const records = "/api/collections/notes/records";
-      const created: Record<string, string> = {};
-      for (const m of machines) {
-        await waitFor(`${m.name} to serve the new collection`, async () => {
-          const r = await api(m.url, "POST", records, {
-            title: `from ${m.name}`,
-            body: "body text",
-          });
-          if (r.status === 200) created[m.name] = r.json.id as string;
-          return r.status === 200;
-        });
-      }
-      const get = (m: Machine, id: string) =>
-        api(m.url, "GET", `${records}/${id}`);
-      for (const m of machines) {
-        for (const [name, id] of Object.entries(created)) {
-          await waitFor(
-            `${name}'s record through ${m.name}`,
-            async () => (await get(m, id)).json.title === `from ${name}`,
-          );
-        }
-      }
-      // Updated through one Machine, deleted through another.
-      const edited = created[first.name]!;
-      await expectApi(200, later[0].url, "PATCH", `${records}/${edited}`, {
-        title: "edited",
-      });
-      await expectApi(
-        204,
-        later[1].url,
-        "DELETE",
-        `${records}/${created[later[0].name]}`,
-      );
-      for (const m of machines) {
-        await waitFor(
-          `the edit and the delete through ${m.name}`,
-          async () =>
-            (await get(m, edited)).json.title === "edited" &&
-            (await get(m, created[later[0].name]!)).status === 404,
-        );
-      }
-
-      // A collection edited on another Machine: a field renamed (its data
-      // kept), one removed, one added.
-      const collection = await expectApi(
-        200,
-        later[0].url,
-        "GET",
-        "/api/collections/notes",
-        undefined,
-        token,
-      );
-      const fields = (collection.fields as Record<string, unknown>[])
-        .filter((f) => f.name !== "body")
-        .map((f) => f.name === "title" ? { ...f, name: "heading" } : f);
-      await expectApi(200, later[0].url, "PATCH", "/api/collections/notes", {
-        fields: [...fields, { name: "tags", type: "text" }],
-      }, token);
-      for (const m of machines) {
-        await waitFor(`the new shape through ${m.name}`, async () => {
-          const r = (await get(m, edited)).json;
-          return r.heading === "edited" && r.tags === "" && !("body" in r) &&
-            !("title" in r);
-        });
-        await expectApi(200, m.url, "POST", records, {
-          heading: `new shape on ${m.name}`,
-          tags: "x",
-        });
-      }
-
-      // Logins of one user on every Machine (each writes _authOrigins rows
-      // with one UNIQUE triple) converge.
-      await expectApi(
-        200,
-        first.url,
-        "POST",
-        "/api/collections/users/records",
-        {
-          email: "user@example.com",
-          password: "user-password-1",
-          passwordConfirm: "user-password-1",
-        },
-      );
-      for (const m of machines) {
-        await waitFor(`the user on ${m.name}`, async () =>
-          (await sqlite(
-            `${m.dir}/pb_data/data.db`,
-            "SELECT count(*) FROM users WHERE email = 'user@example.com';",
-          )).trim() === "1");
-      }
-      // All at once, so the rows they write usually claim one value.
-      const logins = await Promise.all(
-        machines.map((m) =>
-          api(m.url, "POST", "/api/collections/users/auth-with-password", {
-            identity: "user@example.com",
-            password: "user-password-1",
-          })
-        ),
-      );
-      assert.deepStrictEqual(logins.map((r) => r.status), [200, 200, 200]);
-      for (const m of machines) {
-        await waitFor(
-          `one _authOrigins row on ${m.name}`,
-          async () =>
-            (await sqlite(
-              `${m.dir}/pb_data/data.db`,
-              "SELECT count(*) FROM _authOrigins WHERE recordRef IN (SELECT id FROM users WHERE email = 'user@example.com');",
-            )).trim() === "1",
-        );
-      }
-      const asides = machines.map((m) =>
-        m.process!.log.split("\n").filter((l) =>
-          l.includes("lost a UNIQUE value")
-        ).length
-      );
-      console.log(`login rows kept aside per Machine: ${asides.join(", ")}`);
-
-      // A write just before SIGTERM is published before marmot exits.
-      const last = await expectApi(200, later[1].url, "POST", records, {
-        heading: "written just before SIGTERM",
-      });
-      later[1].process!.kill("SIGTERM");
-      const status = await later[1].process!.status;
-      assert.equal(status.code, 0, later[1].process!.tail());
-      await waitFor(
-        "the last write on the others",
-        async () =>
-          (await get(first, last.id as string)).status === 200 &&
-          (await get(later[0], last.id as string)).status === 200,
-      );
-
-      // Every data.db ends identical (marmot's own tables aside).
-      const db = (m: Machine) => `${m.dir}/pb_data/data.db`;
-      const schema = (m: Machine) =>
-        sqlite(
-          db(m),
-          "SELECT type, name, sql FROM sqlite_schema WHERE name NOT LIKE '\\_\\_marmot\\_\\_%' ESCAPE '\\' ORDER BY type, name;",
-        );
-      await waitFor("identical data.db files", async () => {
-        const dumps = await Promise.all(
-          machines.map(async (m) => (await schema(m)) + (await dump(db(m)))),
-        );
-        return dumps.every((d) => d === dumps[0]);
-      });
-      for (const m of [first, later[0]]) {
-        m.process!.kill("SIGTERM");
-        assert.equal((await m.process!.status).code, 0, m.process!.tail());
-      }
+      throw e;
     } finally {
-      // SIGTERM first: a SIGKILL to marmot would leave PocketBase and
-      // nats-server running.
-      for (const m of machines) m.process?.kill("SIGTERM");
-      const stopped = Promise.allSettled(
-        machines.map((m) => m.process?.status),
-      );
-      const late = setTimeout(() => {
-        for (const m of machines) m.process?.kill("SIGKILL");
-      }, 15_000);
-      await stopped;
-      clearTimeout(late);
+      await stopMachines(machines);
     }
   },
 });
+
+/** The test's steps on the three Machines. */
+async function run(machines: Machine[]): Promise<void> {
+  // All three start at once on empty volumes.
+  const started = performance.now();
+  for (const m of machines) startMachine(m);
+  await Promise.all(machines.map((m) => waitHealthy(m.url, m.name)));
+  const healthyAfter = (performance.now() - started) / 1000;
+  const founders = machines.filter((m) =>
+    m.process!.log.includes("First node of an empty cluster")
+  );
+  assert.equal(
+    founders.length,
+    1,
+    machines.map((m) => `${m.name}:\n${m.process!.tail()}`).join("\n"),
+  );
+  const [first, ...later] = [
+    founders[0]!,
+    ...machines.filter((m) => m !== founders[0]),
+  ] as [Machine, Machine, Machine];
+  for (const m of later) {
+    assert.match(
+      m.process!.log,
+      /Bootstrapped the database from the newest snapshot/,
+    );
+  }
+  console.log(`three Machines healthy after ${healthyAfter.toFixed(1)} s`);
+
+  // The first superuser: one command on one Machine, replicated.
+  const upsert = await new Deno.Command(PB.path!, {
+    args: [
+      "superuser",
+      "upsert",
+      ADMIN.identity,
+      ADMIN.password,
+      "--dir",
+      `${later[0].dir}/pb_data`,
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.ok(upsert.success, new TextDecoder().decode(upsert.stderr));
+  const login = (m: Machine) =>
+    api(
+      m.url,
+      "POST",
+      "/api/collections/_superusers/auth-with-password",
+      ADMIN,
+    );
+  await waitFor(
+    "the superuser on every Machine",
+    async () =>
+      (await Promise.all(machines.map(login))).every((r) => r.status === 200),
+  );
+  const token = (await login(first)).json.token as string;
+  // A token from one Machine is accepted by another.
+  await expectApi(
+    200,
+    later[1].url,
+    "GET",
+    "/api/collections",
+    undefined,
+    token,
+  );
+
+  // A collection created through one Machine's API is used through the
+  // others without a restart.
+  await expectApi(200, first.url, "POST", "/api/collections", {
+    name: "notes",
+    type: "base",
+    fields: [
+      { name: "title", type: "text" },
+      { name: "body", type: "text" },
+    ],
+    listRule: "",
+    viewRule: "",
+    createRule: "",
+    updateRule: "",
+    deleteRule: "",
+  }, token);
+  const records = "/api/collections/notes/records";
+  const created: Record<string, string> = {};
+  for (const m of machines) {
+    await waitFor(`${m.name} to serve the new collection`, async () => {
+      const r = await api(m.url, "POST", records, {
+        title: `from ${m.name}`,
+        body: "body text",
+      });
+      if (r.status === 200) created[m.name] = r.json.id as string;
+      return r.status === 200;
+    });
+  }
+  const get = (m: Machine, id: string) => api(m.url, "GET", `${records}/${id}`);
+  for (const m of machines) {
+    for (const [name, id] of Object.entries(created)) {
+      await waitFor(
+        `${name}'s record through ${m.name}`,
+        async () => (await get(m, id)).json.title === `from ${name}`,
+      );
+    }
+  }
+  // Updated through one Machine, deleted through another.
+  const edited = created[first.name]!;
+  await expectApi(200, later[0].url, "PATCH", `${records}/${edited}`, {
+    title: "edited",
+  });
+  await expectApi(
+    204,
+    later[1].url,
+    "DELETE",
+    `${records}/${created[later[0].name]}`,
+  );
+  for (const m of machines) {
+    await waitFor(
+      `the edit and the delete through ${m.name}`,
+      async () =>
+        (await get(m, edited)).json.title === "edited" &&
+        (await get(m, created[later[0].name]!)).status === 404,
+    );
+  }
+
+  // A collection edited on another Machine: a field renamed (its data
+  // kept), one removed, one added.
+  const collection = await expectApi(
+    200,
+    later[0].url,
+    "GET",
+    "/api/collections/notes",
+    undefined,
+    token,
+  );
+  const fields = (collection.fields as Record<string, unknown>[])
+    .filter((f) => f.name !== "body")
+    .map((f) => f.name === "title" ? { ...f, name: "heading" } : f);
+  await expectApi(200, later[0].url, "PATCH", "/api/collections/notes", {
+    fields: [...fields, { name: "tags", type: "text" }],
+  }, token);
+  for (const m of machines) {
+    await waitFor(`the new shape through ${m.name}`, async () => {
+      const r = (await get(m, edited)).json;
+      return r.heading === "edited" && r.tags === "" && !("body" in r) &&
+        !("title" in r);
+    });
+    await expectApi(200, m.url, "POST", records, {
+      heading: `new shape on ${m.name}`,
+      tags: "x",
+    });
+  }
+
+  // Logins of one user on every Machine (each writes _authOrigins rows
+  // with one UNIQUE triple) converge.
+  await expectApi(
+    200,
+    first.url,
+    "POST",
+    "/api/collections/users/records",
+    {
+      email: "user@example.com",
+      password: "user-password-1",
+      passwordConfirm: "user-password-1",
+    },
+  );
+  for (const m of machines) {
+    await waitFor(`the user on ${m.name}`, async () =>
+      (await sqlite(
+        `${m.dir}/pb_data/data.db`,
+        "SELECT count(*) FROM users WHERE email = 'user@example.com';",
+      )).trim() === "1");
+  }
+  // All at once, so the rows they write usually claim one value.
+  const logins = await Promise.all(
+    machines.map((m) =>
+      api(m.url, "POST", "/api/collections/users/auth-with-password", {
+        identity: "user@example.com",
+        password: "user-password-1",
+      })
+    ),
+  );
+  assert.deepStrictEqual(logins.map((r) => r.status), [200, 200, 200]);
+  for (const m of machines) {
+    await waitFor(
+      `one _authOrigins row on ${m.name}`,
+      async () =>
+        (await sqlite(
+          `${m.dir}/pb_data/data.db`,
+          "SELECT count(*) FROM _authOrigins WHERE recordRef IN (SELECT id FROM users WHERE email = 'user@example.com');",
+        )).trim() === "1",
+    );
+  }
+  const asides = machines.map((m) =>
+    m.process!.log.split("\n").filter((l) => l.includes("lost a UNIQUE value"))
+      .length
+  );
+  console.log(`login rows kept aside per Machine: ${asides.join(", ")}`);
+
+  const rss = machines.map((m) => machineRss(m.process!.pid, PB.path!));
+  console.log(
+    `RSS after the run, sidecar / PocketBase (MB): ${
+      rss.map((r) => `${r.sidecar.toFixed(0)} / ${r.pocketbase.toFixed(0)}`)
+        .join(", ")
+    }`,
+  );
+
+  // A write just before SIGTERM is published before marmot exits.
+  const last = await expectApi(200, later[1].url, "POST", records, {
+    heading: "written just before SIGTERM",
+  });
+  later[1].process!.kill("SIGTERM");
+  const status = await later[1].process!.status;
+  assert.equal(status.code, 0, later[1].process!.tail());
+  await waitFor(
+    "the last write on the others",
+    async () =>
+      (await get(first, last.id as string)).status === 200 &&
+      (await get(later[0], last.id as string)).status === 200,
+  );
+
+  // Every data.db ends identical (marmot's own tables aside).
+  const db = (m: Machine) => `${m.dir}/pb_data/data.db`;
+  const schema = (m: Machine) =>
+    sqlite(
+      db(m),
+      "SELECT type, name, sql FROM sqlite_schema WHERE name NOT LIKE '\\_\\_marmot\\_\\_%' ESCAPE '\\' ORDER BY type, name;",
+    );
+  await waitFor("identical data.db files", async () => {
+    const dumps = await Promise.all(
+      machines.map(async (m) => (await schema(m)) + (await dump(db(m)))),
+    );
+    return dumps.every((d) => d === dumps[0]);
+  });
+  for (const m of [first, later[0]]) {
+    m.process!.kill("SIGTERM");
+    assert.equal((await m.process!.status).code, 0, m.process!.tail());
+  }
+}
