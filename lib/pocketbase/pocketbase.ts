@@ -24,6 +24,9 @@ export const PARAMS_TABLE = "_params";
 /** Time between two signals, well over PocketBase's 50 ms debounce. */
 export const SIGNAL_GAP_MS = 150;
 
+/** How long a first request waits for others to join it. */
+const COALESCE_MS = 20;
+
 /** The suffix of marmot's signal files: never a PocketBase instance id. */
 const SIGNAL_ID = "marmot";
 
@@ -92,6 +95,9 @@ export class PocketBaseNotifier {
   }
 
   async #run(): Promise<void> {
+    // Gathers what one apply (or a burst of them) asks for, so collections
+    // go first when both are pending.
+    await delay(COALESCE_MS);
     while (this.#pending.size > 0 && !this.#closed) {
       const wait = this.#last + SIGNAL_GAP_MS - performance.now();
       if (wait > 0) await delay(wait);
