@@ -253,10 +253,11 @@ export class Marmot implements AsyncDisposable {
     );
 
     // 3. The database restored from the newest snapshot where it must be.
+    let founded = false;
     const restore = async () => {
       db?.close();
       db = undefined;
-      await bootstrap(
+      founded = "founded" === await bootstrap(
         config,
         () => openSnapshotStore(config, nats.nc, replicas),
         log,
@@ -269,6 +270,9 @@ export class Marmot implements AsyncDisposable {
       ? await restoreIfNeeded(db, jsm, restore, config, log, signal)
       : await restore();
     const ready = db;
+    // The application creates the database: marmot writes nothing until
+    // its schema holds still.
+    if (founded) ready.settleSchema(FOUNDING_SETTLE_MS);
     // A node that has data and no snapshot yet keeps a new node from
     // founding a second, empty data set (in the background: it must not
     // hold up the start).
@@ -551,6 +555,9 @@ function openReplicaDb(config: MarmotConfig, log: Logger): ReplicaDb {
 }
 
 /** Creates the publisher and starts the shard consumers (retrying until they start). */
+/** How long a founded database's schema must hold still before marmot reads it. */
+const FOUNDING_SETTLE_MS = 1000;
+
 /**
  * The reload signals for a PocketBase whose `data.db` this is (see
  * `MarmotConfig.pocketbase`), or undefined.

@@ -106,6 +106,8 @@ export class ReplicaDb implements Disposable {
    */
   #pragmas = new Map<string, StatementSync>();
   #schemaVersion = -1;
+  /** While the application creates the schema: see settleSchema(). */
+  #settle: { ms: number; version: number; since: number } | undefined;
   /** When the schema was last read and found changed (ms since the epoch). */
   #schemaReadAt = Date.now();
   #options: ReplicaDbOptions;
@@ -244,10 +246,42 @@ export class ReplicaDb implements Disposable {
    */
   refreshSchema(force = false): boolean {
     if (!force && !this.schemaChanged()) return false;
+    if (!force && this.#settling()) return false;
     this.transaction(() => this.#readTables(true));
     this.#statements.clear();
     this.#schemaReadAt = Date.now();
     return true;
+  }
+
+  /**
+   * Leaves the schema alone (no capture triggers, no schema events, no write
+   * of marmot's) until the application has not changed it for `ms`: for a
+   * database the application is creating from nothing (the first node of a
+   * new cluster). Its migrations run transactions that read, then write, and
+   * any commit between the two makes SQLite refuse their write (PocketBase
+   * then exits). Rows written meanwhile are published when marmot first
+   * reads their tables.
+   */
+  settleSchema(ms: number): void {
+    this.#settle = {
+      ms,
+      version: this.#pragmaNumber("schema_version"),
+      since: Date.now(),
+    };
+  }
+
+  /** Whether the schema is still settling (see {@linkcode settleSchema}). */
+  #settling(): boolean {
+    const settle = this.#settle;
+    if (!settle) return false;
+    const version = this.#pragmaNumber("schema_version");
+    if (version !== settle.version) {
+      settle.version = version;
+      settle.since = Date.now();
+    }
+    if (Date.now() - settle.since < settle.ms) return true;
+    this.#settle = undefined;
+    return false;
   }
 
   /** When marmot last found the schema changed, or opened the file (ms since the epoch). */
@@ -361,7 +395,7 @@ export class ReplicaDb implements Disposable {
    *   schema events not yet published)
    */
   catchUpSchema(): boolean {
-    if (this.schemaChanged()) {
+    if (this.schemaChanged() && !this.#settling()) {
       this.#readTables(true);
       this.#statements.clear();
     }

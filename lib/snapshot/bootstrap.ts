@@ -202,7 +202,7 @@ export async function bootstrap(
       }
       if (attempt % 10 === 0 && holder !== undefined) {
         log.info(
-          "Waiting for the cluster's first node to save its first snapshot",
+          "Waiting for a snapshot to restore: the cluster's first node has not saved one yet",
           { db: config.dbPath, founder: holder },
         );
       } else if (attempt % 10 === 0) {
