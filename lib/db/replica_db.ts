@@ -39,6 +39,10 @@ import {
   type SchemaObject,
 } from "./schema_events.ts";
 import { delay } from "../_retry.ts";
+import { fieldRenames, readCollections } from "../pocketbase/fields.ts";
+
+/** The meta key of PocketBase's collections at the last schema reading. */
+const COLLECTIONS_META = "pocketbase_collections";
 
 type ArrayRows = { setReturnArrays(enabled: boolean): void };
 
@@ -326,12 +330,20 @@ export class ReplicaDb implements Disposable {
   #recordSchema(tables: ReadonlySet<string>, capture: boolean): void {
     const now = readSchema(this.db, (t) => tables.has(t));
     const recorded = this.statement(SQL.metaGet).get("schema") !== undefined;
+    // PocketBase's field ids tell renames the schema text cannot.
+    const collections = readCollections(this.db);
     if (capture && recorded) {
       const before =
         (this.statement(SQL.schemaAll).all() as unknown as SchemaObject[]).map((
           o,
         ) => ({ ...o, rootpage: Number(o.rootpage) }));
-      const event = diffSchema(before, now);
+      const kept = this.statement(SQL.metaGet).get(COLLECTIONS_META) as
+        | { value: string }
+        | undefined;
+      const hints = collections && kept
+        ? fieldRenames(JSON.parse(kept.value), collections)
+        : undefined;
+      const event = diffSchema(before, now, hints);
       if (event) {
         const base = this.schemaVersions().tag;
         const { lastInsertRowid } = this.statement(SQL.schemaOutInsert).run(
@@ -367,6 +379,12 @@ export class ReplicaDb implements Disposable {
       );
     }
     this.statement(SQL.metaSet).run("schema", 1);
+    if (collections) {
+      this.statement(SQL.metaSet).run(
+        COLLECTIONS_META,
+        JSON.stringify(collections),
+      );
+    }
   }
 
   /**

@@ -103,10 +103,21 @@ export function readSchema(
     }));
 }
 
-/** The event that turns schema `before` into `after`; undefined when equal. */
+/**
+ * Column renames known from elsewhere than the schema text, by table (its
+ * name in `after`): `[old, new]` pairs, such as PocketBase's field ids tell.
+ */
+export type RenameHints = ReadonlyMap<string, [string, string][]>;
+
+/**
+ * The event that turns schema `before` into `after`; undefined when equal.
+ * `hints` settle renames the text alone leaves open (see
+ * {@linkcode RenameHints}).
+ */
 export function diffSchema(
   before: SchemaObject[],
   after: SchemaObject[],
+  hints: RenameHints = new Map(),
 ): SchemaEvent | undefined {
   const key = (o: SchemaObject) => `${o.type}\u0000${o.name}`;
   const old = new Map(before.map((o) => [key(o), o]));
@@ -135,7 +146,7 @@ export function diffSchema(
       renamedFrom.add(source.name);
     }
     if (source) {
-      const renames = renamedColumns(source.sql, o.sql);
+      const renames = renamedColumns(source.sql, o.sql, hints.get(o.name));
       if (renames.length > 0) c.columns = renames;
       const redefined = redefinedColumns(source.sql, o.sql, renames);
       if (redefined.length > 0) c.redefined = redefined;
@@ -216,27 +227,38 @@ function definition(column: { text: string }): string {
  * in both statements are anchors; between two anchors a new name can only
  * be a renamed column, and after the last one the renamed columns come
  * before the added ones. In each stretch a new column is the rename of the
- * first old one left there with the same definition.
+ * first old one left there with the same definition. A `hinted` rename
+ * (both names where they must be) is taken as it is, and anchors too.
  */
-function renamedColumns(before: string, after: string): [string, string][] {
+function renamedColumns(
+  before: string,
+  after: string,
+  hinted: [string, string][] = [],
+): [string, string][] {
   const a = tableParts(before).columns;
   const b = tableParts(after).columns;
   const lower = (c: { name: string }) => c.name.toLowerCase();
   const afterNames = new Set(b.map(lower));
   const beforeNames = new Set(a.map(lower));
-  const renames: [string, string][] = [];
+  const renames = hinted.filter(([from, to]) =>
+    beforeNames.has(from.toLowerCase()) &&
+    !afterNames.has(from.toLowerCase()) &&
+    afterNames.has(to.toLowerCase()) && !beforeNames.has(to.toLowerCase())
+  );
+  const oldAnchor = (c: { name: string }) =>
+    afterNames.has(lower(c)) ||
+    renames.some(([from]) => from.toLowerCase() === lower(c));
+  const newAnchor = (c: { name: string }) =>
+    beforeNames.has(lower(c)) ||
+    renames.some(([, to]) => to.toLowerCase() === lower(c));
   let i = 0;
   let j = 0;
   while (i < a.length || j < b.length) {
-    // The next stretch: up to the next column whose name is in both.
+    // The next stretch: up to the next column both statements have.
     const oldStretch: typeof a = [];
-    while (i < a.length && !afterNames.has(lower(a[i]!))) {
-      oldStretch.push(a[i++]!);
-    }
+    while (i < a.length && !oldAnchor(a[i]!)) oldStretch.push(a[i++]!);
     const newStretch: typeof b = [];
-    while (j < b.length && !beforeNames.has(lower(b[j]!))) {
-      newStretch.push(b[j++]!);
-    }
+    while (j < b.length && !newAnchor(b[j]!)) newStretch.push(b[j++]!);
     let from = 0;
     for (const y of newStretch) {
       const k = oldStretch.findIndex((x, n) =>
