@@ -20,6 +20,7 @@ import {
   api,
   expectApi,
   PB,
+  upsertSuperuser,
   waitHealthy,
 } from "../tests/_pocketbase.ts";
 
@@ -48,13 +49,7 @@ try {
     return (performance.now() - started) / 1000;
   }));
   log(`healthy after ${healthy.map((t) => t.toFixed(1)).join(" / ")} s`);
-  const upsert = await new Deno.Command(PB.path!, {
-    args: ["superuser", "upsert", ADMIN.identity, ADMIN.password, "--dir"]
-      .concat(`${machines[0]!.dir}/pb_data`),
-    stdout: "null",
-    stderr: "null",
-  }).output();
-  if (!upsert.success) throw new Error("superuser upsert failed");
+  await upsertSuperuser(`${machines[0]!.dir}/pb_data`);
   const token = (await expectApi(
     200,
     machines[0]!.url,

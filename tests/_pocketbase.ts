@@ -77,3 +77,23 @@ export async function waitHealthy(base: string, what: string): Promise<void> {
     60000,
   );
 }
+
+/**
+ * Creates (or updates) the superuser {@linkcode ADMIN} with `pocketbase
+ * superuser upsert` on the data directory `pbData`. PocketBase 0.39 exits 0
+ * when it fails too, so its success line is what counts.
+ */
+export async function upsertSuperuser(pbData: string): Promise<void> {
+  const out = await new Deno.Command(PB.path!, {
+    args: ["superuser", "upsert", ADMIN.identity, ADMIN.password, "--dir"]
+      .concat(pbData),
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout) +
+    new TextDecoder().decode(out.stderr);
+  assert.ok(
+    out.success && text.includes("Successfully saved superuser"),
+    `pocketbase superuser upsert: ${text.split("\n").slice(-5).join("\n")}`,
+  );
+}

@@ -12,7 +12,14 @@ import {
   startMachine,
   stopMachines,
 } from "./_machines.ts";
-import { ADMIN, api, expectApi, PB, waitHealthy } from "./_pocketbase.ts";
+import {
+  ADMIN,
+  api,
+  expectApi,
+  PB,
+  upsertSuperuser,
+  waitHealthy,
+} from "./_pocketbase.ts";
 
 Deno.test({
   name:
@@ -64,19 +71,7 @@ async function run(machines: Machine[]): Promise<void> {
   console.log(`three Machines healthy after ${healthyAfter.toFixed(1)} s`);
 
   // The first superuser: one command on one Machine, replicated.
-  const upsert = await new Deno.Command(PB.path!, {
-    args: [
-      "superuser",
-      "upsert",
-      ADMIN.identity,
-      ADMIN.password,
-      "--dir",
-      `${later[0].dir}/pb_data`,
-    ],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  assert.ok(upsert.success, new TextDecoder().decode(upsert.stderr));
+  await upsertSuperuser(`${later[0].dir}/pb_data`);
   const login = (m: Machine) =>
     api(
       m.url,

@@ -11,7 +11,14 @@ import {
   waitConverged,
   waitFor,
 } from "./_helpers.ts";
-import { ADMIN, api, expectApi, PB, waitHealthy } from "./_pocketbase.ts";
+import {
+  ADMIN,
+  api,
+  expectApi,
+  PB,
+  upsertSuperuser,
+  waitHealthy,
+} from "./_pocketbase.ts";
 
 Deno.test({
   name:
@@ -31,13 +38,7 @@ Deno.test({
       } --automigrate=false > ${dirs[i]}/../pocketbase.log 2>&1`;
 
     // Node 1: PocketBase creates its database; one superuser.
-    const upsert = await new Deno.Command(pb, {
-      args: ["superuser", "upsert", ADMIN.identity, ADMIN.password, "--dir"]
-        .concat(dirs[0]!),
-      stdout: "null",
-      stderr: "piped",
-    }).output();
-    assert.ok(upsert.success, new TextDecoder().decode(upsert.stderr));
+    await upsertSuperuser(dirs[0]!);
     const node1 = bed.start(db1, 1, ["--exec", serve(0)]);
     await waitHealthy(urls[0], "node 1");
     const auth = await expectApi(

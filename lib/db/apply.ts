@@ -21,8 +21,7 @@ import {
 import { DatabaseError, type ReplicaDb } from "./replica_db.ts";
 import { SQL, storedKey } from "./marmot_tables.ts";
 import { parseKey, quoteIdent } from "./sql.ts";
-import { keyExpr, readImage } from "./capture.ts";
-import type { TableInfo } from "./schema.ts";
+import { keyExpr, keyWhere, readImage } from "./capture.ts";
 import {
   compareKeys,
   isUniqueError,
@@ -704,8 +703,8 @@ class ApplyCall {
     const change = batch.changes[0]!;
     const row = this.#shape(ref, change);
     const rivals = this.#rivals(row, aside.k);
-    if (rivals.length > 0 && compareKeys(lowest(rivals).key, aside.k) < 0) {
-      const first = lowest(rivals);
+    const first = rivals.length > 0 ? lowest(rivals) : undefined;
+    if (first && compareKeys(first.key, aside.k) < 0) {
       this.#replica.statement(SQL.conflictsSetWinner).run(
         first.index,
         first.key,
@@ -868,13 +867,6 @@ function deleteRow(replica: ReplicaDb, table: string, key: string): void {
     `delete\u0000${table}`,
     () => `DELETE FROM ${quoteIdent(table)} WHERE ${keyWhere(info)}`,
   ).run(...parseKey(key));
-}
-
-/** The WHERE clause that finds a row by its key values. */
-function keyWhere(info: TableInfo): string {
-  return info.rowid
-    ? `${info.rowid} = ?`
-    : info.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
 }
 
 function replicatedTable(replica: ReplicaDb, table: string) {

@@ -49,6 +49,13 @@ function keyPartText(v: string): string {
     `THEN 'T' || quote(CAST(${v} AS BLOB)) ELSE quote(${v}) END`;
 }
 
+/** The WHERE clause that finds a row of `table` by its key values. */
+export function keyWhere(table: TableInfo): string {
+  return table.rowid
+    ? `${table.rowid} = ?`
+    : table.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
+}
+
 /** The names of the three capture triggers of `table`. */
 export function captureTriggerNames(table: string): string[] {
   return ["ins", "upd", "del"].map((kind) =>
@@ -338,9 +345,7 @@ export function readImage(
  * text.
  */
 function imageSql(table: TableInfo, columns: string[]): string {
-  const where = table.rowid
-    ? `${table.rowid} = ?`
-    : table.pk.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
+  const where = keyWhere(table);
   const hasNul = (c: string) =>
     `(typeof(${c}) = 'text' AND instr(${c}, char(0)) > 0)`;
   const cols = columns.map((name) => {
