@@ -7,11 +7,13 @@
  *        --cluster-peers nats://127.0.0.1:4249,dns://app.internal:4248
  * marmot cleanup --db-path app.db        # remove marmot's triggers and tables
  * marmot verify --config marmot.toml     # compare the tables of every running node
+ * marmot status --config marmot.toml     # every node's health, positions and lag
  * ```
  *
  * Exit codes: 0 after a clean stop, 1 on a runtime failure, 2 for bad usage,
  * configuration or database path (nothing is modified then). `verify`: 0 when
  * the cluster agrees, 1 when it differs or cannot be compared, 2 for bad usage.
+ * `status`: 0 when every node is healthy, 1 otherwise.
  *
  * @module
  */
@@ -35,6 +37,7 @@ import { lockDatabase } from "./lib/db/file_lock.ts";
 import { removeMarmot } from "./lib/db/cleanup.ts";
 import { createLogger } from "./lib/log.ts";
 import { Marmot } from "./lib/marmot.ts";
+import { statusCommand } from "./lib/http/status_command.ts";
 import {
   snapshotRestore,
   snapshotSave,
@@ -58,6 +61,8 @@ Usage:
                                    (stop the application and marmot first)
   marmot verify [options]          compare the tables of every running node; exit 0
                                    when they agree, 1 when they differ
+  marmot status [options]          every node of the cluster: health, shard positions,
+                                   lag, pending and parked changes, recent errors
 
 Options (override the config file):
   -c, --config FILE          TOML config file
@@ -72,8 +77,11 @@ Options (override the config file):
                              ([snapshot] bootstrap)
       --exec COMMAND         run the application once the database is ready
                              (exec); marmot forwards signals and exits with its code
+      --http-addr H:P        metrics, health and status page ([http] bind,
+                             default 127.0.0.1:3010); "" turns it off
   -v, --verbose              debug logging ([logging] verbose)
-      --expect N             verify: the number of nodes that must answer
+      --expect N             verify: the number of nodes that must answer (default:
+                             the nodes in the cluster's node list)
       --timeout S            verify: seconds without an answer after which a node
                              counts as missing (default 3)
   -h, --help                 this text
@@ -95,6 +103,7 @@ export type Command =
   | "snapshot-save"
   | "snapshot-restore"
   | "verify"
+  | "status"
   | "help"
   | "version";
 
@@ -114,6 +123,7 @@ const OPTIONS = {
   replicas: { type: "string" },
   exec: { type: "string" },
   bootstrap: { type: "boolean" },
+  "http-addr": { type: "string" },
   verbose: { type: "boolean", short: "v" },
   expect: { type: "string" },
   timeout: { type: "string" },
@@ -164,7 +174,8 @@ export async function parseCommandLine(
   if (
     !snapshotVerb &&
     (rest.length > 0 ||
-      (sub !== undefined && sub !== "cleanup" && sub !== "verify"))
+      (sub !== undefined && sub !== "cleanup" && sub !== "verify" &&
+        sub !== "status"))
   ) {
     throw new UsageError(
       `Unknown command: ${JSON.stringify(positionals.join(" "))} (try --help)`,
@@ -224,14 +235,17 @@ export async function parseCommandLine(
     );
   }
   if (values.exec !== undefined) flag("", "exec", values.exec, "exec");
+  if (values["http-addr"] !== undefined) {
+    flag("http", "bind", values["http-addr"], "http-addr");
+  }
   if (values.bootstrap) config.snapshot.bootstrap = true;
   if (values.verbose) config.logging.verbose = true;
   const command = snapshotVerb
     ? `snapshot-${snapshotVerb}` as const
-    : sub === "cleanup" || sub === "verify"
+    : sub === "cleanup" || sub === "verify" || sub === "status"
     ? sub
     : "run";
-  if (command !== "verify") {
+  if (command !== "verify" && command !== "status") {
     for (const name of ["expect", "timeout"] as const) {
       if (values[name] !== undefined) {
         throw new UsageError(`Invalid flag: --${name} is for marmot verify`);
@@ -242,11 +256,19 @@ export async function parseCommandLine(
   }
   if (!config.dbPath && config.nats.urls.length === 0) {
     throw new ConfigError(
-      "Invalid config: marmot verify needs --nats-url, or db_path to find the embedded nats-server of the node running here",
+      `Invalid config: marmot ${command} needs --nats-url, or db_path to find the embedded nats-server of the node running here`,
     );
   }
-  // verify reads no database: db_path only locates the embedded server.
+  // verify and status read no database: db_path only locates the embedded server.
   validateConfig({ ...config, dbPath: config.dbPath || "(unused)" });
+  if (command === "status") {
+    for (const name of ["expect", "timeout"] as const) {
+      if (values[name] !== undefined) {
+        throw new UsageError(`Invalid flag: --${name} is for marmot verify`);
+      }
+    }
+    return { command, config };
+  }
   const verify: VerifyFlags = { timeout: 3000 };
   if (values.expect !== undefined) {
     verify.expect = integerFlag("expect", values.expect);
@@ -310,6 +332,14 @@ const COMMANDS: Record<Command, (parsed: Parsed) => Promise<number>> = {
     });
     try {
       return await verifyCommand(config, verify!, log);
+    } catch (e) {
+      console.error(`marmot: ${e instanceof Error ? e.message : e}`);
+      return e instanceof ConfigError ? 2 : 1;
+    }
+  },
+  status: async ({ config }) => {
+    try {
+      return await statusCommand(config);
     } catch (e) {
       console.error(`marmot: ${e instanceof Error ? e.message : e}`);
       return e instanceof ConfigError ? 2 : 1;

@@ -166,6 +166,8 @@ function startNode(id: number, db: string, url: string): Node {
       V8_FLAGS,
       "-A",
       CLI,
+      "--http-addr",
+      "127.0.0.1:0",
       "--db-path",
       db,
       "--node-id",

@@ -14,6 +14,8 @@
 #   PB_HTTP                PocketBase's listen address           (0.0.0.0:8090)
 #   MARMOT_CLUSTER_ADDR    the NATS route listen address         ([::]:4248)
 #   MARMOT_NATS_BIND       the embedded server's client address  (127.0.0.1:4222)
+#   MARMOT_HTTP_ADDR       marmot's metrics, health and status page ([::]:3010);
+#                          set the secret MARMOT_HTTP_TOKEN to guard all but /health
 #   MARMOT_CLUSTER_PEERS   comma-separated routes (default from FLY_APP_NAME)
 #   MARMOT_BIN, POCKETBASE_BIN   the two programs (marmot, pocketbase)
 #   MARMOT_NATS_SERVER     the nats-server binary marmot embeds
@@ -71,6 +73,9 @@ store_dir = "$data/nats"
 
 [snapshot]
 bootstrap = true
+
+[http]
+bind = "${MARMOT_HTTP_ADDR:-[::]:3010}"
 TOML
 
 # An empty volume: marmot bootstraps from the newest snapshot before

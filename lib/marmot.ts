@@ -5,7 +5,11 @@
  * @module
  */
 import { dirname } from "node:path";
-import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import {
+  jetstream,
+  type JetStreamManager,
+  jetstreamManager,
+} from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import {
   defaultConfig,
@@ -48,6 +52,17 @@ import {
 import { Publisher, type PublisherStats } from "./publisher.ts";
 import { Subscriber, type SubscriberStats } from "./subscriber.ts";
 import { VerifyResponder } from "./verify/verify_responder.ts";
+import denoJson from "../deno.json" with { type: "json" };
+import { HttpServer, loadHttpToken } from "./http/http_server.ts";
+import { Metrics } from "./http/metrics.ts";
+import {
+  NatsState,
+  NodeStatus,
+  RecentErrors,
+  recordingLogger,
+} from "./http/node_status.ts";
+import { Announcer, openNodesBucket, readNodes } from "./http/cluster_nodes.ts";
+import type { ClusterView } from "./http/status_page.ts";
 import {
   auxiliaryDbProblem,
   isPocketBaseDb,
@@ -63,7 +78,7 @@ export interface MarmotOptions extends
   Partial<
     Omit<
       MarmotConfig,
-      "dbPath" | "replicationLog" | "nats" | "logging" | "snapshot"
+      "dbPath" | "replicationLog" | "nats" | "logging" | "snapshot" | "http"
     >
   > {
   /** The SQLite database to replicate; it must exist unless `snapshot.bootstrap`. */
@@ -76,6 +91,11 @@ export interface MarmotOptions extends
   logging?: Partial<MarmotConfig["logging"]>;
   /** Scheduled snapshots, their store, and bootstrap. */
   snapshot?: Partial<MarmotConfig["snapshot"]>;
+  /**
+   * The HTTP listener (metrics, health, status page). Unlike the command
+   * line, the library starts none unless `http.bind` is given.
+   */
+  http?: Partial<MarmotConfig["http"]>;
   /** A logger to use instead of one built from `logging`. */
   logger?: Logger;
   /** Milliseconds between safety scans of the change log and schema. @default {1000} */
@@ -130,6 +150,11 @@ export function resolveConfig(options: MarmotOptions): MarmotConfig {
     nats: { ...d.nats, ...stripUndefined(options.nats ?? {}) },
     logging: { ...d.logging, ...stripUndefined(options.logging ?? {}) },
     snapshot: { ...d.snapshot, ...stripUndefined(options.snapshot ?? {}) },
+    http: {
+      ...d.http,
+      bind: "",
+      ...stripUndefined(options.http ?? {}),
+    },
   };
   validateConfig(config);
   return config;
@@ -168,6 +193,9 @@ export class Marmot implements AsyncDisposable {
   #timer: ReturnType<typeof setInterval> | undefined;
   #tasks: Promise<unknown>[] = [];
   #lock: DatabaseLock | undefined;
+  #announcer: Announcer | undefined;
+  #http: HttpServer | undefined;
+  #natsState: NatsState | undefined;
   #failure = Promise.withResolvers<DatabaseChangedError>();
 
   private constructor(
@@ -201,14 +229,34 @@ export class Marmot implements AsyncDisposable {
   static async start(options: MarmotOptions): Promise<Marmot> {
     const { signal } = options;
     const config = resolveConfig(options);
-    const log = options.logger ?? createLogger({
-      verbose: config.logging.verbose,
-      format: config.logging.format,
-      fields: { node: config.nodeId },
-    });
+    // Warnings and errors are kept for the status page too.
+    const recent = new RecentErrors();
+    const log = recordingLogger(
+      options.logger ?? createLogger({
+        verbose: config.logging.verbose,
+        format: config.logging.format,
+        fields: { node: config.nodeId },
+      }),
+      recent,
+    );
     // Each step registers how to undo it: a failure at any later step undoes
     // every step before it, in reverse order.
     await using steps = new AsyncDisposableStack();
+
+    // 0. The HTTP listener, first: /health says "starting" while the node
+    // restores a snapshot or waits for NATS.
+    const metrics = new Metrics();
+    const http = config.http.bind
+      ? HttpServer.start({
+        bind: config.http.bind,
+        token: await loadHttpToken(config.http),
+        maxLagSeconds: config.http.maxLagSeconds,
+        node: config.nodeId,
+        metrics,
+        log,
+      })
+      : undefined;
+    steps.defer(() => http?.close());
 
     // 1. The database, locked for this process (without bootstrap, a missing
     // one fails here, before anything is created or NATS starts).
@@ -297,6 +345,7 @@ export class Marmot implements AsyncDisposable {
       log,
       signal,
       pocketbase,
+      metrics,
     );
     steps.defer(async () => {
       await publisher.close();
@@ -331,6 +380,11 @@ export class Marmot implements AsyncDisposable {
     marmot.#verify = VerifyResponder.start(nats.nc, config, log);
     steps.defer(() => marmot.#verify?.close());
 
+    // 7. What the node says about itself: metrics, /health, the status page
+    // and its entry in the cluster's node list.
+    marmot.#report(jsm, replicas, recent, metrics, http);
+    steps.defer(() => marmot.#announcer?.close());
+
     log.info("Replicating", {
       db: config.dbPath,
       tables: ready.tables.size,
@@ -346,6 +400,82 @@ export class Marmot implements AsyncDisposable {
     marmot.#lock = lock;
     steps.move(); // started: the steps are undone by close() from now on
     return marmot;
+  }
+
+  #report(
+    jsm: JetStreamManager,
+    replicas: number,
+    recent: RecentErrors,
+    metrics: Metrics,
+    http: HttpServer | undefined,
+  ): void {
+    const config = this.config;
+    const nats = new NatsState(this.#nc);
+    this.#natsState = nats;
+    let store: ReturnType<typeof openSnapshotStore> | undefined;
+    const status = new NodeStatus({
+      node: config.nodeId,
+      version: denoJson.version,
+      http: http?.url,
+      shards: config.replicationLog.shards,
+      streamPrefix: config.nats.streamPrefix,
+      nc: this.#nc,
+      jsm,
+      nats,
+      recent,
+      maxLagSeconds: config.http.maxLagSeconds,
+      appliedSeq: (shard) => this.#db.appliedSeq(shard),
+      counters: () => {
+        const { published, applied, pending } = this.stats();
+        return {
+          captured: published.captured,
+          published: published.changes,
+          applied: applied.applied,
+          pending,
+          parked: published.parked + applied.parked,
+          conflicts: applied.overwrites + applied.hidden,
+          schemaEvents: applied.schemaEvents,
+        };
+      },
+      snapshotAt: async () => {
+        store ??= openSnapshotStore(config, this.#nc, replicas);
+        store.catch(() => store = undefined);
+        const latest = await (await store).latest();
+        return latest ? new Date(latest.createdAt) : undefined;
+      },
+    });
+    const report = () => status.report();
+    this.#announcer = new Announcer(
+      () => openNodesBucket(this.#nc, config.nats.streamPrefix, replicas),
+      config.nodeId,
+      report,
+      this.#log,
+    );
+    const cluster = async (): Promise<ClusterView> => {
+      const self = await report();
+      const bucket = this.#announcer?.bucket;
+      let others: typeof self[] = [];
+      let problem: string | undefined;
+      try {
+        if (bucket && nats.connected) others = await readNodes(bucket);
+        else problem = "the other nodes are not known: NATS is not reachable";
+      } catch (e) {
+        problem = `Cannot read the cluster's node list: ${
+          e instanceof Error ? e.message : e
+        }`;
+      }
+      const nodes = [self, ...others.filter((n) => n.node !== self.node)]
+        .sort((a, b) => a.node - b.node);
+      return { self: self.node, nodes, ...(problem ? { problem } : {}) };
+    };
+    metrics.attach({ report, stats: () => this.stats() });
+    http?.attach({ report, cluster });
+    this.#http = http;
+  }
+
+  /** Where this node's HTTP listener answers, when it has one. */
+  get httpUrl(): string | undefined {
+    return this.#http?.url;
   }
 
   /** Stops watching the database and supervising the embedded server. */
@@ -524,6 +654,7 @@ export class Marmot implements AsyncDisposable {
       );
     }
     this.#closing = true;
+    await this.#announcer?.close();
     await this.#verify?.close();
     await this.#scheduler?.close();
     await this.#publisher.close();
@@ -532,6 +663,8 @@ export class Marmot implements AsyncDisposable {
     await this.#nc.close().catch(() => {});
     await this.#server?.stop().catch(() => {});
     await Promise.allSettled(this.#tasks);
+    await this.#http?.close();
+    await this.#natsState?.done;
     this.#db.close();
     this.#lock?.release();
     this.#log.info("Stopped");
@@ -586,6 +719,7 @@ async function startPipeline(
   log: Logger,
   signal: AbortSignal | undefined,
   pocketbase: PocketBaseNotifier | undefined,
+  metrics: Metrics,
 ): Promise<{ publisher: Publisher; subscriber: Subscriber }> {
   const js = jetstream(nc, { timeout: 5000 });
   const publisher = new Publisher(db, js, {
@@ -601,6 +735,7 @@ async function startPipeline(
         config.nats.streamPrefix,
         config.replicationLog.shards,
       ),
+    onPublished: (seconds) => metrics.published(seconds),
     log,
   });
   const subscriber = new Subscriber(db, js, {
@@ -610,6 +745,7 @@ async function startPipeline(
     schemaStream: schemaStreamName(config.nats.streamPrefix),
     onStreamRestart: (s) => publisher.republish(s),
     onRerecorded: () => publisher.wake(),
+    onApplied: ({ seconds, delays }) => metrics.applied(seconds, delays),
     ...(pocketbase
       ? {
         onTablesChanged: (tables) => pocketbase.tablesChanged(tables),

@@ -55,12 +55,16 @@ export interface PublisherOptions {
   schemaSubject: string;
   /** The last stream sequence of every shard stream. */
   lastSequences: () => Promise<number[]>;
+  /** Called with the seconds each message took from sending to JetStream's acknowledgement. */
+  onPublished?: (seconds: number) => void;
   /** Logger. */
   log: Logger;
 }
 
 /** Counters of a publisher. */
 export interface PublisherStats {
+  /** Change log entries the capture triggers wrote that this publisher read (before coalescing per row). */
+  captured: number;
   /** Messages acknowledged by JetStream. */
   messages: number;
   /** Row changes in those messages. */
@@ -78,6 +82,7 @@ export interface PublisherStats {
 /** Publishes captured changes; call {@linkcode Publisher.wake} when the database may have changed. */
 export class Publisher {
   readonly stats: PublisherStats = {
+    captured: 0,
     messages: 0,
     changes: 0,
     bytes: 0,
@@ -216,7 +221,7 @@ export class Publisher {
       return true;
     }
     this.#catchUp(limit);
-    const { changes, lastSeq } = this.#db.readPending(
+    const { changes, lastSeq, captured } = this.#db.readPending(
       this.#cursor,
       limit - this.#activeLoad().changes,
       (table, key) => !this.#behind.has(this.#shardOf(table, key)),
@@ -229,6 +234,7 @@ export class Publisher {
     });
     this.#enqueue(changes);
     this.#cursor = lastSeq;
+    this.stats.captured += captured;
     return true;
   }
 
@@ -496,10 +502,12 @@ export class Publisher {
     for (let attempt = 1;; attempt++) {
       this.#abort.signal.throwIfAborted();
       try {
+        const started = performance.now();
         const ack = await this.#js.publish(subject, bytes, {
           msgID,
           timeout: 5000,
         });
+        this.#options.onPublished?.((performance.now() - started) / 1000);
         return ack;
       } catch (e) {
         if (this.#abort.signal.aborted) throw e;

@@ -58,8 +58,12 @@ export interface SubscriberOptions {
   onStreamRestart?: (shard: number) => void;
   /** Called when own changes got new sequences to publish again. */
   onRerecorded?: () => void;
-  /** Called after each apply transaction (tests and the CLI use it for progress). */
-  onApplied?: (result: { messages: number; applied: number }) => void;
+  /**
+   * Called after each apply transaction: its messages and rows, how long it
+   * took, and for every message of another node how long ago its stream
+   * stored it (the metrics' latency histograms).
+   */
+  onApplied?: (result: AppliedTransaction) => void;
   /**
    * Called after an apply transaction with the tables other nodes' batches
    * in it wrote to (by the names they were published under).
@@ -69,6 +73,18 @@ export interface SubscriberOptions {
   onSchemaApplied?: () => void;
   /** Logger. */
   log: Logger;
+}
+
+/** What {@linkcode SubscriberOptions.onApplied} receives. */
+export interface AppliedTransaction {
+  /** Stream messages applied. */
+  messages: number;
+  /** Rows written or deleted. */
+  applied: number;
+  /** Seconds the transaction took. */
+  seconds: number;
+  /** Seconds from each other node's message reaching its stream to applied here. */
+  delays: number[];
 }
 
 /** Counters of a subscriber. */
@@ -89,6 +105,8 @@ export interface SubscriberStats {
   overwrites: number;
   /** Rows kept aside by a UNIQUE conflict (see `ApplyResult.hidden`). */
   hidden: number;
+  /** Other nodes' schema events applied (parked ones not counted). */
+  schemaEvents: number;
 }
 
 /** How long a shard consumer may go without a message or heartbeat. */
@@ -109,6 +127,7 @@ export class Subscriber {
     parked: 0,
     overwrites: 0,
     hidden: 0,
+    schemaEvents: 0,
   };
   #db: ReplicaDb;
   #js: JetStreamClient;
@@ -245,6 +264,7 @@ export class Subscriber {
         reason: result.parked,
       });
     } else {
+      this.stats.schemaEvents++;
       this.#options.log.info("Applied a schema change", {
         seq,
         origin: event.origin,
@@ -584,6 +604,7 @@ export class Subscriber {
         seq: msg.seq,
         batch,
         data: msg.data,
+        time: msg.info.timestampNanos / 1e6,
       });
     }
     if (incoming.length === 0) return;
@@ -636,7 +657,9 @@ export class Subscriber {
   }
 
   async #applyNow(messages: IncomingMessage[]): Promise<void> {
+    const started = performance.now();
     const result = await this.#db.applyMessages(messages, this.#options.nodeId);
+    const seconds = (performance.now() - started) / 1000;
     if (result.rerecorded) {
       this.#options.log.warn(
         "Own changes came back behind later ones; publishing them again",
@@ -690,10 +713,21 @@ export class Subscriber {
         ...p,
       });
     }
-    this.#options.onApplied?.({
-      messages: messages.length,
-      applied: result.applied,
-    });
+    if (this.#options.onApplied) {
+      const now = Date.now();
+      const delays: number[] = [];
+      for (const m of messages) {
+        if (m.time === undefined || m.batch instanceof Error) continue;
+        if (!("kind" in m.batch) && this.#isOwn(m.batch)) continue;
+        delays.push(Math.max(0, now - m.time) / 1000);
+      }
+      this.#options.onApplied({
+        messages: messages.length,
+        applied: result.applied,
+        seconds,
+        delays,
+      });
+    }
     if (this.#options.onTablesChanged && result.applied > 0) {
       const tables = new Set<string>();
       for (const m of messages) {

@@ -215,13 +215,30 @@ export class MarmotProcess extends LoggedProcess {
 
   constructor(args: string[], env?: Record<string, string>) {
     const id = args[args.indexOf("--node-id") + 1];
+    // Many marmots share this host: each HTTP listener on a port of its own.
+    const http = args.includes("--http-addr")
+      ? []
+      : ["--http-addr", "127.0.0.1:0"];
     super(
       args.includes("--node-id") ? `marmot ${id}` : "marmot",
       Deno.execPath(),
-      ["run", V8_FLAGS, "-A", CLI, ...args],
+      ["run", V8_FLAGS, "-A", CLI, ...http, ...args],
       env,
     );
     this.args = args;
+  }
+
+  /** Same as {@linkcode MarmotProcess.dispose}. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.dispose();
+  }
+
+  /** The URL of its HTTP listener, once it has logged it. */
+  async httpUrl(timeout = 30000): Promise<string> {
+    await this.waitForLog("HTTP listener", timeout);
+    const url = /HTTP listener.* url=(\S+)/.exec(this.log)?.[1];
+    if (!url) throw new Error(`${this.name} logged no HTTP listener URL`);
+    return url;
   }
 
   /** SIGTERM, then waits for the exit status. */

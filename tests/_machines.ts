@@ -13,6 +13,8 @@ export interface Machine {
   name: string;
   dir: string;
   url: string;
+  /** marmot's HTTP listener (metrics, health, status page). */
+  marmotUrl: string;
   env: Record<string, string>;
   process?: LoggedProcess;
 }
@@ -67,7 +69,7 @@ export function startMachine(m: Machine): LoggedProcess {
 
 /** `count` Machines in `dir`, routed to each other on loopback (not started). */
 export function loopbackMachines(dir: string, count: number): Machine[] {
-  const ports = pickFreePorts(3 * count);
+  const ports = pickFreePorts(4 * count);
   const routes = ports.slice(count, 2 * count).map((p) =>
     `nats://127.0.0.1:${p}`
   );
@@ -75,6 +77,7 @@ export function loopbackMachines(dir: string, count: number): Machine[] {
     name: `machine ${i + 1}`,
     dir: `${dir}/m${i + 1}`,
     url: `http://127.0.0.1:${ports[i]}`,
+    marmotUrl: `http://127.0.0.1:${ports[3 * count + i]}`,
     env: {
       FLY_APP_NAME: "marmot-test",
       FLY_MACHINE_ID: `e28650${i + 1}c4d0e18`,
@@ -84,6 +87,7 @@ export function loopbackMachines(dir: string, count: number): Machine[] {
       MARMOT_CLUSTER_ADDR: `127.0.0.1:${ports[count + i]}`,
       MARMOT_CLUSTER_PEERS: routes.join(","),
       MARMOT_NATS_BIND: `127.0.0.1:${ports[2 * count + i]}`,
+      MARMOT_HTTP_ADDR: `127.0.0.1:${ports[3 * count + i]}`,
       MARMOT_BIN: `${Deno.execPath()} run -A --quiet ${CLI}`,
       POCKETBASE_BIN: PB.path ?? "pocketbase",
       NO_COLOR: "1",

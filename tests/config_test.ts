@@ -61,6 +61,12 @@ bootstrap = true
 interval_seconds = 600
 every_messages = 5000
 
+[http]
+bind = "0.0.0.0:9100"
+token = "ht"
+token_file = "/run/secrets/http-token"
+max_lag_seconds = 30
+
 [logging]
 verbose = true
 format = "json"
@@ -107,6 +113,12 @@ const FULL: MarmotConfig = {
     bootstrap: true,
     intervalSeconds: 600,
     everyMessages: 5000,
+  },
+  http: {
+    bind: "0.0.0.0:9100",
+    token: "ht",
+    tokenFile: "/run/secrets/http-token",
+    maxLagSeconds: 30,
   },
   logging: { verbose: true, format: "json" },
 };
@@ -349,6 +361,26 @@ Deno.test("applyToml() throws ConfigError naming the key and value out of range"
       "cluster_addr with port 70000",
       '[nats]\ncluster_addr = "0.0.0.0:70000"',
       ['"nats.cluster_addr"', "65535", 'got "0.0.0.0:70000"'],
+    ],
+    [
+      "http bind without a port",
+      '[http]\nbind = "localhost"',
+      ['"http.bind"', "host:port", '(or "" for off)', 'got "localhost"'],
+    ],
+    [
+      "http bind with port -1",
+      '[http]\nbind = "127.0.0.1:-1"',
+      ['"http.bind"', "from 0 to 65535", 'got "127.0.0.1:-1"'],
+    ],
+    [
+      "http max_lag_seconds 0",
+      "[http]\nmax_lag_seconds = 0",
+      ['"http.max_lag_seconds"', "at least 1", "got 0"],
+    ],
+    [
+      "http token empty, not shown",
+      '[http]\ntoken = ""',
+      ['"http.token"', "not shown: a secret"],
     ],
   ];
   for (const [name, toml, parts] of cases) {

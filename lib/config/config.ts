@@ -110,6 +110,21 @@ export interface MarmotConfig {
     /** Stream messages since the newest snapshot that make a new one due (0: never). @default 100000 */
     everyMessages: number;
   };
+  /** The HTTP listener: metrics, health and the status page (docs/operations.md). */
+  http: {
+    /** `host:port` to listen on (port 0: random); `""` turns it off. @default "127.0.0.1:3010" */
+    bind: string;
+    /**
+     * A token every request but `/health` must carry (`Authorization:
+     * Bearer <token>`, or as the password of HTTP basic auth). Prefer
+     * `tokenFile` or `MARMOT_HTTP_TOKEN`.
+     */
+    token: string | undefined;
+    /** A file holding the token. */
+    tokenFile: string | undefined;
+    /** `/health` answers 503 when a shard is further behind than this. @default 10 */
+    maxLagSeconds: number;
+  };
   /** Logging. */
   logging: {
     /** Debug logging. @default false */
@@ -186,9 +201,18 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
       intervalSeconds: 3600,
       everyMessages: 100_000,
     },
+    http: {
+      bind: DEFAULT_HTTP_BIND,
+      token: undefined,
+      tokenFile: undefined,
+      maxLagSeconds: 10,
+    },
     logging: { verbose: false, format: LogFormat.Console },
   };
 }
+
+/** Where the HTTP listener listens unless configured: the original Marmot's metrics port, on loopback. */
+export const DEFAULT_HTTP_BIND = "127.0.0.1:3010";
 
 type Kind = "string" | "int" | "bool" | "strings";
 type Setter = (c: MarmotConfig, v: never) => void;
@@ -376,6 +400,32 @@ const KEYS: Record<string, Record<string, Key>> = {
       kind: "int",
       set: (c, v: number) => c.snapshot.everyMessages = v,
       check: (v: number) => v >= 0 ? undefined : "must be 0 (off) or more",
+    },
+  },
+  http: {
+    bind: {
+      kind: "string",
+      set: (c, v: string) => c.http.bind = v,
+      check: (v: string) =>
+        v === ""
+          ? undefined
+          : checkHostPort(v, false)?.concat(' (or "" for off)'),
+    },
+    token: {
+      kind: "string",
+      set: (c, v: string) => c.http.token = v,
+      check: nonEmpty,
+      secret: true,
+    },
+    token_file: {
+      kind: "string",
+      set: (c, v: string) => c.http.tokenFile = v,
+      check: nonEmpty,
+    },
+    max_lag_seconds: {
+      kind: "int",
+      set: (c, v: number) => c.http.maxLagSeconds = v,
+      check: positive,
     },
   },
   logging: {

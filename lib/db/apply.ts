@@ -45,6 +45,8 @@ export interface IncomingMessage {
   batch: Batch | Part | Error;
   /** The raw bytes, kept when the message is parked. */
   data: Uint8Array;
+  /** When the stream stored it (ms since the epoch), for the replication delay. */
+  time?: number;
 }
 
 /** A change or message that could not be applied. */

@@ -186,7 +186,7 @@ export function readPending(
   afterSeq: number,
   limit: number,
   keep?: (table: string, key: string) => boolean,
-): { changes: PendingChange[]; lastSeq: number } {
+): { changes: PendingChange[]; lastSeq: number; captured: number } {
   const misfits: { seq: number; table: string; key: string }[] = [];
   const unreadable: {
     seq: number;
@@ -199,16 +199,19 @@ export function readPending(
       afterSeq,
       limit,
     ) as unknown as LogRow[];
-    if (rows.length === 0) return { changes: [], lastSeq: afterSeq };
+    const none = { changes: [], lastSeq: afterSeq, captured: 0 };
+    if (rows.length === 0) return none;
     // DDL committed since the schema was read: the next pass reads these
     // rows with the table as it is now.
-    if (replica.schemaChanged()) return { changes: [], lastSeq: afterSeq };
+    if (replica.schemaChanged()) return none;
+    let captured = 0;
     const newest = new Map<
       string,
       { seq: number; table: string; key: string }
     >();
     for (const row of rows) {
       if (row.tbl === null) continue; // the mark of the highest sequence
+      captured++;
       const table = replica.tables.get(row.tbl);
       if (!table) continue; // dropped or not replicated
       const key = keyText(table, row);
@@ -252,7 +255,7 @@ export function readPending(
         });
       }
     }
-    return { changes, lastSeq: Number(rows[rows.length - 1]!.seq) };
+    return { changes, lastSeq: Number(rows[rows.length - 1]!.seq), captured };
   });
   for (const m of misfits) {
     const reason =

@@ -874,7 +874,7 @@ export class ReplicaDb implements Disposable {
     afterSeq: number,
     limit: number,
     keep?: (table: string, key: string) => boolean,
-  ): { changes: PendingChange[]; lastSeq: number } {
+  ): { changes: PendingChange[]; lastSeq: number; captured: number } {
     return readPending(this, afterSeq, limit, keep);
   }
 

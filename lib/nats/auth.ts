@@ -42,20 +42,33 @@ export const SECRET_ENV = {
   token: "MARMOT_NATS_TOKEN",
 } as const;
 
-async function readSecret(path: string, key: string): Promise<string> {
+function readSecret(path: string, key: string): Promise<string> {
+  return readSecretFile(path, `nats.${key}`);
+}
+
+/**
+ * Reads a secret from a file, trimmed.
+ *
+ * @param key the config key that names the file, for errors (`http.token_file`)
+ * @throws {ConfigError} when it cannot be read or is empty
+ */
+export async function readSecretFile(
+  path: string,
+  key: string,
+): Promise<string> {
   let text: string;
   try {
     text = await Deno.readTextFile(path);
   } catch (e) {
     throw new ConfigError(
-      `Invalid config: cannot read nats.${key} "${path}": ${
+      `Invalid config: cannot read ${key} "${path}": ${
         e instanceof Error ? e.name : "error"
       }`,
     );
   }
   const secret = text.trim();
   if (!secret) {
-    throw new ConfigError(`Invalid config: nats.${key} "${path}" is empty`);
+    throw new ConfigError(`Invalid config: ${key} "${path}" is empty`);
   }
   return secret;
 }

@@ -7,6 +7,7 @@
 import { ConfigError, type MarmotConfig } from "../config/config.ts";
 import type { Logger } from "../log.ts";
 import { connectCommand } from "../nats/command_connection.ts";
+import { announcedNodes } from "../http/status_command.ts";
 import { formatVerifyResult, verifyOver } from "./verify.ts";
 
 /** The flags of `marmot verify`. */
@@ -44,10 +45,18 @@ export async function verifyCommand(
   }
   let result;
   try {
+    // Without --expect, the nodes that announced themselves must answer.
+    const expect = flags.expect ??
+      await announcedNodes(nc, config.nats.streamPrefix).catch(() => undefined);
+    if (flags.expect === undefined && expect !== undefined) {
+      log.info("Expecting the nodes in the cluster's node list", {
+        nodes: expect,
+      });
+    }
     result = await verifyOver(nc, {
       subjectPrefix: config.nats.subjectPrefix,
       timeout: flags.timeout,
-      ...(flags.expect !== undefined ? { expect: flags.expect } : {}),
+      ...(expect !== undefined ? { expect } : {}),
       log,
     });
   } finally {

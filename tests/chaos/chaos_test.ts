@@ -158,7 +158,15 @@ class ChaosNode {
 
   /** Starts marmot (in the node's network namespace, if it has one). */
   startMarmot(): LoggedProcess {
-    const deno = ["run", V8_FLAGS, "-A", CLI, ...this.#args];
+    const deno = [
+      "run",
+      V8_FLAGS,
+      "-A",
+      CLI,
+      "--http-addr",
+      "127.0.0.1:0",
+      ...this.#args,
+    ];
     const name = `marmot${this.id}#${++this.#starts}`;
     this.marmot = this.#netns
       ? new LoggedProcess(name, "ip", [
