@@ -70,6 +70,8 @@ Options (override the config file):
       --replicas N           stream replicas ([replication_log] replicas)
       --bootstrap            a missing database is restored from the newest snapshot
                              ([snapshot] bootstrap)
+      --no-publish           a read replica: apply every change, publish none (publish)
+      --no-replicate         a publish-only node: publish, apply nothing (replicate)
       --exec COMMAND         run the application once the database is ready
                              (exec); marmot forwards signals and exits with its code
   -v, --verbose              debug logging ([logging] verbose)
@@ -114,6 +116,8 @@ const OPTIONS = {
   replicas: { type: "string" },
   exec: { type: "string" },
   bootstrap: { type: "boolean" },
+  "no-publish": { type: "boolean" },
+  "no-replicate": { type: "boolean" },
   verbose: { type: "boolean", short: "v" },
   expect: { type: "string" },
   timeout: { type: "string" },
@@ -225,6 +229,8 @@ export async function parseCommandLine(
   }
   if (values.exec !== undefined) flag("", "exec", values.exec, "exec");
   if (values.bootstrap) config.snapshot.bootstrap = true;
+  if (values["no-publish"]) config.publish = false;
+  if (values["no-replicate"]) config.replicate = false;
   if (values.verbose) config.logging.verbose = true;
   const command = snapshotVerb
     ? `snapshot-${snapshotVerb}` as const
