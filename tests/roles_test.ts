@@ -174,6 +174,35 @@ Deno.test({
         "from 1 again",
       );
       assert.ok(!again.log.includes(" WARN  The streams hold"), again.tail());
+      // Under --exec, a publish-only node starts its application at once:
+      // it would wait the whole catch_up_timeout for streams it never
+      // applies.
+      const db4 = `${dir.path}/node4.db`;
+      await sqlite(db4, SCHEMA);
+      await Deno.writeTextFile(
+        `${dir.path}/node4.toml`,
+        "replicate = false\ncatch_up_timeout = 3600\n",
+      );
+      const exec = new MarmotProcess([
+        ...externalArgs(db4, 4, servers[0]!.clientUrl),
+        "--config",
+        `${dir.path}/node4.toml`,
+        "--exec",
+        `sqlite3 ${db4} "INSERT INTO items VALUES ('d1', 'from 4')"`,
+      ]);
+      marmots.push(exec);
+      let code: number | undefined;
+      exec.status.then((s) => code = s.code);
+      await waitFor(
+        "the publish-only node's application to end",
+        () => code !== undefined,
+      );
+      assert.equal(code, 0, exec.log);
+      assert.match(exec.log, /Not waiting for the streams/);
+      await waitFor(
+        "node 4's row on node 1",
+        async () => (await ids(dbs[0]!)) === "a1,a2,c1,c2,d1",
+      );
       for (const m of [n1, n2, again]) {
         const status = await m.stop();
         assert.equal(status.code, 0, m.log);
