@@ -307,7 +307,11 @@ export class Marmot implements AsyncDisposable {
         () => openSnapshotStore(config, nats.nc, replicas),
         log,
         signal,
-        founding(jsm, () => openLeases(nats.nc, config, replicas), config),
+        // Only a node that publishes and applies founds a cluster: its
+        // application's schema reaches the others through its snapshot.
+        roleOf(config) === Role.Primary
+          ? founding(jsm, () => openLeases(nats.nc, config, replicas), config)
+          : undefined,
       );
       return openReplicaDb(config, log);
     };
