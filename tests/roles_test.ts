@@ -2,9 +2,13 @@
 // cluster, each file written by a sqlite3 process: node 1 publishes and
 // applies, node 2 is a read replica (`--no-publish`), node 3 publishes only
 // (`replicate = false` in its config file). Then node 3 starts again with
-// replicate on and catches up.
+// replicate on and catches up. Then, on one file, the apply rule that makes
+// another node's change win over a read replica's pending local change.
 import assert from "node:assert/strict";
+import { encodeBatch } from "../lib/codec.ts";
+import { ReplicaDb } from "../lib/db/replica_db.ts";
 import type { NatsServer } from "../lib/nats/nats_server.ts";
+import { toBatch } from "../lib/publisher.ts";
 import { startCluster } from "../lib/nats/nats_cluster.ts";
 import {
   externalArgs,
@@ -212,4 +216,42 @@ Deno.test({
       await Promise.all(servers.map((s) => s.stop()));
     }
   },
+});
+
+Deno.test("another node's change wins over a read replica's local change still in its change log", async (t) => {
+  for (const publish of [false, true]) {
+    await t.step(`publish = ${publish}`, async () => {
+      await using dir = await tempDir("marmot_roles_apply_");
+      const path = `${dir.path}/app.db`;
+      await sqlite(
+        path,
+        `PRAGMA journal_mode = WAL; ${SCHEMA} INSERT INTO items VALUES ('a1', 'first');`,
+      );
+      using db = ReplicaDb.open(path, { nodeId: 2, publish });
+      // The application's write, captured and not yet dropped (or published).
+      await sqlite(path, "UPDATE items SET v = 'local' WHERE id = 'a1';");
+      assert.equal(await changeLog(path), 1);
+      const table = db.tables.get("items")!;
+      const batch = toBatch(1, 7, 0, [{
+        table,
+        key: "'a1'",
+        seq: 1,
+        columns: table.columns,
+        values: ["a1", "from node 1"],
+      }]);
+      await db.applyMessages([{
+        shard: 0,
+        stream: "s-0",
+        seq: 1,
+        batch,
+        data: encodeBatch(batch),
+      }], 2);
+      const v = (await sqlite(path, "SELECT v FROM items WHERE id = 'a1';"))
+        .trim();
+      // A node that publishes keeps its local change: it is later in stream
+      // order, and wins on every node once published.
+      assert.equal(v, publish ? "local" : "from node 1");
+      assert.equal(await changeLog(path), publish ? 1 : 0);
+    });
+  }
 });
