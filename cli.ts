@@ -75,6 +75,8 @@ Options (override the config file):
       --replicas N           stream replicas ([replication_log] replicas)
       --bootstrap            a missing database is restored from the newest snapshot
                              ([snapshot] bootstrap)
+      --no-publish           a read replica: apply every change, publish none (publish)
+      --no-replicate         a publish-only node: publish, apply nothing (replicate)
       --exec COMMAND         run the application once the database is ready
                              (exec); marmot forwards signals and exits with its code
       --http-addr H:P        metrics, health and status page ([http] bind,
@@ -124,6 +126,8 @@ const OPTIONS = {
   exec: { type: "string" },
   bootstrap: { type: "boolean" },
   "http-addr": { type: "string" },
+  "no-publish": { type: "boolean" },
+  "no-replicate": { type: "boolean" },
   verbose: { type: "boolean", short: "v" },
   expect: { type: "string" },
   timeout: { type: "string" },
@@ -239,6 +243,8 @@ export async function parseCommandLine(
     flag("http", "bind", values["http-addr"], "http-addr");
   }
   if (values.bootstrap) config.snapshot.bootstrap = true;
+  if (values["no-publish"]) config.publish = false;
+  if (values["no-replicate"]) config.replicate = false;
   if (values.verbose) config.logging.verbose = true;
   const command = snapshotVerb
     ? `snapshot-${snapshotVerb}` as const

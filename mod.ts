@@ -42,6 +42,8 @@ export {
   type MarmotOptions,
   type MarmotStats,
   resolveConfig,
+  Role,
+  roleOf,
 } from "./lib/marmot.ts";
 export {
   ConfigError,

@@ -1,6 +1,8 @@
 /**
  * Wiring and lifecycle: the database, NATS (external or the embedded
- * nats-server), the shard streams, the publisher and the subscriber.
+ * nats-server), the shard streams, the publisher and the subscriber (or, by
+ * the node's role, only one of them: docs/operations.md, "Read replicas and
+ * publish-only nodes").
  *
  * @module
  */
@@ -51,6 +53,7 @@ import {
 } from "./nats/streams.ts";
 import { Publisher, type PublisherStats } from "./publisher.ts";
 import { Subscriber, type SubscriberStats } from "./subscriber.ts";
+import { LocalWrites } from "./local_writes.ts";
 import { VerifyResponder } from "./verify/verify_responder.ts";
 import denoJson from "../deno.json" with { type: "json" };
 import { HttpServer, loadHttpToken } from "./http/http_server.ts";
@@ -124,8 +127,43 @@ export interface MarmotStats {
   published: PublisherStats;
   /** What was applied. */
   applied: SubscriberStats;
-  /** Changes captured and not yet applied back from the stream. */
+  /**
+   * Changes captured and not yet applied back from the stream (on a
+   * publish-only node: not yet acknowledged by JetStream).
+   */
   pending: number;
+  /** Local changes a read replica (`publish = false`) dropped unpublished. */
+  dropped: number;
+}
+
+/** What a node does, from its `publish` and `replicate` keys. */
+export const Role = {
+  /** Publishes its changes and applies every other node's. */
+  Primary: "primary",
+  /** `publish = false`: applies every change, publishes none. */
+  ReadReplica: "read-replica",
+  /** `replicate = false`: publishes its changes, applies none. */
+  PublishOnly: "publish-only",
+} as const;
+/** A node's role. */
+export type Role = typeof Role[keyof typeof Role];
+
+/** The role of a node with this configuration. */
+export function roleOf(
+  config: Pick<MarmotConfig, "publish" | "replicate">,
+): Role {
+  return !config.publish
+    ? Role.ReadReplica
+    : !config.replicate
+    ? Role.PublishOnly
+    : Role.Primary;
+}
+
+/** The side of the pipeline that takes the local changes. */
+interface Outlet {
+  wake(): void;
+  flush(): Promise<void>;
+  close(): Promise<void>;
 }
 
 /** Merges options over the defaults and validates the result. */
@@ -142,6 +180,8 @@ export function resolveConfig(options: MarmotOptions): MarmotConfig {
       exclude: options.exclude,
       guardAppTriggers: options.guardAppTriggers,
       pocketbase: options.pocketbase,
+      publish: options.publish,
+      replicate: options.replicate,
     }),
     replicationLog: {
       ...d.replicationLog,
@@ -183,8 +223,10 @@ export class Marmot implements AsyncDisposable {
   #log: Logger;
   #nc: NatsConnection;
   #server: NatsServer | undefined;
-  #publisher: Publisher;
-  #subscriber: Subscriber;
+  #outlet: Outlet;
+  #publisher: Publisher | undefined;
+  #localWrites: LocalWrites | undefined;
+  #subscriber: Subscriber | undefined;
   #scheduler: SnapshotScheduler | undefined;
   #verify: VerifyResponder | undefined;
   #closing = false;
@@ -204,8 +246,7 @@ export class Marmot implements AsyncDisposable {
     db: ReplicaDb,
     nc: NatsConnection,
     server: NatsServer | undefined,
-    publisher: Publisher,
-    subscriber: Subscriber,
+    pipeline: Pipeline,
     scheduler: SnapshotScheduler | undefined,
   ) {
     this.config = config;
@@ -213,8 +254,10 @@ export class Marmot implements AsyncDisposable {
     this.#db = db;
     this.#nc = nc;
     this.#server = server;
-    this.#publisher = publisher;
-    this.#subscriber = subscriber;
+    this.#outlet = pipeline.outlet;
+    this.#publisher = pipeline.publisher;
+    this.#localWrites = pipeline.localWrites;
+    this.#subscriber = pipeline.subscriber;
     this.#scheduler = scheduler;
   }
 
@@ -300,7 +343,9 @@ export class Marmot implements AsyncDisposable {
       signal,
     );
 
-    // 3. The database restored from the newest snapshot where it must be.
+    // 3. The database restored from the newest snapshot where it must be (a
+    // publish-only node's stream positions do not matter: only a missing
+    // file is restored).
     let founded = false;
     const restore = async () => {
       db?.close();
@@ -310,21 +355,28 @@ export class Marmot implements AsyncDisposable {
         () => openSnapshotStore(config, nats.nc, replicas),
         log,
         signal,
-        founding(jsm, () => openLeases(nats.nc, config, replicas), config),
+        // Only a node that publishes and applies founds a cluster: its
+        // application's schema reaches the others through its snapshot.
+        roleOf(config) === Role.Primary
+          ? founding(jsm, () => openLeases(nats.nc, config, replicas), config)
+          : undefined,
       );
       return openReplicaDb(config, log);
     };
-    db = db
+    db = !db
+      ? await restore()
+      : config.replicate
       ? await restoreIfNeeded(db, jsm, restore, config, log, signal)
-      : await restore();
+      : db;
     const ready = db;
     // The application creates the database: marmot writes nothing until
     // its schema holds still.
     if (founded) ready.settleSchema(FOUNDING_SETTLE_MS);
     // A node that has data and no snapshot yet keeps a new node from
     // founding a second, empty data set (in the background: it must not
-    // hold up the start).
-    if (ready.tables.size > 0) {
+    // hold up the start). A publish-only node takes no snapshots, so it
+    // would hold the key for good.
+    if (ready.tables.size > 0 && config.replicate) {
       const claiming = claimFounder(
         () => openSnapshotStore(config, nats.nc, replicas),
         () => openLeases(nats.nc, config, replicas),
@@ -334,11 +386,18 @@ export class Marmot implements AsyncDisposable {
       steps.defer(() => claiming);
     }
 
+    const resumed = ready.noteReplicate(config.replicate);
+    if (resumed) {
+      log.info(
+        "Applying the streams again (replicate = true after a run with replicate = false): catching up from this node's applied positions",
+      );
+    }
+
     // 4. The pipeline: the publisher and the shard consumers, and the
     // reload signals of a PocketBase beside it.
     const pocketbase = pocketBaseNotifier(config, ready, log);
     steps.defer(() => pocketbase?.close());
-    const { publisher, subscriber } = await startPipeline(
+    const pipeline = await startPipeline(
       ready,
       nats.nc,
       config,
@@ -346,21 +405,18 @@ export class Marmot implements AsyncDisposable {
       signal,
       pocketbase,
       metrics,
+      resumed,
     );
     steps.defer(async () => {
-      await publisher.close();
-      await subscriber.close();
+      await pipeline.outlet.close();
+      await pipeline.subscriber?.close();
     });
 
-    // 5. The snapshot scheduler.
-    const scheduler = startScheduler(
-      ready,
-      nats.nc,
-      jsm,
-      replicas,
-      config,
-      log,
-    );
+    // 5. The snapshot scheduler (a publish-only node lacks the others'
+    // changes: its snapshot would not be the cluster's).
+    const scheduler = config.replicate
+      ? startScheduler(ready, nats.nc, jsm, replicas, config, log)
+      : undefined;
     steps.defer(() => scheduler?.close());
 
     // 6. Watching the database, the scan timer, the embedded server's
@@ -371,8 +427,7 @@ export class Marmot implements AsyncDisposable {
       ready,
       nats.nc,
       nats.server,
-      publisher,
-      subscriber,
+      pipeline,
       scheduler,
     );
     steps.defer(() => marmot.#stopWatching());
@@ -385,7 +440,13 @@ export class Marmot implements AsyncDisposable {
     marmot.#report(jsm, replicas, recent, metrics, http);
     steps.defer(() => marmot.#announcer?.close());
 
+    const role = roleOf(config);
     log.info("Replicating", {
+      role: role === Role.ReadReplica
+        ? `${role} (publish = false: applies every change, publishes none)`
+        : role === Role.PublishOnly
+        ? `${role} (replicate = false: publishes its changes, applies none)`
+        : role,
       db: config.dbPath,
       tables: ready.tables.size,
       shards: config.replicationLog.shards,
@@ -424,6 +485,7 @@ export class Marmot implements AsyncDisposable {
       nats,
       recent,
       maxLagSeconds: config.http.maxLagSeconds,
+      role: roleOf(config),
       appliedSeq: (shard) => this.#db.appliedSeq(shard),
       counters: () => {
         const { published, applied, pending } = this.stats();
@@ -486,7 +548,7 @@ export class Marmot implements AsyncDisposable {
   }
 
   #run(scanInterval: number): void {
-    this.#publisher.wake();
+    this.#outlet.wake();
     // Wake on commits of other connections: a file watch while idle, and
     // data_version (which changes only for other connections' commits)
     // checked every millisecond while busy. The interval scan is the safety
@@ -497,7 +559,7 @@ export class Marmot implements AsyncDisposable {
       const version = this.#db.dataVersion();
       if (version === lastVersion) return;
       lastVersion = version;
-      this.#publisher.wake();
+      this.#outlet.wake();
     };
     this.#watcher = watchDatabase(this.config.dbPath, onChange, this.#log);
     this.#timer = setInterval(() => {
@@ -510,7 +572,7 @@ export class Marmot implements AsyncDisposable {
         if (e instanceof DatabaseChangedError) return this.#fail(e);
         this.#log.warn("Cannot refresh the schema", { error: e });
       }
-      this.#publisher.wake();
+      this.#outlet.wake();
     }, scanInterval);
     if (this.#server) this.#tasks.push(this.#supervise(this.#server));
   }
@@ -566,20 +628,49 @@ export class Marmot implements AsyncDisposable {
   /** Counters of this node. */
   stats(): MarmotStats {
     return {
-      published: { ...this.#publisher.stats },
-      applied: { ...this.#subscriber.stats },
+      published: {
+        ...(this.#publisher?.stats ??
+          {
+            captured: 0,
+            messages: 0,
+            changes: 0,
+            bytes: 0,
+            retries: 0,
+            parts: 0,
+            parked: 0,
+          }),
+      },
+      applied: {
+        ...(this.#subscriber?.stats ?? {
+          messages: 0,
+          applied: 0,
+          skipped: 0,
+          parked: 0,
+          overwrites: 0,
+          hidden: 0,
+          schemaEvents: 0,
+        }),
+      },
       pending: this.#db.pendingCount(),
+      dropped: this.#localWrites?.stats.dropped ?? 0,
     };
   }
 
   /**
    * Resolves when this node has applied every shard stream up to its last
-   * message at the time of the call, or after `options.timeout` ms.
+   * message at the time of the call, or after `options.timeout` ms. A
+   * publish-only node (`replicate = false`) applies none: at once.
    *
    * @returns whether every shard caught up in time
    */
   async catchUp(options: CatchUpOptions = {}): Promise<boolean> {
     const { timeout = 60000, signal } = options;
+    if (!this.config.replicate) {
+      this.#log.info(
+        "Not waiting for the streams: this node applies none (replicate = false)",
+      );
+      return true;
+    }
     const jsm = await jetstreamManager(this.#nc, {
       timeout: 5000,
       checkAPI: false,
@@ -624,9 +715,12 @@ export class Marmot implements AsyncDisposable {
     );
   }
 
-  /** Resolves when every change captured so far is published. */
+  /**
+   * Resolves when every change captured so far is published (on a read
+   * replica: dropped unpublished).
+   */
   flush(): Promise<void> {
-    return this.#publisher.flush();
+    return this.#outlet.flush();
   }
 
   /**
@@ -643,7 +737,7 @@ export class Marmot implements AsyncDisposable {
     clearInterval(this.#timer);
     let timer: ReturnType<typeof setTimeout> | undefined;
     const flushed = await Promise.race([
-      this.#publisher.flush().then(() => true, () => false),
+      this.#outlet.flush().then(() => true, () => false),
       new Promise<boolean>((r) => timer = setTimeout(() => r(false), timeout)),
     ]);
     clearTimeout(timer);
@@ -657,8 +751,8 @@ export class Marmot implements AsyncDisposable {
     await this.#announcer?.close();
     await this.#verify?.close();
     await this.#scheduler?.close();
-    await this.#publisher.close();
-    await this.#subscriber.close();
+    await this.#outlet.close();
+    await this.#subscriber?.close();
     await this.#watcher?.close();
     await this.#nc.close().catch(() => {});
     await this.#server?.stop().catch(() => {});
@@ -683,11 +777,11 @@ function openReplicaDb(config: MarmotConfig, log: Logger): ReplicaDb {
     exclude: config.exclude,
     guardAppTriggers: config.guardAppTriggers,
     nodeId: config.nodeId,
+    publish: config.publish,
     log: (level, message) => log.log(level, message),
   });
 }
 
-/** Creates the publisher and starts the shard consumers (retrying until they start). */
 /** How long a founded database's schema must hold still before marmot reads it. */
 const FOUNDING_SETTLE_MS = 1000;
 
@@ -712,6 +806,19 @@ function pocketBaseNotifier(
   return new PocketBaseNotifier(dir, log);
 }
 
+/** The pipeline of a node's role: what takes local changes, and the consumers. */
+interface Pipeline {
+  outlet: Outlet;
+  publisher: Publisher | undefined;
+  localWrites: LocalWrites | undefined;
+  subscriber: Subscriber | undefined;
+}
+
+/**
+ * Creates the publisher (or, on a read replica, what drops local changes)
+ * and starts the shard consumers (retrying until they start; none on a
+ * publish-only node).
+ */
 async function startPipeline(
   db: ReplicaDb,
   nc: NatsConnection,
@@ -720,31 +827,41 @@ async function startPipeline(
   signal: AbortSignal | undefined,
   pocketbase: PocketBaseNotifier | undefined,
   metrics: Metrics,
-): Promise<{ publisher: Publisher; subscriber: Subscriber }> {
+  resumed: boolean,
+): Promise<Pipeline> {
   const js = jetstream(nc, { timeout: 5000 });
-  const publisher = new Publisher(db, js, {
-    nodeId: config.nodeId,
-    shards: config.replicationLog.shards,
-    subject: (s) => subjectName(config.nats.subjectPrefix, s),
-    maxPayload: nc.info?.max_payload ?? 1024 * 1024,
-    compress: config.replicationLog.compress,
-    schemaSubject: subjectName(config.nats.subjectPrefix, "schema"),
-    lastSequences: async () =>
-      lastSequences(
-        await jetstreamManager(nc),
-        config.nats.streamPrefix,
-        config.replicationLog.shards,
-      ),
-    onPublished: (seconds) => metrics.published(seconds),
-    log,
-  });
+  const publisher = config.publish
+    ? new Publisher(db, js, {
+      nodeId: config.nodeId,
+      shards: config.replicationLog.shards,
+      subject: (s) => subjectName(config.nats.subjectPrefix, s),
+      maxPayload: nc.info?.max_payload ?? 1024 * 1024,
+      compress: config.replicationLog.compress,
+      schemaSubject: subjectName(config.nats.subjectPrefix, "schema"),
+      lastSequences: async () =>
+        lastSequences(
+          await jetstreamManager(nc),
+          config.nats.streamPrefix,
+          config.replicationLog.shards,
+        ),
+      dropOnAck: !config.replicate,
+      onPublished: (seconds) => metrics.published(seconds),
+      log,
+    })
+    : undefined;
+  const localWrites = publisher ? undefined : new LocalWrites(db, log);
+  const outlet: Outlet = publisher ?? localWrites!;
+  if (!config.replicate) {
+    return { outlet, publisher, localWrites, subscriber: undefined };
+  }
   const subscriber = new Subscriber(db, js, {
     nodeId: config.nodeId,
     shards: config.replicationLog.shards,
     stream: (s) => streamName(config.nats.streamPrefix, s),
     schemaStream: schemaStreamName(config.nats.streamPrefix),
-    onStreamRestart: (s) => publisher.republish(s),
-    onRerecorded: () => publisher.wake(),
+    onStreamRestart: (s) => publisher?.republish(s),
+    onRerecorded: () => outlet.wake(),
+    resumed,
     onApplied: ({ seconds, delays }) => metrics.applied(seconds, delays),
     ...(pocketbase
       ? {
@@ -768,8 +885,8 @@ async function startPipeline(
     });
   } catch (aborted) {
     await subscriber.close();
-    await publisher.close();
+    await outlet.close();
     throw aborted;
   }
-  return { publisher, subscriber };
+  return { outlet, publisher, localWrites, subscriber };
 }

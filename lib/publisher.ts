@@ -15,7 +15,9 @@
  * it is read up from where it was set aside, in log order. The change
  * log keeps every change until this node applies its own published copy back
  * from the stream (see `ReplicaDb.applyMessages`), so a crash at any point
- * re-publishes, and never loses, what was not yet applied back.
+ * re-publishes, and never loses, what was not yet applied back; a node that
+ * applies nothing (`dropOnAck`) removes each change once JetStream has
+ * acknowledged it.
  *
  * @module
  */
@@ -57,6 +59,13 @@ export interface PublisherOptions {
   lastSequences: () => Promise<number[]>;
   /** Called with the seconds each message took from sending to JetStream's acknowledgement. */
   onPublished?: (seconds: number) => void;
+  /**
+   * Remove changes from the change log once JetStream acknowledges them,
+   * for a node that does not apply the streams (`replicate = false`): it
+   * never gets its own copy back, which removes them otherwise.
+   * @default false
+   */
+  dropOnAck?: boolean;
   /** Logger. */
   log: Logger;
 }
@@ -381,11 +390,14 @@ export class Publisher {
           end++;
         }
         try {
-          await this.#publishBatch(shard, queue.slice(0, end));
+          const batch = queue.slice(0, end);
+          await this.#publishBatch(shard, batch);
+          if (this.#options.dropOnAck) await this.#db.ackPublished(batch);
         } catch (e) {
           if (this.#abort.signal.aborted) return;
-          // Only local bookkeeping throws here (parking a row on a full
-          // disk): the batch stays first in line.
+          // Only local bookkeeping throws here (parking a row, or removing
+          // acknowledged ones, on a full disk or a busy file): the batch
+          // stays first in line, and goes again under the same ids.
           this.#options.log.error("Cannot publish changes", {
             shard,
             error: e,

@@ -56,6 +56,12 @@ export interface SubscriberOptions {
    * publisher then publishes that shard's pending changes again).
    */
   onStreamRestart?: (shard: number) => void;
+  /**
+   * This node applies the streams again after running with `replicate =
+   * false`: the own changes it published meanwhile come back as changes its
+   * file has no entry for, which is expected. @default false
+   */
+  resumed?: boolean;
   /** Called when own changes got new sequences to publish again. */
   onRerecorded?: () => void;
   /**
@@ -669,11 +675,17 @@ export class Subscriber {
     }
     if (result.ownRecovered) {
       this.#options.log.log(
-        this.#ownRecoveredLogged ? "debug" : "warn",
+        this.#ownRecoveredLogged
+          ? "debug"
+          : this.#options.resumed
+          ? "info"
+          : "warn",
         "The streams hold changes of this node that its file lacks; applying them",
         {
           changes: result.ownRecovered,
-          why: "the file is an older copy of itself, such as a restored backup",
+          why: this.#options.resumed
+            ? "it published them while replicate = false, and applies them again in stream order"
+            : "the file is an older copy of itself, such as a restored backup",
         },
       );
       this.#ownRecoveredLogged = true;

@@ -200,6 +200,23 @@ const BAD: BadCase[] = [
     message: ['"http://127.0.0.1:4222"'],
   },
   {
+    name: "--no-publish with --no-replicate",
+    args: ["--db-path", "DB", "--no-publish", "--no-replicate"],
+    message: ["publish = false", "replicate = false", "--no-publish"],
+  },
+  {
+    name: "--no-publish with replicate = false in the file",
+    args: ["--config", "DIR/marmot.toml", "--no-publish"],
+    config: 'db_path = "DB"\nreplicate = false\n',
+    message: ["publish = false and replicate = false"],
+  },
+  {
+    name: "publish that is not a boolean",
+    args: ["--config", "DIR/marmot.toml"],
+    config: 'db_path = "DB"\npublish = "no"\n',
+    message: ['"publish"', "must be a boolean", '"no"'],
+  },
+  {
     name: "no database path",
     args: ["--node-id", "1"],
     message: ["db_path is required"],

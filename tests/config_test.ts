@@ -22,6 +22,8 @@ node_id = 42
 exec = "pocketbase serve --http=0.0.0.0:8080"
 catch_up_timeout = 30
 pocketbase = false
+publish = false
+replicate = false
 
 [tables]
 include = ["users", "odd \\"name\\"", "ünï 🙂"]
@@ -81,6 +83,8 @@ const FULL: MarmotConfig = {
   exclude: ["sessions"],
   guardAppTriggers: true,
   pocketbase: false,
+  publish: false,
+  replicate: false,
   replicationLog: {
     shards: 16,
     replicas: 3,
@@ -152,7 +156,11 @@ Deno.test("applyToml() sets every field from a file that uses every key", () => 
       `${path} equals its default, so the test cannot tell it was set`,
     );
   }
-  validateConfig({ ...config, nats: { ...config.nats, clusterPeers: [] } });
+  validateConfig({
+    ...config,
+    replicate: true,
+    nats: { ...config.nats, clusterPeers: [] },
+  });
 });
 
 Deno.test("applyToml() leaves keys it was not given at their defaults", () => {
@@ -177,6 +185,8 @@ Deno.test("defaultConfig() holds the documented defaults", () => {
   assert.equal(c.nats.streamPrefix, "marmot-changes");
   assert.equal(c.nats.subjectPrefix, "marmot-change-log");
   assert.equal(c.logging.format, "console");
+  assert.equal(c.publish, true);
+  assert.equal(c.replicate, true);
 });
 
 /** Asserts that applying `toml` throws a ConfigError whose message matches all of `parts`. */
@@ -261,6 +271,16 @@ Deno.test("applyToml() throws ConfigError naming the key and value of a wrong ty
       "string for node_id",
       'node_id = "one"',
       ['"node_id"', "must be an integer", 'got "one"'],
+    ],
+    [
+      "string for publish",
+      'publish = "no"',
+      ['"publish"', "must be a boolean", 'got "no"'],
+    ],
+    [
+      "number for replicate",
+      "replicate = 0",
+      ['"replicate"', "must be a boolean", "got 0"],
     ],
     [
       "string for compress",
@@ -501,6 +521,11 @@ Deno.test("validateConfig() throws ConfigError for broken cross-key rules", asyn
       { ...ok(), nats: { ...ok().nats, clusterPeers: ["nats://y:4248"] } },
       /nats\.cluster_peers needs nats\.cluster_addr/,
     ],
+    [
+      "publish and replicate both false",
+      { ...ok(), publish: false, replicate: false },
+      /publish = false and replicate = false together .*--no-publish, --no-replicate/,
+    ],
   ];
   for (const [name, config, message] of cases) {
     await t.step(name, () => {
@@ -519,6 +544,8 @@ Deno.test("validateConfig() accepts a valid config", () => {
   cluster.nats.clusterAddr = "0.0.0.0:4248";
   cluster.nats.clusterPeers = ["dns://app.internal:4248"];
   validateConfig(cluster);
+  validateConfig({ ...defaultConfig("app.db"), publish: false });
+  validateConfig({ ...defaultConfig("app.db"), replicate: false });
 });
 
 Deno.test("validateConfig() rejects a file that names both urls and cluster_peers", () => {

@@ -164,8 +164,8 @@ Deno.test({
       // marmot status: both nodes, healthy, from the cluster's node list.
       await waitFor("both nodes in the node list", async () => {
         const out = await cli(["status", "--nats-url", server!.clientUrl]);
-        return out.code === 0 && /^1\s+healthy/m.test(out.stdout) &&
-          /^2\s+healthy/m.test(out.stdout);
+        return out.code === 0 && /^1\s+primary\s+healthy/m.test(out.stdout) &&
+          /^2\s+primary\s+healthy/m.test(out.stdout);
       });
 
       // Node 2 falls behind: sqlite3 holds its write lock, node 1 writes.

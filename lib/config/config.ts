@@ -41,6 +41,18 @@ export interface MarmotConfig {
    * named `data.db` and has a `_collections` table. @default undefined
    */
   pocketbase: boolean | undefined;
+  /**
+   * Publish this node's changes. `false` makes a read replica: it applies
+   * every other node's change, and a local write stays on it unpublished
+   * (docs/operations.md, "Read replicas and publish-only nodes").
+   * @default true
+   */
+  publish: boolean;
+  /**
+   * Apply other nodes' changes. `false` makes a publish-only node: it
+   * publishes its own changes and applies none. @default true
+   */
+  replicate: boolean;
   /** The replication log (JetStream streams). */
   replicationLog: {
     /** How many shards (one stream each). @default 4 */
@@ -168,6 +180,8 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
     exclude: [],
     guardAppTriggers: false,
     pocketbase: undefined,
+    publish: true,
+    replicate: true,
     replicationLog: {
       shards: 4,
       replicas: undefined,
@@ -250,6 +264,8 @@ const KEYS: Record<string, Record<string, Key>> = {
       check: (v: number) => v >= 0 ? undefined : "must be 0 or more seconds",
     },
     pocketbase: { kind: "bool", set: (c, v: boolean) => c.pocketbase = v },
+    publish: { kind: "bool", set: (c, v: boolean) => c.publish = v },
+    replicate: { kind: "bool", set: (c, v: boolean) => c.replicate = v },
     node_id: {
       kind: "int",
       set: (c, v: number) => c.nodeId = v,
@@ -617,6 +633,11 @@ export function validateConfig(config: MarmotConfig): void {
   if (!config.dbPath) {
     throw new ConfigError(
       "Invalid config: db_path is required (--db-path or db_path in the config file)",
+    );
+  }
+  if (!config.publish && !config.replicate) {
+    throw new ConfigError(
+      "Invalid config: publish = false and replicate = false together leave nothing to do (--no-publish, --no-replicate); set at most one of them to false",
     );
   }
   const overlap = config.include.filter((t) => config.exclude.includes(t));

@@ -138,7 +138,9 @@ export class Applier {
    *   entry for was lost by this file (an older copy of it was put back) and
    *   is applied like another node's;
    * - another node's change to a row with a local change still in the change
-   *   log is skipped: that local change is later in stream order and wins;
+   *   log is skipped: that local change is later in stream order and wins
+   *   (on a read replica, which publishes none, the local change goes
+   *   instead);
    * - otherwise the row is upserted by primary key, or deleted.
    *
    * A message that failed to decode, or a change that fails to apply, is
@@ -386,8 +388,17 @@ class ApplyCall {
         }
       }
       if (this.#replica.statement(SQL.changesPending).get(ref.name, storedK)) {
-        this.result.skipped++;
-        continue;
+        if (this.#replica.publishes) {
+          this.result.skipped++;
+          continue;
+        }
+        // A read replica's local change is never published: this one wins.
+        this.#changeLogTop ??= this.#replica.topSeq();
+        this.#replica.statement(SQL.changesAck).run(
+          ref.name,
+          storedK,
+          Number.MAX_SAFE_INTEGER,
+        );
       }
       this.#lastTouch.set(`${ref.name}\u0000${change.key}`, ++this.#touches);
       this.#noteWriter(ref.name, change, batch.origin);

@@ -123,6 +123,7 @@ const PART_OF = "origin = ? AND epoch = ? AND shard = ? AND id = ?";
  */
 export const SQL = {
   metaGet: `SELECT value FROM ${T.meta} WHERE key = ?`,
+  metaDelete: `DELETE FROM ${T.meta} WHERE key = ?`,
   writerGet: `SELECT origin FROM ${T.writers} WHERE tbl = ? AND k = ?`,
   writerSet: `INSERT INTO ${T.writers}(tbl, k, origin) VALUES (?, ?, ?)
     ON CONFLICT(tbl, k) DO UPDATE SET origin = excluded.origin`,
@@ -154,6 +155,7 @@ export const SQL = {
   schemaOutAll: `SELECT id, event FROM ${T.schemaOut} ORDER BY id`,
   schemaOutInsert: `INSERT INTO ${T.schemaOut}(event) VALUES (?)`,
   schemaOutDelete: `DELETE FROM ${T.schemaOut} WHERE id = ?`,
+  schemaOutClear: `DELETE FROM ${T.schemaOut}`,
   tablesClear: `DELETE FROM ${T.tables}`,
   tablesInsert: `INSERT INTO ${T.tables}(name, rootpage) VALUES (?, ?)`,
   /** Lifts the next change log sequence to the time floor (a mark row). */
@@ -174,6 +176,9 @@ export const SQL = {
     ON CONFLICT(shard, node, epoch) DO UPDATE SET seq = excluded.seq`,
   changesPendingCount:
     `SELECT count(*) AS n FROM ${T.changes} WHERE tbl IS NOT NULL`,
+  changesPerTable:
+    `SELECT tbl, count(*) AS n FROM ${T.changes} WHERE tbl IS NOT NULL GROUP BY tbl ORDER BY tbl`,
+  changesDropAll: `DELETE FROM ${T.changes} WHERE tbl IS NOT NULL AND seq <= ?`,
   changesTop: `SELECT seq FROM ${T.changes} ORDER BY seq DESC LIMIT 1`,
   changesMark:
     `INSERT OR IGNORE INTO ${T.changes}(seq, tbl, k) VALUES (?, NULL, NULL)`,

@@ -91,6 +91,13 @@ export interface ReplicaDbOptions {
   guardAppTriggers?: boolean;
   /** This node's id; a database last used by another node starts a new change log. */
   nodeId?: number;
+  /**
+   * Whether this node publishes its changes. Without (a read replica),
+   * another node's change to a row applies even while a local change of it
+   * waits in the change log, and that local change goes: nothing local is
+   * later in stream order. @default true
+   */
+  publish?: boolean;
   /** Receives log lines. */
   log?: (level: "info" | "warn" | "debug", message: string) => void;
 }
@@ -232,6 +239,11 @@ export class ReplicaDb implements Disposable {
     }
   }
 
+  /** Whether this node publishes its changes (see {@linkcode ReplicaDbOptions.publish}). */
+  get publishes(): boolean {
+    return this.#options.publish ?? true;
+  }
+
   /** The replicated tables by name. */
   get tables(): ReadonlyMap<string, TableInfo> {
     return this.#tables;
@@ -364,7 +376,11 @@ export class ReplicaDb implements Disposable {
                 c.sql === null ? "dropped" : c.from ? `(was "${c.from}")` : ""
               }`.trim()
             ).join(", ")
-          }; publishing the change`,
+          }; ${
+            this.publishes
+              ? "publishing the change"
+              : "not publishing it (publish = false)"
+          }`,
         );
       }
     }
@@ -522,8 +538,9 @@ export class ReplicaDb implements Disposable {
     // An object this node changed in a later event, or is about to publish
     // a change of, keeps this node's change: it is later in the stream, and
     // wins on every node.
+    // A read replica publishes none: nothing of its own is later.
     const pending = new Set(
-      this.schemaOutbox().flatMap((o) =>
+      (this.publishes ? this.schemaOutbox() : []).flatMap((o) =>
         o.event.changes.map((c) => `${c.type}\u0000${c.name}`)
       ),
     );
@@ -850,6 +867,72 @@ export class ReplicaDb implements Disposable {
         this.#recorded.set(restart.shard, restart.seq);
       }
     });
+  }
+
+  /**
+   * Removes every local change from the change log and every schema event
+   * from the outbox, unpublished (a read replica's local writes), keeping
+   * the highest sequence as the mark.
+   *
+   * @returns the number of changes dropped per table, and the schema events
+   */
+  async dropUnpublished(): Promise<{
+    tables: Map<string, number>;
+    schema: SchemaEvent[];
+  }> {
+    return await this.writeTransaction(() => {
+      const tables = new Map(
+        (this.statement(SQL.changesPerTable).all() as {
+          tbl: string;
+          n: bigint;
+        }[]).map((r) => [r.tbl, Number(r.n)]),
+      );
+      const schema = this.schemaOutbox().map((o) => o.event);
+      const top = this.topSeq();
+      if (tables.size > 0 && top !== undefined) {
+        this.statement(SQL.changesDropAll).run(top);
+        this.markTopSeq(top);
+      }
+      if (schema.length > 0) {
+        this.statement(SQL.schemaOutClear).run();
+        // Their renames were noted for rows in flight; none will follow.
+        this.#renames = this.#renames.filter((r) =>
+          r.outbox === undefined || r.seq !== Number.MAX_SAFE_INTEGER
+        );
+      }
+      return { tables, schema };
+    });
+  }
+
+  /**
+   * Removes published changes from the change log, once JetStream has
+   * acknowledged them, for a node that does not apply the streams (which
+   * otherwise removes them when its own copy comes back).
+   */
+  async ackPublished(changes: readonly PendingChange[]): Promise<void> {
+    await this.writeTransaction(() => {
+      const top = this.topSeq();
+      const ack = this.statement(SQL.changesAck);
+      for (const c of changes) ack.run(c.table.name, storedKey(c.key), c.seq);
+      if (top !== undefined) this.markTopSeq(top);
+    });
+  }
+
+  /**
+   * Records whether this node applies the streams (`replicate`).
+   *
+   * @returns whether it did not at the last start and does now: it then
+   *   catches up from the positions it had
+   */
+  noteReplicate(replicate: boolean): boolean {
+    const was = this.statement(SQL.metaGet).get("replicate_off") !== undefined;
+    if (replicate === !was) return false;
+    this.transaction(() =>
+      replicate
+        ? this.statement(SQL.metaDelete).run("replicate_off")
+        : this.statement(SQL.metaSet).run("replicate_off", 1)
+    );
+    return replicate;
   }
 
   /** The last applied stream sequence of a shard (0 when none). */

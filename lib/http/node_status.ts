@@ -10,6 +10,7 @@ import type { JetStreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { Logger, LogLevel } from "../log.ts";
 import { streamName } from "../nats/streams.ts";
+import type { Role } from "../marmot.ts";
 
 /** One shard as a node sees it. */
 export interface ShardPosition {
@@ -43,6 +44,8 @@ export interface NodeReport {
   version: string;
   /** `starting` until the pipeline runs, then `replicating`. */
   state: "starting" | "replicating";
+  /** `primary`, `read-replica` (publishes nothing) or `publish-only` (applies nothing: its lag is not judged). */
+  role: Role;
   /** Where its HTTP listener answers, when it has one. */
   http: string | undefined;
   /** When it started (ISO 8601). */
@@ -179,6 +182,7 @@ export interface NodeStatusSources {
     | "node"
     | "version"
     | "state"
+    | "role"
     | "http"
     | "startedAt"
     | "reportedAt"
@@ -190,6 +194,8 @@ export interface NodeStatusSources {
   >;
   /** `[http] max_lag_seconds`. */
   maxLagSeconds: number;
+  /** The node's role. */
+  role: Role;
   /** When the newest snapshot was taken, if there is one. */
   snapshotAt: () => Promise<Date | undefined>;
 }
@@ -228,6 +234,7 @@ export class NodeStatus {
       node: s.node,
       version: s.version,
       state: "replicating",
+      role: s.role,
       http: s.http,
       startedAt: this.#startedAt,
       reportedAt: new Date().toISOString(),
@@ -320,7 +327,7 @@ export function healthOf(
   } else if (!report.nats.connected) {
     reasons.push("not connected to NATS");
   } else {
-    for (const p of report.shards) {
+    for (const p of report.role === "publish-only" ? [] : report.shards) {
       if (p.lagSeconds === null) {
         reasons.push(
           `shard ${p.shard}: cannot read the stream's position (applied ${p.applied})`,

@@ -78,7 +78,9 @@ export function renderStatusPage(view: ClusterView, now = Date.now()): string {
     const state = nodeState(n, now);
     const link = n.http ? `<a href="${e(n.http)}">${e(n.http)}</a>` : "";
     return `<tr data-node="${n.node}" class="${state.word}">
-<td>${n.node}${n.node === view.self ? " (this node)" : ""}</td>
+<td>${n.node}${n.node === view.self ? " (this node)" : ""}${
+      n.role && n.role !== "primary" ? ` <small>${e(n.role)}</small>` : ""
+    }</td>
 <td class="state" title="${e(state.why.join("\n"))}">${state.word}${
       state.why.length
         ? `<div class="why">${e(state.why.join("; "))}</div>`
@@ -178,6 +180,7 @@ setInterval(async () => {
 export function statusTable(view: ClusterView, now = Date.now()): string[] {
   const nodes = [[
     "NODE",
+    "ROLE",
     "STATE",
     "MARMOT",
     "NATS-SERVER",
@@ -192,6 +195,7 @@ export function statusTable(view: ClusterView, now = Date.now()): string[] {
     const state = nodeState(n, now);
     nodes.push([
       String(n.node),
+      n.role ?? "primary",
       state.word,
       n.version,
       n.nats.serverVersion + (n.nats.connected ? "" : " (disconnected)"),
