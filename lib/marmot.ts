@@ -35,6 +35,7 @@ import {
 import { type FileWatcher, watchDatabase } from "./watch/file_watcher.ts";
 import { createLogger, type Logger } from "./log.ts";
 import type { NatsServer } from "./nats/nats_server.ts";
+import type { PeerRefresh } from "./nats/peers.ts";
 import { connectNats, describeSecurity } from "./nats/connect.ts";
 import { redactUserInfo } from "./nats/auth.ts";
 import { delay, retry } from "./_retry.ts";
@@ -158,6 +159,7 @@ export class Marmot implements AsyncDisposable {
   #log: Logger;
   #nc: NatsConnection;
   #server: NatsServer | undefined;
+  #peerRefresh: PeerRefresh | undefined;
   #publisher: Publisher;
   #subscriber: Subscriber;
   #scheduler: SnapshotScheduler | undefined;
@@ -228,6 +230,7 @@ export class Marmot implements AsyncDisposable {
     // 2. NATS: the embedded server or external ones, and the shard streams.
     const nats = await connectNats(config, log, signal);
     steps.defer(async () => {
+      await nats.peerRefresh?.close();
       await nats.nc.close().catch(() => {});
       await nats.server?.stop().catch(() => {});
     });
@@ -327,6 +330,7 @@ export class Marmot implements AsyncDisposable {
       scheduler,
     );
     steps.defer(() => marmot.#stopWatching());
+    marmot.#peerRefresh = nats.peerRefresh;
     marmot.#run(options.scanInterval ?? 1000);
     marmot.#verify = VerifyResponder.start(nats.nc, config, log);
     steps.defer(() => marmot.#verify?.close());
@@ -529,6 +533,7 @@ export class Marmot implements AsyncDisposable {
     await this.#publisher.close();
     await this.#subscriber.close();
     await this.#watcher?.close();
+    await this.#peerRefresh?.close();
     await this.#nc.close().catch(() => {});
     await this.#server?.stop().catch(() => {});
     await Promise.allSettled(this.#tasks);
