@@ -36,7 +36,7 @@ import { type FileWatcher, watchDatabase } from "./watch/file_watcher.ts";
 import { createLogger, type Logger } from "./log.ts";
 import type { NatsServer } from "./nats/nats_server.ts";
 import type { PeerRefresh } from "./nats/peers.ts";
-import { connectNats, describeSecurity } from "./nats/connect.ts";
+import { connectNats, describeSecurity, jsDomain } from "./nats/connect.ts";
 import { redactUserInfo } from "./nats/auth.ts";
 import { delay, retry } from "./_retry.ts";
 import {
@@ -237,6 +237,7 @@ export class Marmot implements AsyncDisposable {
     const replicas = config.replicationLog.replicas ??
       Math.min(3, nats.clusterSize);
     const jsm = await jetstreamManager(nats.nc, {
+      ...jsDomain(config),
       timeout: 5000,
       checkAPI: false,
     });
@@ -455,6 +456,7 @@ export class Marmot implements AsyncDisposable {
   async catchUp(options: CatchUpOptions = {}): Promise<boolean> {
     const { timeout = 60000, signal } = options;
     const jsm = await jetstreamManager(this.#nc, {
+      ...jsDomain(this.config),
       timeout: 5000,
       checkAPI: false,
     });
@@ -592,7 +594,7 @@ async function startPipeline(
   signal: AbortSignal | undefined,
   pocketbase: PocketBaseNotifier | undefined,
 ): Promise<{ publisher: Publisher; subscriber: Subscriber }> {
-  const js = jetstream(nc, { timeout: 5000 });
+  const js = jetstream(nc, { ...jsDomain(config), timeout: 5000 });
   const publisher = new Publisher(db, js, {
     nodeId: config.nodeId,
     shards: config.replicationLog.shards,
@@ -602,7 +604,7 @@ async function startPipeline(
     schemaSubject: subjectName(config.nats.subjectPrefix, "schema"),
     lastSequences: async () =>
       lastSequences(
-        await jetstreamManager(nc),
+        await jetstreamManager(nc, jsDomain(config)),
         config.nats.streamPrefix,
         config.replicationLog.shards,
       ),

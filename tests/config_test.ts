@@ -44,6 +44,7 @@ cluster_peers = ["nats://10.0.0.2:4248", "dns://app.internal:4248"]
 peer_refresh_seconds = 5
 dns_server = "10.0.0.53:53"
 leaf_remotes = ["nats-leaf://hub.example.com:7422"]
+jetstream_domain = "hub"
 stream_prefix = "my-changes"
 subject_prefix = "my.change_log"
 server_path = "/usr/local/bin/nats-server"
@@ -94,6 +95,7 @@ const FULL: MarmotConfig = {
     peerRefreshSeconds: 5,
     dnsServer: "10.0.0.53:53",
     leafRemotes: ["nats-leaf://hub.example.com:7422"],
+    jetstreamDomain: "hub",
     streamPrefix: "my-changes",
     subjectPrefix: "my.change_log",
     serverPath: "/usr/local/bin/nats-server",
@@ -522,9 +524,18 @@ Deno.test("validateConfig() throws ConfigError for broken cross-key rules", asyn
           clusterAddr: "0.0.0.0:4248",
           clusterPeers: ["dns://app.internal:4248"],
           leafRemotes: ["nats-leaf://hub:7422"],
+          jetstreamDomain: "hub",
         },
       },
       /nats\.leaf_remotes \(nats-leaf:\/\/hub:7422\) and nats\.cluster_peers cannot be used together/,
+    ],
+    [
+      "leaf_remotes without jetstream_domain",
+      {
+        ...ok(),
+        nats: { ...ok().nats, leafRemotes: ["nats-leaf://hub:7422"] },
+      },
+      /nats\.leaf_remotes \(nats-leaf:\/\/hub:7422\) needs nats\.jetstream_domain/,
     ],
     [
       "cluster_peers without cluster_addr",

@@ -80,7 +80,9 @@ verbose = true
       MarmotProcess,
     ];
     try {
-      await Promise.all([m1, m2].map((m) => m.waitForLog("Replicating", 60000)));
+      await Promise.all(
+        [m1, m2].map((m) => m.waitForLog("Replicating", 60000)),
+      );
       await sqlite(dbs[0]!, "INSERT INTO items VALUES (1, 1);");
       await sqlite(dbs[1]!, "INSERT INTO items VALUES (2, 2);");
       await waitConverged(dbs.slice(0, 2));

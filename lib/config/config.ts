@@ -82,6 +82,12 @@ export interface MarmotConfig {
      * (`nats-leaf://host:port`), instead of being a cluster member. @default []
      */
     leafRemotes: string[];
+    /**
+     * The JetStream domain of the hub (`jetstream { domain }` in its
+     * config): required with `leafRemotes`, whose JetStream requests reach
+     * the hub only under its domain. Unset: the local JetStream.
+     */
+    jetstreamDomain: string | undefined;
     /** Stream name prefix; shard N's stream is `<prefix>-<N>`. @default "marmot-changes" */
     streamPrefix: string;
     /** Subject prefix; shard N's subject is `<prefix>.<N>`. @default "marmot-change-log" */
@@ -185,6 +191,7 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
       peerRefreshSeconds: 30,
       dnsServer: undefined,
       leafRemotes: [],
+      jetstreamDomain: undefined,
       streamPrefix: "marmot-changes",
       subjectPrefix: "marmot-change-log",
       serverPath: defaultServerBinary(),
@@ -326,6 +333,11 @@ const KEYS: Record<string, Record<string, Key>> = {
       kind: "string",
       set: (c, v: string) => c.nats.dnsServer = v,
       check: checkDnsServer,
+    },
+    jetstream_domain: {
+      kind: "string",
+      set: (c, v: string) => c.nats.jetstreamDomain = v,
+      check: natsSubjectToken,
     },
     leaf_remotes: {
       kind: "strings",
@@ -664,6 +676,14 @@ export function validateConfig(config: MarmotConfig): void {
   if (config.nats.leafRemotes.length > 0 && config.nats.urls.length > 0) {
     throw new ConfigError(
       `Invalid config: nats.leaf_remotes (${leaves}) is for the embedded server and cannot be used with nats.urls`,
+    );
+  }
+  if (
+    config.nats.leafRemotes.length > 0 &&
+    config.nats.jetstreamDomain === undefined
+  ) {
+    throw new ConfigError(
+      `Invalid config: nats.leaf_remotes (${leaves}) needs nats.jetstream_domain, the hub's JetStream domain (jetstream { domain: ... } in the hub servers' config): a leaf's JetStream requests reach the hub only under its domain`,
     );
   }
   if (

@@ -119,6 +119,15 @@ export async function connectNats(
   };
 }
 
+/**
+ * Options of every JetStream client and manager marmot opens: the hub's
+ * domain of `[nats] jetstream_domain`, if any.
+ */
+export function jsDomain(config: MarmotConfig): { domain?: string } {
+  const domain = config.nats.jetstreamDomain;
+  return domain === undefined ? {} : { domain };
+}
+
 /** How the connection is secured, for the start-up log line (no secrets). */
 export function describeSecurity(s: NatsSecurity): string {
   const parts = [

@@ -44,6 +44,8 @@ export interface NatsServerOptions {
    * JetStream requests to the hub. @default {true}
    */
   jetstream?: boolean;
+  /** The JetStream domain of this server. */
+  jetstreamDomain?: string;
   /** Cluster name. @default {"marmot"} */
   clusterName?: string;
   /** max_payload in bytes. @default {8388608} */
@@ -434,7 +436,14 @@ function renderConfig(
     `port: ${clientPort}`,
     `max_payload: ${options.maxPayload ?? 8388608}`,
     ...(options.jetstream ?? true
-      ? ["jetstream {", `  store_dir: ${q(storeDir)}`, "}"]
+      ? [
+        "jetstream {",
+        `  store_dir: ${q(storeDir)}`,
+        ...(options.jetstreamDomain
+          ? [`  domain: ${q(options.jetstreamDomain)}`]
+          : []),
+        "}",
+      ]
       : []),
   ];
   const tls = options.tls
