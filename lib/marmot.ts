@@ -41,7 +41,8 @@ import {
 import { type FileWatcher, watchDatabase } from "./watch/file_watcher.ts";
 import { createLogger, type Logger } from "./log.ts";
 import type { NatsServer } from "./nats/nats_server.ts";
-import { connectNats, describeSecurity } from "./nats/connect.ts";
+import type { PeerRefresh } from "./nats/peers.ts";
+import { connectNats, describeSecurity, jsDomain } from "./nats/connect.ts";
 import { redactUserInfo } from "./nats/auth.ts";
 import { delay, retry } from "./_retry.ts";
 import {
@@ -227,6 +228,7 @@ export class Marmot implements AsyncDisposable {
   #publisher: Publisher | undefined;
   #localWrites: LocalWrites | undefined;
   #subscriber: Subscriber | undefined;
+  #peerRefresh: PeerRefresh | undefined;
   #scheduler: SnapshotScheduler | undefined;
   #verify: VerifyResponder | undefined;
   #closing = false;
@@ -319,12 +321,14 @@ export class Marmot implements AsyncDisposable {
     // 2. NATS: the embedded server or external ones, and the shard streams.
     const nats = await connectNats(config, log, signal);
     steps.defer(async () => {
+      await nats.peerRefresh?.close();
       await nats.nc.close().catch(() => {});
       await nats.server?.stop().catch(() => {});
     });
     const replicas = config.replicationLog.replicas ??
       Math.min(3, nats.clusterSize);
     const jsm = await jetstreamManager(nats.nc, {
+      ...jsDomain(config),
       timeout: 5000,
       checkAPI: false,
     });
@@ -431,6 +435,7 @@ export class Marmot implements AsyncDisposable {
       scheduler,
     );
     steps.defer(() => marmot.#stopWatching());
+    marmot.#peerRefresh = nats.peerRefresh;
     marmot.#run(options.scanInterval ?? 1000);
     marmot.#verify = VerifyResponder.start(nats.nc, config, log);
     steps.defer(() => marmot.#verify?.close());
@@ -508,7 +513,13 @@ export class Marmot implements AsyncDisposable {
     });
     const report = () => status.report();
     this.#announcer = new Announcer(
-      () => openNodesBucket(this.#nc, config.nats.streamPrefix, replicas),
+      () =>
+        openNodesBucket(
+          this.#nc,
+          config.nats.streamPrefix,
+          replicas,
+          jsDomain(config),
+        ),
       config.nodeId,
       report,
       this.#log,
@@ -672,6 +683,7 @@ export class Marmot implements AsyncDisposable {
       return true;
     }
     const jsm = await jetstreamManager(this.#nc, {
+      ...jsDomain(this.config),
       timeout: 5000,
       checkAPI: false,
     });
@@ -754,6 +766,7 @@ export class Marmot implements AsyncDisposable {
     await this.#outlet.close();
     await this.#subscriber?.close();
     await this.#watcher?.close();
+    await this.#peerRefresh?.close();
     await this.#nc.close().catch(() => {});
     await this.#server?.stop().catch(() => {});
     await Promise.allSettled(this.#tasks);
@@ -829,7 +842,7 @@ async function startPipeline(
   metrics: Metrics,
   resumed: boolean,
 ): Promise<Pipeline> {
-  const js = jetstream(nc, { timeout: 5000 });
+  const js = jetstream(nc, { ...jsDomain(config), timeout: 5000 });
   const publisher = config.publish
     ? new Publisher(db, js, {
       nodeId: config.nodeId,
@@ -840,7 +853,7 @@ async function startPipeline(
       schemaSubject: subjectName(config.nats.subjectPrefix, "schema"),
       lastSequences: async () =>
         lastSequences(
-          await jetstreamManager(nc),
+          await jetstreamManager(nc, jsDomain(config)),
           config.nats.streamPrefix,
           config.replicationLog.shards,
         ),

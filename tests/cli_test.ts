@@ -141,6 +141,30 @@ const BAD: BadCase[] = [
     message: ["marmot.toml"],
   },
   {
+    name: "bad peer_refresh_seconds in config",
+    args: ["--config", "DIR/marmot.toml"],
+    config: 'db_path = "DB"\n[nats]\npeer_refresh_seconds = -5\n',
+    message: ['"nats.peer_refresh_seconds"', "got -5"],
+  },
+  {
+    name: "leaf_remotes with cluster_peers in config",
+    args: ["--config", "DIR/marmot.toml"],
+    config: 'db_path = "DB"\n[nats]\ncluster_addr = "127.0.0.1:-1"\n' +
+      'cluster_peers = ["nats://127.0.0.1:4248"]\njetstream_domain = "hub"\n' +
+      'leaf_remotes = ["nats-leaf://127.0.0.1:7422"]\n',
+    message: [
+      "nats.leaf_remotes",
+      "nats.cluster_peers cannot be used together",
+    ],
+  },
+  {
+    name: "leaf_remotes without jetstream_domain in config",
+    args: ["--config", "DIR/marmot.toml"],
+    config:
+      'db_path = "DB"\n[nats]\nleaf_remotes = ["nats-leaf://127.0.0.1:7422"]\n',
+    message: ["nats.leaf_remotes", "needs nats.jetstream_domain"],
+  },
+  {
     name: "config file that does not exist",
     args: ["--config", "DIR/missing.toml", "--db-path", "DB"],
     message: ["Cannot read config file", "missing.toml"],

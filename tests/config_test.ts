@@ -43,6 +43,10 @@ urls = ["nats://10.0.0.1:4222", "tls://nats.example.com:4443"]
 bind_address = "0.0.0.0:4222"
 cluster_addr = "0.0.0.0:4248"
 cluster_peers = ["nats://10.0.0.2:4248", "dns://app.internal:4248"]
+peer_refresh_seconds = 5
+dns_server = "10.0.0.53:53"
+leaf_remotes = ["nats-leaf://hub.example.com:7422"]
+jetstream_domain = "hub"
 stream_prefix = "my-changes"
 subject_prefix = "my.change_log"
 server_path = "/usr/local/bin/nats-server"
@@ -98,6 +102,10 @@ const FULL: MarmotConfig = {
     bindAddress: "0.0.0.0:4222",
     clusterAddr: "0.0.0.0:4248",
     clusterPeers: ["nats://10.0.0.2:4248", "dns://app.internal:4248"],
+    peerRefreshSeconds: 5,
+    dnsServer: "10.0.0.53:53",
+    leafRemotes: ["nats-leaf://hub.example.com:7422"],
+    jetstreamDomain: "hub",
     streamPrefix: "my-changes",
     subjectPrefix: "my.change_log",
     serverPath: "/usr/local/bin/nats-server",
@@ -159,7 +167,7 @@ Deno.test("applyToml() sets every field from a file that uses every key", () => 
   validateConfig({
     ...config,
     replicate: true,
-    nats: { ...config.nats, clusterPeers: [] },
+    nats: { ...config.nats, clusterPeers: [], leafRemotes: [] },
   });
 });
 
@@ -182,6 +190,9 @@ Deno.test("defaultConfig() holds the documented defaults", () => {
     compress: true,
   });
   assert.equal(c.nats.bindAddress, "127.0.0.1:-1");
+  assert.equal(c.nats.peerRefreshSeconds, 30);
+  assert.equal(c.nats.dnsServer, undefined);
+  assert.deepEqual(c.nats.leafRemotes, []);
   assert.equal(c.nats.streamPrefix, "marmot-changes");
   assert.equal(c.nats.subjectPrefix, "marmot-change-log");
   assert.equal(c.logging.format, "console");
@@ -378,6 +389,31 @@ Deno.test("applyToml() throws ConfigError naming the key and value out of range"
       ['"nats.bind_address"', "host:port", 'got "0.0.0.0"'],
     ],
     [
+      "peer_refresh_seconds -1",
+      "[nats]\npeer_refresh_seconds = -1",
+      ['"nats.peer_refresh_seconds"', "0 (resolve once) or positive", "got -1"],
+    ],
+    [
+      "dns_server given as a name",
+      '[nats]\ndns_server = "dns.example.com:53"',
+      ['"nats.dns_server"', '"ip:port"', 'got "dns.example.com:53"'],
+    ],
+    [
+      "dns_server without a port",
+      '[nats]\ndns_server = "127.0.0.1"',
+      ['"nats.dns_server"', 'got "127.0.0.1"'],
+    ],
+    [
+      "leaf_remotes with a route URL",
+      '[nats]\nleaf_remotes = ["nats-route://hub:7422"]',
+      ['"nats.leaf_remotes"', "must use nats-leaf://", "nats-route://hub:7422"],
+    ],
+    [
+      "leaf_remotes without a port",
+      '[nats]\nleaf_remotes = ["nats-leaf://hub"]',
+      ['"nats.leaf_remotes"', '"nats-leaf://hub" has no port'],
+    ],
+    [
       "cluster_addr with port 70000",
       '[nats]\ncluster_addr = "0.0.0.0:70000"',
       ['"nats.cluster_addr"', "65535", 'got "0.0.0.0:70000"'],
@@ -515,6 +551,40 @@ Deno.test("validateConfig() throws ConfigError for broken cross-key rules", asyn
         },
       },
       /nats\.cluster_peers .* cannot be used with nats\.urls/,
+    ],
+    [
+      "leaf_remotes with urls",
+      {
+        ...ok(),
+        nats: {
+          ...ok().nats,
+          urls: ["nats://x:4222"],
+          leafRemotes: ["nats-leaf://hub:7422"],
+        },
+      },
+      /nats\.leaf_remotes \(nats-leaf:\/\/hub:7422\) is for the embedded server and cannot be used with nats\.urls/,
+    ],
+    [
+      "leaf_remotes with cluster_peers",
+      {
+        ...ok(),
+        nats: {
+          ...ok().nats,
+          clusterAddr: "0.0.0.0:4248",
+          clusterPeers: ["dns://app.internal:4248"],
+          leafRemotes: ["nats-leaf://hub:7422"],
+          jetstreamDomain: "hub",
+        },
+      },
+      /nats\.leaf_remotes \(nats-leaf:\/\/hub:7422\) and nats\.cluster_peers cannot be used together/,
+    ],
+    [
+      "leaf_remotes without jetstream_domain",
+      {
+        ...ok(),
+        nats: { ...ok().nats, leafRemotes: ["nats-leaf://hub:7422"] },
+      },
+      /nats\.leaf_remotes \(nats-leaf:\/\/hub:7422\) needs nats\.jetstream_domain/,
     ],
     [
       "cluster_peers without cluster_addr",

@@ -78,6 +78,28 @@ export interface MarmotConfig {
     clusterAddr: string | undefined;
     /** Routes to other embedded servers: `nats://host:port` or `dns://name:port`. @default [] */
     clusterPeers: string[];
+    /**
+     * Seconds between resolving the `dns://` cluster peers again; a changed
+     * set of addresses reloads the embedded server's routes (0: resolve once,
+     * at start). @default 30
+     */
+    peerRefreshSeconds: number;
+    /**
+     * The DNS server ("ip:port") that resolves `dns://` peers; unset: the
+     * system's resolver.
+     */
+    dnsServer: string | undefined;
+    /**
+     * Hub servers the embedded server joins as a leaf node
+     * (`nats-leaf://host:port`), instead of being a cluster member. @default []
+     */
+    leafRemotes: string[];
+    /**
+     * The JetStream domain of the hub (`jetstream { domain }` in its
+     * config): required with `leafRemotes`, whose JetStream requests reach
+     * the hub only under its domain. Unset: the local JetStream.
+     */
+    jetstreamDomain: string | undefined;
     /** Stream name prefix; shard N's stream is `<prefix>-<N>`. @default "marmot-changes" */
     streamPrefix: string;
     /** Subject prefix; shard N's subject is `<prefix>.<N>`. @default "marmot-change-log" */
@@ -195,6 +217,10 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
       bindAddress: "127.0.0.1:-1",
       clusterAddr: undefined,
       clusterPeers: [],
+      peerRefreshSeconds: 30,
+      dnsServer: undefined,
+      leafRemotes: [],
+      jetstreamDomain: undefined,
       streamPrefix: "marmot-changes",
       subjectPrefix: "marmot-change-log",
       serverPath: defaultServerBinary(),
@@ -336,6 +362,27 @@ const KEYS: Record<string, Record<string, Key>> = {
       kind: "strings",
       set: (c, v: string[]) => c.nats.clusterPeers = v,
       check: (v: string[]) => v.map(checkPeerUrl).find((e) => e),
+    },
+    peer_refresh_seconds: {
+      kind: "int",
+      set: (c, v: number) => c.nats.peerRefreshSeconds = v,
+      check: (v: number) =>
+        v >= 0 ? undefined : "must be 0 (resolve once) or positive",
+    },
+    dns_server: {
+      kind: "string",
+      set: (c, v: string) => c.nats.dnsServer = v,
+      check: checkDnsServer,
+    },
+    jetstream_domain: {
+      kind: "string",
+      set: (c, v: string) => c.nats.jetstreamDomain = v,
+      check: natsSubjectToken,
+    },
+    leaf_remotes: {
+      kind: "strings",
+      set: (c, v: string[]) => c.nats.leafRemotes = v,
+      check: (v: string[]) => v.map(checkLeafUrl).find((e) => e),
     },
     stream_prefix: {
       kind: "string",
@@ -500,6 +547,44 @@ export function checkPeerUrl(v: string): string | undefined {
   return undefined;
 }
 
+/**
+ * Checks a hub server URL of `[nats] leaf_remotes`: `nats-leaf://host:port`
+ * (or `nats://`, `tls://`).
+ *
+ * @returns an error text, or `undefined` when the URL is usable
+ */
+export function checkLeafUrl(raw: string): string | undefined {
+  const v = redactUserInfo(raw);
+  try {
+    const url = new URL(raw);
+    if (!["nats-leaf:", "nats:", "tls:"].includes(url.protocol)) {
+      return `"${v}" must use nats-leaf://, nats:// or tls://`;
+    }
+    if (!url.hostname) return `"${v}" has no host`;
+    if (!url.port) return `"${v}" has no port`;
+    return undefined;
+  } catch {
+    return `"${v}" is not a URL`;
+  }
+}
+
+/** Splits `[nats] dns_server` ("ip:port", "[ip6]:port") for Deno.resolveDns. */
+export function parseDnsServer(
+  v: string,
+): { ipAddr: string; port: number } | undefined {
+  const m = /^(\[[0-9a-fA-F:]+\]|[\d.]+):(\d+)$/.exec(v);
+  if (!m) return undefined;
+  const port = Number(m[2]);
+  if (port < 1 || port > 65535) return undefined;
+  return { ipAddr: m[1]!.replace(/^\[|\]$/g, ""), port };
+}
+
+function checkDnsServer(v: string): string | undefined {
+  return parseDnsServer(v)
+    ? undefined
+    : 'must be "ip:port" of a DNS server (an IP address, not a name, and a port from 1 to 65535)';
+}
+
 function typeOk(kind: Kind, v: unknown): boolean {
   switch (kind) {
     case "string":
@@ -656,6 +741,27 @@ export function validateConfig(config: MarmotConfig): void {
   if (config.nats.clusterPeers.length > 0 && !config.nats.clusterAddr) {
     throw new ConfigError(
       "Invalid config: nats.cluster_peers needs nats.cluster_addr (--cluster-addr) to listen for routes",
+    );
+  }
+  const leaves = config.nats.leafRemotes.map(redactUserInfo).join(", ");
+  if (config.nats.leafRemotes.length > 0 && config.nats.urls.length > 0) {
+    throw new ConfigError(
+      `Invalid config: nats.leaf_remotes (${leaves}) is for the embedded server and cannot be used with nats.urls`,
+    );
+  }
+  if (
+    config.nats.leafRemotes.length > 0 &&
+    config.nats.jetstreamDomain === undefined
+  ) {
+    throw new ConfigError(
+      `Invalid config: nats.leaf_remotes (${leaves}) needs nats.jetstream_domain, the hub's JetStream domain (jetstream { domain: ... } in the hub servers' config): a leaf's JetStream requests reach the hub only under its domain`,
+    );
+  }
+  if (
+    config.nats.leafRemotes.length > 0 && config.nats.clusterPeers.length > 0
+  ) {
+    throw new ConfigError(
+      `Invalid config: nats.leaf_remotes (${leaves}) and nats.cluster_peers cannot be used together: a leaf node joins the hub's cluster instead of routing to peers`,
     );
   }
 }

@@ -7,6 +7,7 @@
  *
  * @module
  */
+import { jetstream } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { Logger } from "../log.ts";
@@ -27,8 +28,9 @@ export function openNodesBucket(
   nc: NatsConnection,
   streamPrefix: string,
   replicas: number,
+  domain: { domain?: string } = {},
 ): Promise<KV> {
-  return new Kvm(nc).create(nodesBucketName(streamPrefix), {
+  return new Kvm(jetstream(nc, domain)).create(nodesBucketName(streamPrefix), {
     replicas,
     history: 1,
     ttl: TTL_SECONDS * 1000,
@@ -43,9 +45,12 @@ export function openNodesBucket(
 export async function findNodesBucket(
   nc: NatsConnection,
   streamPrefix: string,
+  domain: { domain?: string } = {},
 ): Promise<KV | undefined> {
   try {
-    return await new Kvm(nc).open(nodesBucketName(streamPrefix));
+    return await new Kvm(jetstream(nc, domain)).open(
+      nodesBucketName(streamPrefix),
+    );
   } catch {
     return undefined;
   }

@@ -6,6 +6,7 @@
  */
 import { ConfigError, type MarmotConfig } from "../config/config.ts";
 import { connectCommand } from "../nats/command_connection.ts";
+import { jsDomain } from "../nats/connect.ts";
 import {
   findNodesBucket,
   nodesBucketName,
@@ -35,7 +36,11 @@ export async function statusCommand(config: MarmotConfig): Promise<number> {
     return 1;
   }
   try {
-    const bucket = await findNodesBucket(nc, config.nats.streamPrefix);
+    const bucket = await findNodesBucket(
+      nc,
+      config.nats.streamPrefix,
+      jsDomain(config),
+    );
     const nodes = bucket ? await readNodes(bucket) : [];
     if (nodes.length === 0) {
       console.error(
@@ -59,9 +64,13 @@ export async function statusCommand(config: MarmotConfig): Promise<number> {
  */
 export async function announcedNodes(
   nc: Parameters<typeof findNodesBucket>[0],
-  streamPrefix: string,
+  config: MarmotConfig,
 ): Promise<number | undefined> {
-  const bucket = await findNodesBucket(nc, streamPrefix);
+  const bucket = await findNodesBucket(
+    nc,
+    config.nats.streamPrefix,
+    jsDomain(config),
+  );
   if (!bucket) return undefined;
   const nodes = await readNodes(bucket);
   return nodes.length > 0 ? nodes.length : undefined;

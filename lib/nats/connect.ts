@@ -12,10 +12,11 @@ import {
 import { guardDiscardedSockets } from "./socket_guard.ts";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import {
-  checkPeerUrl,
   ConfigError,
   type MarmotConfig,
+  parseDnsServer,
 } from "../config/config.ts";
+import { isOwnRoute, PeerRefresh, resolvePeers } from "./peers.ts";
 import type { Logger } from "../log.ts";
 import { type NatsAuthorization, NatsServer } from "./nats_server.ts";
 import {
@@ -37,7 +38,16 @@ export interface NatsLink {
   /** Servers in the cluster, for the default replica count. */
   clusterSize: number;
   serverVersion: string;
+  /** Resolves `dns://` peers again and reloads the embedded server's routes. */
+  peerRefresh: PeerRefresh | undefined;
 }
+
+/**
+ * The replica count a leaf node's streams default to: the hub is a 3- or
+ * 5-server JetStream cluster, and a single-server hub is met by the
+ * one-replica fallback of ensureStreams.
+ */
+const HUB_CLUSTER_SIZE = 3;
 
 /**
  * Starts the embedded nats-server (without `[nats] urls`) and connects,
@@ -52,17 +62,37 @@ export async function connectNats(
   let urls = config.nats.urls;
   let clusterSize = 1;
   let server: NatsServer | undefined;
-  if (urls.length === 0) {
-    const routes = await resolvePeers(config.nats.clusterPeers);
+  let peerRefresh: PeerRefresh | undefined;
+  const dnsServer = config.nats.dnsServer === undefined
+    ? undefined
+    : parseDnsServer(config.nats.dnsServer);
+  if (urls.length === 0 && config.nats.leafRemotes.length > 0) {
+    clusterSize = HUB_CLUSTER_SIZE;
+    server = await startEmbedded(config, [], security, log, signal);
+    urls = [server.clientUrl];
+  } else if (urls.length === 0) {
+    const routes = await resolvePeers(
+      config.nats.clusterPeers,
+      dnsServer ? { nameServer: dnsServer } : {},
+    );
     clusterSize = 1 +
       routes.filter((r) => !isOwnRoute(r, config.nats.clusterAddr)).length;
     server = await startEmbedded(config, routes, security, log, signal);
     urls = [server.clientUrl];
+    if (routes.length > 0) {
+      peerRefresh = PeerRefresh.start(config.nats.clusterPeers, server, {
+        intervalSeconds: config.nats.peerRefreshSeconds,
+        clusterAddr: config.nats.clusterAddr,
+        log,
+        ...(dnsServer ? { nameServer: dnsServer } : {}),
+      });
+    }
   }
   let nc: NatsConnection;
   try {
     nc = await connectWithRetry(urls, security, log, signal);
   } catch (e) {
+    await peerRefresh?.close();
     await server?.stop().catch(() => {});
     throw e;
   }
@@ -78,71 +108,24 @@ export async function connectNats(
   if (config.nats.urls.length > 0) {
     clusterSize = Math.max(1, new Set(nc.info?.connect_urls ?? []).size);
   }
-  return { nc, server, urls, security, clusterSize, serverVersion };
+  return {
+    nc,
+    server,
+    urls,
+    security,
+    clusterSize,
+    serverVersion,
+    peerRefresh,
+  };
 }
 
 /**
- * Resolves cluster peers to route URLs: `nats://host:port` stays as it is,
- * `dns://name:port` becomes one route per A and AAAA record of `name`.
- *
- * @throws {ConfigError} for a malformed peer, or a name that resolves to nothing
+ * Options of every JetStream client and manager marmot opens: the hub's
+ * domain of `[nats] jetstream_domain`, if any.
  */
-export async function resolvePeers(peers: string[]): Promise<string[]> {
-  const routes: string[] = [];
-  for (const peer of peers) {
-    const problem = checkPeerUrl(peer);
-    if (problem) throw new ConfigError(`Invalid cluster peer: ${problem}`);
-    const m = /^(\w[\w-]*):\/\/(.+):(\d+)$/.exec(peer)!;
-    const [, scheme, host, port] = m;
-    if (scheme !== "dns") {
-      routes.push(`nats-route://${host}:${port}`);
-      continue;
-    }
-    const found: string[] = [];
-    for (const type of ["A", "AAAA"] as const) {
-      try {
-        for (const ip of await Deno.resolveDns(host!, type)) {
-          found.push(
-            type === "AAAA"
-              ? `nats-route://[${ip}]:${port}`
-              : `nats-route://${ip}:${port}`,
-          );
-        }
-      } catch { /* no records of this type */ }
-    }
-    if (
-      found.length === 0 && (host === "localhost" || /^[\d.]+$/.test(host!))
-    ) {
-      found.push(`nats-route://${host}:${port}`);
-    }
-    if (found.length === 0) {
-      throw new ConfigError(
-        `Invalid cluster peer: "${peer}" resolves to no A or AAAA record`,
-      );
-    }
-    routes.push(...found);
-  }
-  return [...new Set(routes)];
-}
-
-/**
- * Whether a resolved route points at this node's own route listener (a
- * `dns://` peer name such as Fly's `<app>.internal` resolves to every
- * machine, this one included).
- */
-function isOwnRoute(route: string, clusterAddr: string | undefined): boolean {
-  const m = /^nats-route:\/\/\[?([^\]]+?)\]?:(\d+)$/.exec(route);
-  const own = clusterAddr ? /:(\d+)$/.exec(clusterAddr)?.[1] : undefined;
-  if (!m || !own || m[2] !== own) return false;
-  const host = m[1]!;
-  if (host === "localhost" || host === "127.0.0.1" || host === "::1") {
-    return false;
-  }
-  try {
-    return Deno.networkInterfaces().some((i) => i.address === host);
-  } catch {
-    return false;
-  }
+export function jsDomain(config: MarmotConfig): { domain?: string } {
+  const domain = config.nats.jetstreamDomain;
+  return domain === undefined ? {} : { domain };
 }
 
 /** How the connection is secured, for the start-up log line (no secrets). */
@@ -190,6 +173,16 @@ async function startEmbedded(
     port: Number(m[2]),
     ...(routes.length > 0
       ? { clusterAddr: config.nats.clusterAddr!, routes }
+      : {}),
+    ...(config.nats.leafRemotes.length > 0
+      ? {
+        leafRemotes: config.nats.leafRemotes,
+        // The hub's JetStream serves this node's streams and buckets.
+        jetstream: false,
+        ...(security.user
+          ? { leafAuth: { user: security.user, password: security.password! } }
+          : {}),
+      }
       : {}),
     // Rows larger than this travel in parts (see lib/codec.ts).
     maxPayload: 8 * 1024 * 1024,

@@ -32,6 +32,13 @@ export interface StartClusterOptions {
   tls?: { ca?: string; cert: string; key: string };
   /** Options of the client that waits for JetStream (credentials, TLS). */
   connectOptions?: Partial<ConnectionOptions>;
+  /**
+   * Extra config lines of server `index` (0-based), such as a `leafnodes`
+   * listener or a monitoring port.
+   */
+  extraConfig?: (index: number) => string;
+  /** The JetStream domain of every server. */
+  jetstreamDomain?: string;
 }
 
 /**
@@ -86,6 +93,10 @@ export async function startCluster(
     if (authorization) serverOptions.authorization = authorization;
     if (routeAuth) serverOptions.routeAuth = routeAuth;
     if (tls) serverOptions.tls = tls;
+    if (options.jetstreamDomain) {
+      serverOptions.jetstreamDomain = options.jetstreamDomain;
+    }
+    if (options.extraConfig) serverOptions.extraConfig = options.extraConfig(i);
     if (onLog !== undefined) {
       serverOptions.onLog = (line) => onLog(name, line);
     }

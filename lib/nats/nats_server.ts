@@ -29,6 +29,23 @@ export interface NatsServerOptions {
    * ("nats://host:port" is also accepted and rewritten to "nats-route://").
    */
   routes?: string[];
+  /**
+   * Hub servers to join as a leaf node ("nats-leaf://host:port"), all of
+   * one hub cluster: one remote, tried in turn. Omit for no leaf node link.
+   */
+  leafRemotes?: string[];
+  /**
+   * The user and password the leaf node link authenticates with, added to
+   * every {@linkcode leafRemotes} URL without user info of its own.
+   */
+  leafAuth?: { user: string; password: string };
+  /**
+   * Run JetStream on this server. A leaf node without it sends its clients'
+   * JetStream requests to the hub. @default {true}
+   */
+  jetstream?: boolean;
+  /** The JetStream domain of this server. */
+  jetstreamDomain?: string;
   /** Cluster name. @default {"marmot"} */
   clusterName?: string;
   /** max_payload in bytes. @default {8388608} */
@@ -118,11 +135,13 @@ export class NatsServer implements AsyncDisposable {
   readonly options: NatsServerOptions;
   #storeDir: string;
   #run: Run;
+  #routes: string[];
 
   private constructor(options: NatsServerOptions, storeDir: string, run: Run) {
     this.options = options;
     this.#storeDir = storeDir;
     this.#run = run;
+    this.#routes = [...options.routes ?? []];
   }
 
   /**
@@ -168,6 +187,47 @@ export class NatsServer implements AsyncDisposable {
     return `nats-route://${connectHost(host)}:${this.#run.clusterPort}`;
   }
 
+  /** The route URLs of the current config (see {@linkcode setRoutes}). */
+  get routes(): string[] {
+    return [...this.#routes];
+  }
+
+  /** Path of the generated config file. */
+  get configPath(): string {
+    return `${this.#storeDir}/${CONFIG_FILE}`;
+  }
+
+  /**
+   * Replace the routes without a restart: rewrite the config file and send
+   * SIGHUP, on which nats-server connects the added routes and closes the
+   * dropped ones. A later {@linkcode restart} keeps these routes.
+   *
+   * @param routes The new route URLs.
+   * @throws {TypeError} If the server is not clustered.
+   */
+  async setRoutes(routes: string[]): Promise<void> {
+    if (this.options.clusterAddr === undefined) {
+      throw new TypeError(
+        `Cannot set routes of nats-server "${this.options.name}": it has no cluster address`,
+      );
+    }
+    this.#routes = [...routes];
+    await writeConfig(
+      this.configPath,
+      renderConfig(
+        this.#current(),
+        this.#storeDir,
+        this.#run.clientPort,
+        this.#run.clusterPort,
+      ),
+    );
+    this.kill("SIGHUP");
+  }
+
+  #current(): NatsServerOptions {
+    return { ...this.options, routes: this.#routes };
+  }
+
   /** Process id of the current child process. */
   get pid(): number {
     return this.#run.child.pid;
@@ -206,7 +266,7 @@ export class NatsServer implements AsyncDisposable {
     await this.stop();
     const previous = this.#run;
     this.#run = await launch(
-      this.options,
+      this.#current(),
       this.#storeDir,
       previous.clientPort,
       previous.clusterPort,
@@ -256,13 +316,10 @@ async function launch(
   const binary = options.binary ?? defaultServerBinary();
   const configPath = `${storeDir}/${CONFIG_FILE}`;
   await killStale(storeDir, configPath);
-  // It may hold credentials.
-  await Deno.writeTextFile(
+  await writeConfig(
     configPath,
     renderConfig(options, storeDir, clientPort, clusterPort),
-    { mode: 0o600 },
   );
-  await Deno.chmod(configPath, 0o600);
 
   let child: Deno.ChildProcess;
   try {
@@ -359,6 +416,12 @@ async function launch(
   }
 }
 
+async function writeConfig(path: string, text: string): Promise<void> {
+  // It may hold credentials.
+  await Deno.writeTextFile(path, text, { mode: 0o600 });
+  await Deno.chmod(path, 0o600);
+}
+
 function renderConfig(
   options: NatsServerOptions,
   storeDir: string,
@@ -372,9 +435,16 @@ function renderConfig(
     `host: ${q(options.host ?? "127.0.0.1")}`,
     `port: ${clientPort}`,
     `max_payload: ${options.maxPayload ?? 8388608}`,
-    "jetstream {",
-    `  store_dir: ${q(storeDir)}`,
-    "}",
+    ...(options.jetstream ?? true
+      ? [
+        "jetstream {",
+        `  store_dir: ${q(storeDir)}`,
+        ...(options.jetstreamDomain
+          ? [`  domain: ${q(options.jetstreamDomain)}`]
+          : []),
+        "}",
+      ]
+      : []),
   ];
   const tls = options.tls
     ? [
@@ -424,6 +494,30 @@ function renderConfig(
       ...(options.routes ?? []).map((route) =>
         `    ${q(withUserInfo(toRouteUrl(route), routeAuth))}`
       ),
+      "  ]",
+      "}",
+    );
+  }
+  if (options.leafRemotes !== undefined && options.leafRemotes.length > 0) {
+    lines.push(
+      "leafnodes {",
+      "  remotes: [",
+      "    {",
+      "      urls: [",
+      ...options.leafRemotes.map((url) =>
+        `        ${
+          q(
+            /^[a-z-]+:\/\/[^/]*@/.test(url)
+              ? url
+              : withUserInfo(url, options.leafAuth),
+          )
+        }`
+      ),
+      "      ]",
+      ...(options.tls
+        ? ["      tls {", ...tls.map((l) => `      ${l}`), "      }"]
+        : []),
+      "    }",
       "  ]",
       "}",
     );

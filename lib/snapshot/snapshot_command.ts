@@ -4,6 +4,8 @@
  *
  * @module
  */
+import { jetstream } from "@nats-io/jetstream";
+import { jsDomain } from "../nats/connect.ts";
 import { connectCommand } from "../nats/command_connection.ts";
 import type { MarmotConfig } from "../config/config.ts";
 import { ReplicaDb } from "../db/replica_db.ts";
@@ -39,7 +41,7 @@ async function withStore<T>(
       Math.min(3, Math.max(1, new Set(nc.info?.connect_urls ?? []).size));
     return await fn(
       await objectStoreSnapshots(
-        nc,
+        jetstream(nc, jsDomain(config)),
         `${config.nats.streamPrefix}-snapshots`,
         replicas,
       ),

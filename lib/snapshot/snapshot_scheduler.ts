@@ -10,7 +10,8 @@
  * @module
  */
 import { type KV, Kvm } from "@nats-io/kv";
-import type { JetStreamManager } from "@nats-io/jetstream";
+import { jetstream, type JetStreamManager } from "@nats-io/jetstream";
+import { jsDomain } from "../nats/connect.ts";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { MarmotConfig } from "../config/config.ts";
 import type { ReplicaDb } from "../db/replica_db.ts";
@@ -185,10 +186,13 @@ export function openLeases(
   config: MarmotConfig,
   replicas: number,
 ): Promise<KV> {
-  return new Kvm(nc).create(`${config.nats.streamPrefix}-leases`, {
-    replicas,
-    ttl: 10 * 60 * 1000,
-  });
+  return new Kvm(jetstream(nc, jsDomain(config))).create(
+    `${config.nats.streamPrefix}-leases`,
+    {
+      replicas,
+      ttl: 10 * 60 * 1000,
+    },
+  );
 }
 
 /** How long the schema must stay as it is before a first snapshot. */

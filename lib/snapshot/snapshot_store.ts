@@ -6,6 +6,8 @@
  * @module
  */
 import type { NatsConnection } from "@nats-io/transport-node";
+import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
+import { jsDomain } from "../nats/connect.ts";
 import { Objm } from "@nats-io/obj";
 import type { MarmotConfig } from "../config/config.ts";
 import type { SnapshotInfo } from "./snapshot.ts";
@@ -68,7 +70,7 @@ const OBJECT = "latest";
 
 /** Snapshots in a JetStream Object Store bucket. */
 export async function objectStoreSnapshots(
-  nc: NatsConnection,
+  nc: NatsConnection | JetStreamClient,
   bucket: string,
   replicas: number,
 ): Promise<SnapshotStore> {
@@ -164,7 +166,7 @@ export async function openSnapshotStore(
   return config.snapshot.dir
     ? directorySnapshots(config.snapshot.dir)
     : await objectStoreSnapshots(
-      nc,
+      jetstream(nc, jsDomain(config)),
       `${config.nats.streamPrefix}-snapshots`,
       replicas,
     );

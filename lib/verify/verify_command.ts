@@ -47,7 +47,7 @@ export async function verifyCommand(
   try {
     // Without --expect, the nodes that announced themselves must answer.
     const expect = flags.expect ??
-      await announcedNodes(nc, config.nats.streamPrefix).catch(() => undefined);
+      await announcedNodes(nc, config).catch(() => undefined);
     if (flags.expect === undefined && expect !== undefined) {
       log.info("Expecting the nodes in the cluster's node list", {
         nodes: expect,
