@@ -17,6 +17,7 @@ const ready = [false, false, false];
 const dir = await Deno.makeTempDir({ prefix: "marmot_demo_" });
 const dbs = [1, 2, 3].map((i) => `${dir}/node${i}.db`);
 const ports = pickFreePorts(3);
+const httpPorts = pickFreePorts(3);
 
 /** Runs SQL on a node's database from this process (not a marmot process). */
 function sqlite(db: string, sql: string): string {
@@ -57,6 +58,8 @@ const nodes = dbs.map((db, i) => {
       `127.0.0.1:${ports[i]}`,
       "--cluster-peers",
       peers,
+      "--http-addr",
+      `127.0.0.1:${httpPorts[i]}`,
     ],
     stdout: "inherit",
     stderr: "piped",
@@ -96,6 +99,13 @@ try {
   console.log(
     "demo: three nodes replicating (embedded nats-server cluster, R3 streams)",
   );
+  const health = await fetch(`http://127.0.0.1:${httpPorts[0]}/health`);
+  console.log(
+    `demo: status page http://127.0.0.1:${httpPorts[0]}/ (every node's on ${
+      httpPorts.join(", ")
+    }); node 1's /health answers ${health.status}`,
+  );
+  await health.body?.cancel();
   const started = performance.now();
   sqlite(
     dbs[0]!,
