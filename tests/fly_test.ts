@@ -58,6 +58,14 @@ async function run(machines: Machine[]): Promise<void> {
     1,
     machines.map((m) => `${m.name}:\n${m.process!.tail()}`).join("\n"),
   );
+  // fly.toml's marmot check: every Machine connected and caught up.
+  for (const m of machines) {
+    await waitFor(`${m.name}'s marmot /health to answer 200`, async () => {
+      const res = await fetch(`${m.marmotUrl}/health`).catch(() => undefined);
+      await res?.body?.cancel();
+      return res?.status === 200;
+    });
+  }
   const [first, ...later] = [
     founders[0]!,
     ...machines.filter((m) => m !== founders[0]),
