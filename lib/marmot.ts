@@ -288,8 +288,24 @@ export class Marmot implements AsyncDisposable {
     // every step before it, in reverse order.
     await using steps = new AsyncDisposableStack();
 
-    // 0. The HTTP listener, first: /health says "starting" while the node
-    // restores a snapshot or waits for NATS.
+    // A missing or non-SQLite database fails before anything is started.
+    const bootstrapping = config.snapshot.bootstrap &&
+      !fileExists(config.dbPath);
+    const auxiliary = auxiliaryDbProblem(config.dbPath);
+    if (auxiliary) throw new DatabaseError(auxiliary);
+    if (!bootstrapping) checkDatabaseFile(config.dbPath);
+
+    // 1. The database, locked for this process and opened.
+    const lock = lockDatabase(config.dbPath, {
+      what: "marmot",
+      node: config.nodeId,
+    });
+    steps.defer(() => lock.release());
+    let db = bootstrapping ? undefined : openReplicaDb(config, log);
+    steps.defer(() => db?.close());
+
+    // 2. The HTTP listener, once the database opened: /health says
+    // "starting" while the node restores a snapshot or waits for NATS.
     const metrics = new Metrics();
     const http = config.http.bind
       ? HttpServer.start({
@@ -303,22 +319,7 @@ export class Marmot implements AsyncDisposable {
       : undefined;
     steps.defer(() => http?.close());
 
-    // 1. The database, locked for this process (without bootstrap, a missing
-    // one fails here, before anything is created or NATS starts).
-    const bootstrapping = config.snapshot.bootstrap &&
-      !fileExists(config.dbPath);
-    const auxiliary = auxiliaryDbProblem(config.dbPath);
-    if (auxiliary) throw new DatabaseError(auxiliary);
-    if (!bootstrapping) checkDatabaseFile(config.dbPath);
-    const lock = lockDatabase(config.dbPath, {
-      what: "marmot",
-      node: config.nodeId,
-    });
-    steps.defer(() => lock.release());
-    let db = bootstrapping ? undefined : openReplicaDb(config, log);
-    steps.defer(() => db?.close());
-
-    // 2. NATS: the embedded server or external ones, and the shard streams.
+    // 3. NATS: the embedded server or external ones, and the shard streams.
     const nats = await connectNats(config, log, signal);
     steps.defer(async () => {
       await nats.peerRefresh?.close();
@@ -347,7 +348,7 @@ export class Marmot implements AsyncDisposable {
       signal,
     );
 
-    // 3. The database restored from the newest snapshot where it must be (a
+    // 4. The database restored from the newest snapshot where it must be (a
     // publish-only node's stream positions do not matter: only a missing
     // file is restored).
     let founded = false;
@@ -397,7 +398,7 @@ export class Marmot implements AsyncDisposable {
       );
     }
 
-    // 4. The pipeline: the publisher and the shard consumers, and the
+    // 5. The pipeline: the publisher and the shard consumers, and the
     // reload signals of a PocketBase beside it.
     const pocketbase = pocketBaseNotifier(config, ready, log);
     steps.defer(() => pocketbase?.close());
@@ -416,14 +417,14 @@ export class Marmot implements AsyncDisposable {
       await pipeline.subscriber?.close();
     });
 
-    // 5. The snapshot scheduler (a publish-only node lacks the others'
+    // 6. The snapshot scheduler (a publish-only node lacks the others'
     // changes: its snapshot would not be the cluster's).
     const scheduler = config.replicate
       ? startScheduler(ready, nats.nc, jsm, replicas, config, log)
       : undefined;
     steps.defer(() => scheduler?.close());
 
-    // 6. Watching the database, the scan timer, the embedded server's
+    // 7. Watching the database, the scan timer, the embedded server's
     // supervision, and the verify responder.
     const marmot = new Marmot(
       config,
@@ -440,7 +441,7 @@ export class Marmot implements AsyncDisposable {
     marmot.#verify = VerifyResponder.start(nats.nc, config, log);
     steps.defer(() => marmot.#verify?.close());
 
-    // 7. What the node says about itself: metrics, /health, the status page
+    // 8. What the node says about itself: metrics, /health, the status page
     // and its entry in the cluster's node list.
     marmot.#report(jsm, replicas, recent, metrics, http);
     steps.defer(() => marmot.#announcer?.close());

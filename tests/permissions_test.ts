@@ -96,6 +96,9 @@ Deno.test({
           ...launcherFlags,
           START,
           ...embeddedArgs(db, i + 1, ports, i),
+          // Two nodes on one host cannot share the default 127.0.0.1:3010.
+          "--http-addr",
+          "127.0.0.1:0",
           ...(i === 0
             ? ["--exec", `sh -c "touch '${marker}'; exec sleep 600"`]
             : []),
