@@ -7,12 +7,16 @@
  *        --cluster-peers nats://127.0.0.1:4249,dns://app.internal:4248
  * marmot cleanup --db-path app.db        # remove marmot's triggers and tables
  * marmot verify --config marmot.toml     # compare the tables of every running node
+ * marmot repair --from 1 --config marmot.toml  # every node takes node 1's differing rows
  * marmot status --config marmot.toml     # every node's health, positions and lag
  * ```
  *
  * Exit codes: 0 after a clean stop, 1 on a runtime failure, 2 for bad usage,
  * configuration or database path (nothing is modified then). `verify`: 0 when
  * the cluster agrees, 1 when it differs or cannot be compared, 2 for bad usage.
+ * `repair`: 0 when nothing differs any more (with `--dry-run`: nothing
+ * differs), 1 when something does or the repair could not finish, 2 for bad
+ * usage.
  * `status`: 0 when every node is healthy, 1 otherwise.
  *
  * @module
@@ -46,8 +50,12 @@ import {
   verifyCommand,
   type VerifyFlags,
 } from "./lib/verify/verify_command.ts";
+import {
+  repairCommand,
+  type RepairFlags,
+} from "./lib/verify/repair_command.ts";
 
-export type { LogFormat, MarmotConfig, VerifyFlags };
+export type { LogFormat, MarmotConfig, RepairFlags, VerifyFlags };
 
 const USAGE =
   `marmot ${denoJson.version}: multi-primary SQLite replication over NATS JetStream
@@ -61,6 +69,10 @@ Usage:
                                    (stop the application and marmot first)
   marmot verify [options]          compare the tables of every running node; exit 0
                                    when they agree, 1 when they differ
+  marmot repair --from N [--dry-run] [options]
+                                   republish node N's version of every row that
+                                   differs, so every node takes it; --dry-run shows
+                                   the rows and changes nothing
   marmot status [options]          every node of the cluster: health, shard positions,
                                    lag, pending and parked changes, recent errors
 
@@ -82,10 +94,12 @@ Options (override the config file):
       --http-addr H:P        metrics, health and status page ([http] bind,
                              default 127.0.0.1:3010); "" turns it off
   -v, --verbose              debug logging ([logging] verbose)
-      --expect N             verify: the number of nodes that must answer (default:
-                             the nodes in the cluster's node list)
-      --timeout S            verify: seconds without an answer after which a node
-                             counts as missing (default 3)
+      --expect N             verify, repair: the number of nodes that must answer
+                             (default: the nodes in the cluster's node list)
+      --timeout S            verify, repair: seconds without an answer after which
+                             a node counts as missing (default 3)
+      --from N               repair: the node whose version every node takes
+      --dry-run              repair: show what differs, republish nothing
   -h, --help                 this text
       --version              the version
 `;
@@ -105,6 +119,7 @@ export type Command =
   | "snapshot-save"
   | "snapshot-restore"
   | "verify"
+  | "repair"
   | "status"
   | "help"
   | "version";
@@ -131,6 +146,8 @@ const OPTIONS = {
   verbose: { type: "boolean", short: "v" },
   expect: { type: "string" },
   timeout: { type: "string" },
+  from: { type: "string" },
+  "dry-run": { type: "boolean" },
   help: { type: "boolean", short: "h" },
   version: { type: "boolean" },
 } as const;
@@ -149,12 +166,19 @@ function integerFlag(name: string, value: string): number {
 /**
  * Builds the configuration from the command line and the config file it names.
  *
- * @returns the command, the validated config, and `verify`'s flags
+ * @returns the command, the validated config, and `verify`'s and `repair`'s flags
  * @throws {UsageError | ConfigError} for bad usage or configuration
  */
 export async function parseCommandLine(
   args: string[],
-): Promise<{ command: Command; config: MarmotConfig; verify?: VerifyFlags }> {
+): Promise<
+  {
+    command: Command;
+    config: MarmotConfig;
+    verify?: VerifyFlags;
+    repair?: RepairFlags;
+  }
+> {
   let parsed;
   try {
     parsed = parseArgs({
@@ -179,7 +203,7 @@ export async function parseCommandLine(
     !snapshotVerb &&
     (rest.length > 0 ||
       (sub !== undefined && sub !== "cleanup" && sub !== "verify" &&
-        sub !== "status"))
+        sub !== "repair" && sub !== "status"))
   ) {
     throw new UsageError(
       `Unknown command: ${JSON.stringify(positionals.join(" "))} (try --help)`,
@@ -248,13 +272,23 @@ export async function parseCommandLine(
   if (values.verbose) config.logging.verbose = true;
   const command = snapshotVerb
     ? `snapshot-${snapshotVerb}` as const
-    : sub === "cleanup" || sub === "verify" || sub === "status"
+    : sub === "cleanup" || sub === "verify" || sub === "repair" ||
+        sub === "status"
     ? sub
     : "run";
-  if (command !== "verify" && command !== "status") {
+  if (command !== "repair") {
+    for (const name of ["from", "dry-run"] as const) {
+      if (values[name] !== undefined) {
+        throw new UsageError(`Invalid flag: --${name} is for marmot repair`);
+      }
+    }
+  }
+  if (command !== "verify" && command !== "repair" && command !== "status") {
     for (const name of ["expect", "timeout"] as const) {
       if (values[name] !== undefined) {
-        throw new UsageError(`Invalid flag: --${name} is for marmot verify`);
+        throw new UsageError(
+          `Invalid flag: --${name} is for marmot verify and marmot repair`,
+        );
       }
     }
     validateConfig(config);
@@ -265,12 +299,15 @@ export async function parseCommandLine(
       `Invalid config: marmot ${command} needs --nats-url, or db_path to find the embedded nats-server of the node running here`,
     );
   }
-  // verify and status read no database: db_path only locates the embedded server.
+  // verify, repair and status read no database: db_path only locates the
+  // embedded server.
   validateConfig({ ...config, dbPath: config.dbPath || "(unused)" });
   if (command === "status") {
     for (const name of ["expect", "timeout"] as const) {
       if (values[name] !== undefined) {
-        throw new UsageError(`Invalid flag: --${name} is for marmot verify`);
+        throw new UsageError(
+          `Invalid flag: --${name} is for marmot verify and marmot repair`,
+        );
       }
     }
     return { command, config };
@@ -295,7 +332,23 @@ export async function parseCommandLine(
     }
     verify.timeout = Math.max(100, Math.round(seconds * 1000));
   }
-  return { command, config, verify };
+  if (command === "verify") return { command, config, verify };
+  if (values.from === undefined) {
+    throw new UsageError(
+      "Invalid usage: marmot repair needs --from N, the node whose version every node takes",
+    );
+  }
+  const from = integerFlag("from", values.from);
+  if (from < 1) {
+    throw new ConfigError(
+      `Invalid flag: --from must be a node id (a positive integer), got ${from}`,
+    );
+  }
+  return {
+    command,
+    config,
+    repair: { ...verify, from, dryRun: values["dry-run"] ?? false },
+  };
 }
 
 /**
@@ -338,6 +391,18 @@ const COMMANDS: Record<Command, (parsed: Parsed) => Promise<number>> = {
     });
     try {
       return await verifyCommand(config, verify!, log);
+    } catch (e) {
+      console.error(`marmot: ${e instanceof Error ? e.message : e}`);
+      return e instanceof ConfigError ? 2 : 1;
+    }
+  },
+  repair: async ({ config, repair }) => {
+    const log = createLogger({
+      verbose: config.logging.verbose,
+      format: config.logging.format,
+    });
+    try {
+      return await repairCommand(config, repair!, log);
     } catch (e) {
       console.error(`marmot: ${e instanceof Error ? e.message : e}`);
       return e instanceof ConfigError ? 2 : 1;

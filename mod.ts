@@ -84,6 +84,14 @@ export {
   VerifyProblem,
   type VerifyResult,
 } from "./lib/verify/verify.ts";
+export {
+  formatRepairResult,
+  repair,
+  repairDone,
+  type RepairOptions,
+  type RepairResult,
+  type RepairTable,
+} from "./lib/verify/repair.ts";
 export type { PublisherStats } from "./lib/publisher.ts";
 export type { SubscriberStats } from "./lib/subscriber.ts";
 

@@ -433,6 +433,51 @@ export async function rowDigests(
   return out;
 }
 
+/** A row's key text and the SHA-256 of its values, `null` when it is absent. */
+export interface KeyDigest {
+  /** The key text as asked for. */
+  key: string;
+  /** SHA-256 of the row's values, hex, as {@linkcode rowDigests} gives it; `null` for no row. */
+  sha256: string | null;
+}
+
+/**
+ * The SHA-256 of each row named by its key text, in the order asked.
+ *
+ * @throws {RangeError} for a key that does not fit the table's key
+ * @throws {SyntaxError} for a text that is not a key text
+ */
+export async function keyDigests(
+  db: DatabaseSync,
+  table: TableInfo,
+  keys: string[],
+  options: ChecksumOptions = {},
+): Promise<KeyDigest[]> {
+  const p = plan(db, table);
+  const slicer = new Slicer(options);
+  const stmt = prepare(
+    db,
+    `SELECT ${p.keyText}, ${p.values} FROM ${p.from} WHERE ${
+      p.keys.map((k) => `${k} IS ?`).join(" AND ")
+    } LIMIT 1`,
+  );
+  const out: KeyDigest[] = [];
+  for (const key of keys) {
+    const values = stmt.get(...keyValues(table, p, key)) as unknown as
+      | SqlValue[]
+      | undefined;
+    let sha256: string | null = null;
+    if (values) {
+      const hasher = new RowHasher();
+      hasher.add(values, 1, p.width);
+      sha256 = hasher.digest();
+    }
+    out.push({ key, sha256 });
+    if (slicer.due()) await slicer.pause();
+  }
+  return out;
+}
+
 const TYPE_ORDER = { null: 0, number: 1, text: 2, blob: 3 };
 const utf8 = new TextEncoder();
 

@@ -200,13 +200,30 @@ export async function verify(
   servers: string[],
   options: VerifyOptions = {},
 ): Promise<VerifyResult> {
-  let nc: NatsConnection;
+  const nc = await connectVerify(servers, options, "marmot-verify");
+  try {
+    return await verifyOver(nc, options);
+  } finally {
+    await nc.close().catch(() => {});
+  }
+}
+
+/**
+ * The NATS connection of {@linkcode verify} and `repair()`.
+ *
+ * @throws {VerifyError} when NATS cannot be reached
+ */
+export async function connectVerify(
+  servers: string[],
+  options: VerifyOptions,
+  name: string,
+): Promise<NatsConnection> {
   try {
     guardDiscardedSockets();
-    nc = await connect({
+    return await connect({
       ...clientOptions(authOf(options.auth)),
       servers,
-      name: "marmot-verify",
+      name,
       timeout: 5000,
     });
   } catch (cause) {
@@ -217,11 +234,6 @@ export async function verify(
       { cause },
     );
   }
-  try {
-    return await verifyOver(nc, options);
-  } finally {
-    await nc.close().catch(() => {});
-  }
 }
 
 /** `auth` with an nkey seed read from a file trimmed (seed files end in a newline). */
@@ -231,6 +243,35 @@ function authOf(auth: VerifyAuth = {}): VerifyAuth {
   return { ...auth, nkeySeed: new TextEncoder().encode(seed) };
 }
 
+/**
+ * The rows that differ between the nodes as each node answers, while they
+ * may still be changing: a comparison that does not wait for the cluster to
+ * settle, for `marmot repair` (which confirms every key it reports). Not part
+ * of the module's API.
+ */
+export async function surveyOver(
+  client: VerifyClient,
+  options: VerifyOptions,
+): Promise<VerifyResult> {
+  for (let attempt = 1;; attempt++) {
+    const outcome = await compare(client, options, false);
+    if (!("unsettled" in outcome)) return outcome;
+    if (attempt >= Math.max(1, options.attempts ?? 5)) {
+      return {
+        ...outcome.result,
+        problem: {
+          kind: VerifyProblem.NotQuiescent,
+          message:
+            `nodes kept leaving the comparison (${outcome.unsettled}) after ${attempt} ${
+              plural(attempt, "attempt")
+            }`,
+        },
+      };
+    }
+    await delay(options.retryDelay ?? 1000, { signal: options.signal });
+  }
+}
+
 /** {@linkcode verify} on a connection the caller opened (and closes). */
 export async function verifyOver(
   nc: NatsConnection,
@@ -238,9 +279,9 @@ export async function verifyOver(
 ): Promise<VerifyResult> {
   const log = options.log ?? silent;
   const attempts = Math.max(1, options.attempts ?? 5);
-  const client = new Client(nc, options);
+  const client = new VerifyClient(nc, options);
   for (let attempt = 1;; attempt++) {
-    const outcome = await compare(client, options);
+    const outcome = await compare(client, options, true);
     if (!("unsettled" in outcome)) return outcome;
     if (attempt >= attempts) {
       return {
@@ -262,10 +303,14 @@ export async function verifyOver(
   }
 }
 
-type Answer = Exclude<VerifyReply, { working: true } | { error: string }>;
+/** A node's final answer to a request. */
+export type Answer = Exclude<
+  VerifyReply,
+  { working: true } | { error: string }
+>;
 
 /** What one request collected. */
-interface Collected {
+export interface Collected {
   /** Final answers by node. */
   answers: Map<number, Answer>;
   /** Errors by node. */
@@ -278,8 +323,11 @@ interface Collected {
   noResponders: boolean;
 }
 
-/** Sends requests and collects the answers. */
-class Client {
+/**
+ * Sends requests on the verify subject and collects the answers (also used by
+ * `marmot repair`; not part of the module's API).
+ */
+export class VerifyClient {
   #nc: NatsConnection;
   #subject: string;
   #timeout: number;
@@ -375,9 +423,17 @@ class Moved extends Error {}
 /** Thrown inside a comparison when a node answered with an error. */
 class NodeFailed extends Error {}
 
+/**
+ * One comparison of every node. With `settle`, nodes must be in one state
+ * (the same applied sequences, nothing pending) and stay in it while the
+ * differences are narrowed down; without, each answer is taken as it comes,
+ * so rows changing meanwhile show up as differences too (`marmot repair`
+ * confirms each key afterwards).
+ */
 async function compare(
-  client: Client,
+  client: VerifyClient,
   options: VerifyOptions,
+  settle: boolean,
 ): Promise<Outcome> {
   const first = await client.ask({ op: "tables" });
   const nodes = [...first.answers.keys()].sort((a, b) => a - b);
@@ -444,7 +500,7 @@ async function compare(
   const settled = states.every((s) =>
     s.pending === 0 && stateOf(s) === stateOf(states[0]!)
   );
-  if (!settled) {
+  if (settle && !settled) {
     return {
       unsettled: nodes.map((n, i) =>
         `node ${n} applied ${states[i]!.applied.join(",")} with ${
@@ -471,7 +527,11 @@ async function compare(
     (sum, t) => sum + t.count,
     0,
   );
-  const narrower = new Narrower(client, options, stateOf(states[0]!));
+  const narrower = new Narrower(
+    client,
+    options,
+    settle ? stateOf(states[0]!) : undefined,
+  );
   try {
     for (const name of names) {
       const has = nodes.filter((n) => summaries.get(n)![name]);
@@ -517,13 +577,17 @@ async function compare(
 
 /** Cuts differing tables into ranges until the differences are small. */
 class Narrower {
-  #client: Client;
+  #client: VerifyClient;
   #leafRows: number;
   #maxRanges: number;
-  #state: string;
+  #state: string | undefined;
   static readonly FANOUT = 16;
 
-  constructor(client: Client, options: VerifyOptions, state: string) {
+  constructor(
+    client: VerifyClient,
+    options: VerifyOptions,
+    state: string | undefined,
+  ) {
     this.#client = client;
     this.#leafRows = Math.max(1, options.leafRows ?? 100);
     this.#maxRanges = Math.max(1, options.maxRanges ?? 10);
@@ -633,7 +697,10 @@ class Narrower {
     }
   }
 
-  /** Asks `nodes`; throws {@linkcode Moved} when one's state changed or it went silent. */
+  /**
+   * Asks `nodes`; throws {@linkcode Moved} when one went silent or lost the
+   * table, or (when the comparison settles) when its state changed.
+   */
   async #ask(
     request: Record<string, unknown>,
     nodes: number[],
@@ -648,6 +715,7 @@ class Narrower {
       if (!a) throw new Moved(`node ${n} stopped answering`);
       if ("missing" in a) throw new Moved(`node ${n} no longer has the table`);
       if (
+        this.#state !== undefined &&
         JSON.stringify([a.state.applied, a.state.pending]) !== this.#state
       ) {
         throw new Moved(

@@ -9,6 +9,12 @@
  * work, and end with the result or `{node, id, error}`. `id` tells apart two
  * processes that share a node id.
  *
+ * `digests` and `republish` serve `marmot repair`: the first gives the
+ * SHA-256 of named rows and whether a change of each is pending here; the
+ * second writes a change log entry for each named row, so the publisher sends
+ * this node's version of it (or its delete, when the row is absent here) as
+ * an ordinary change. Only `republish` writes, on a connection of its own.
+ *
  * Every answer is computed in one read transaction on a connection of its
  * own, so the node's applied stream sequences, its pending change count and
  * its rows are one consistent state, while replication goes on (the work
@@ -28,6 +34,8 @@ import {
   boundaryKeys,
   checksumRanges,
   checksumTable,
+  type KeyDigest,
+  keyDigests,
   type RowDigest,
   rowDigests,
   type RowsDigest,
@@ -35,6 +43,9 @@ import {
 import { listTables, type TableInfo } from "../db/schema.ts";
 import { readSchema } from "../db/schema_events.ts";
 import { unguardTriggerSql } from "../db/app_triggers.ts";
+import { NEXT_SEQ, TABLES } from "../db/marmot_tables.ts";
+import { parseKey } from "../db/sql.ts";
+import type { SqlValue } from "../codec.ts";
 import type { Logger } from "../log.ts";
 
 /** The version of the verify protocol. */
@@ -76,7 +87,18 @@ export type VerifyRequest =
       to: string | null;
       limit: number;
     }
+    | { op: "digests"; table: string; keys: string[] }
+    | { op: "republish"; table: string; keys: string[] }
   );
+
+/** The most keys one `digests` or `republish` request names. */
+export const MAX_REQUEST_KEYS = 1000;
+
+/** A row's digest, and whether a change of it waits in this node's change log. */
+export interface PendingDigest extends KeyDigest {
+  /** A change of the row is captured here and not yet applied back. */
+  pending: boolean;
+}
 
 /** A node's replication state when it answered. */
 export interface NodeState {
@@ -108,7 +130,9 @@ export type VerifyAnswer =
   | { missing: true }
   | { ranges: RowsDigest[] }
   | { keys: string[] }
-  | { rows: RowDigest[] };
+  | { rows: RowDigest[] }
+  | { digests: PendingDigest[] }
+  | { republished: number };
 
 /** A message a node sends back. */
 export type VerifyReply =
@@ -133,6 +157,8 @@ export interface VerifyResponderOptions {
   include?: string[];
   /** Never these tables. @default [] */
   exclude?: string[];
+  /** Whether this node publishes (a read replica cannot republish). @default true */
+  publish?: boolean;
   /** Logger. */
   log: Logger;
 }
@@ -171,6 +197,7 @@ export class VerifyResponder {
       shards: config.replicationLog.shards,
       include: config.include,
       exclude: config.exclude,
+      publish: config.publish,
       log,
     });
   }
@@ -211,6 +238,7 @@ export class VerifyResponder {
   ): Promise<VerifyAnswer & { state: NodeState }> {
     const signal = this.#abort.signal;
     signal.throwIfAborted();
+    if (request.op === "republish") return this.#republish(request);
     const db = this.#open();
     db.exec("BEGIN");
     try {
@@ -274,6 +302,69 @@ export class VerifyResponder {
             signal,
           }),
         };
+      case "digests": {
+        const pending = db.prepare(
+          `SELECT 1 FROM ${TABLES.changes} WHERE tbl = ? AND k IS ? LIMIT 1`,
+        );
+        const digests = await keyDigests(db, table, request.keys, { signal });
+        return {
+          digests: digests.map((d) => ({
+            ...d,
+            pending: pending.get(table.name, storedKey(table, d.key)) !==
+              undefined,
+          })),
+        };
+      }
+      case "republish":
+        throw new Error("unreachable: republish is answered apart");
+    }
+  }
+
+  /**
+   * Logs a change of every named row, in one transaction on a connection of
+   * its own: the publisher then sends this node's image of each (a delete
+   * for a row absent here), as it sends the application's changes.
+   */
+  #republish(
+    request: Extract<VerifyRequest, { op: "republish" }>,
+  ): VerifyAnswer & { state: NodeState } {
+    if (this.#options.publish === false) {
+      throw new Error(
+        `node ${this.#options.nodeId} does not publish (publish = false): repair from a node that does`,
+      );
+    }
+    const db = new DatabaseSync(this.#options.dbPath);
+    try {
+      db.exec("PRAGMA busy_timeout = 10000");
+      db.exec("BEGIN IMMEDIATE");
+      try {
+        const table = listTables(db, {
+          include: this.#options.include ?? [],
+          exclude: this.#options.exclude ?? [],
+        }).find((t) => t.name === request.table);
+        if (!table) {
+          throw new Error(
+            `node ${this.#options.nodeId} does not replicate a table "${request.table}"`,
+          );
+        }
+        const log = db.prepare(
+          `INSERT INTO ${TABLES.changes}(seq, tbl, k) VALUES (${NEXT_SEQ}, ?, ?)`,
+        );
+        for (const key of request.keys) {
+          log.run(table.name, storedKey(table, key));
+        }
+        const state = readState(db, this.#options.shards);
+        db.exec("COMMIT");
+        this.#options.log.info("Republishing rows for marmot repair", {
+          table: table.name,
+          rows: request.keys.length,
+        });
+        return { republished: request.keys.length, state };
+      } finally {
+        if (db.isTransaction) db.exec("ROLLBACK");
+      }
+    } finally {
+      db.close();
     }
   }
 
@@ -294,6 +385,25 @@ export class VerifyResponder {
     await this.#queue;
     if (this.#db?.isOpen) this.#db.close();
   }
+}
+
+/**
+ * The change log's `k` for a key text (see `storedKeyExpr` in capture.ts):
+ * the value of a one-column key, the text of a composite one.
+ *
+ * @throws {RangeError} when the key does not fit the table's key
+ */
+function storedKey(table: TableInfo, key: string): SqlValue {
+  const values = parseKey(key);
+  const arity = table.rowid ? 1 : table.pk.length;
+  if (values.length !== arity) {
+    throw new RangeError(
+      `Key ${
+        JSON.stringify(key)
+      } does not fit table "${table.name}": it has ${values.length} values, the key has ${arity} columns`,
+    );
+  }
+  return arity === 1 ? values[0]! : key;
 }
 
 /** The node's applied sequences, pending and parked counts. */
@@ -319,7 +429,7 @@ function readState(db: DatabaseSync, shards: number): NodeState {
   };
 }
 
-const OPS = ["tables", "ranges", "boundaries", "rows"];
+const OPS = ["tables", "ranges", "boundaries", "rows", "digests", "republish"];
 
 /**
  * Checks a request's shape.
@@ -357,5 +467,10 @@ function checkRequest(r: unknown): VerifyRequest {
   if (o.op === "boundaries" && !count(o.every)) {
     fail("every must be a positive integer");
   }
+  if (
+    (o.op === "digests" || o.op === "republish") &&
+    !(Array.isArray(o.keys) && o.keys.length <= MAX_REQUEST_KEYS &&
+      o.keys.every((k) => typeof k === "string"))
+  ) fail(`keys must be at most ${MAX_REQUEST_KEYS} key texts`);
   return o as unknown as VerifyRequest;
 }
