@@ -40,11 +40,13 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=marmot /src/dist/marmot /usr/local/bin/marmot
 COPY --from=releases /out/pocketbase /out/nats-server /usr/local/bin/
 COPY deploy/entrypoint.sh /usr/local/bin/entrypoint
+COPY deploy/pb_hooks/marmot.pb.js /usr/local/share/marmot/marmot.pb.js
 ENV MARMOT_DATA_DIR=/data \
     MARMOT_BIN=/usr/local/bin/marmot \
     POCKETBASE_BIN=/usr/local/bin/pocketbase \
     MARMOT_NATS_SERVER=/usr/local/bin/nats-server \
     MARMOT_RUN_AS=marmot \
+    MARMOT_PB_HOOK=/usr/local/share/marmot/marmot.pb.js \
     PB_HTTP=0.0.0.0:8090
 VOLUME /data
 EXPOSE 8090

@@ -92,6 +92,12 @@ export {
   type RepairResult,
   type RepairTable,
 } from "./lib/verify/repair.ts";
+export {
+  BookmarkError,
+  encodeBookmark,
+  parseBookmark,
+  type WaitOptions,
+} from "./lib/bookmark.ts";
 export type { PublisherStats } from "./lib/publisher.ts";
 export type { SubscriberStats } from "./lib/subscriber.ts";
 

@@ -20,6 +20,9 @@
 #   MARMOT_BIN, POCKETBASE_BIN   the two programs (marmot, pocketbase)
 #   MARMOT_NATS_SERVER     the nats-server binary marmot embeds
 #   MARMOT_ARGS            more marmot flags, such as --verbose
+#   MARMOT_PB_HOOK         marmot's pb_hooks file (read-your-writes), copied to
+#                          pb_hooks/marmot.pb.js at every start; "" to leave it out
+#                          (default: pb_hooks/marmot.pb.js beside this script)
 #   MARMOT_RUN_AS          started as root: give the volume to this user and
 #                          run as it (the image sets marmot)
 set -eu
@@ -58,6 +61,18 @@ node_id=$(printf %s "$FLY_MACHINE_ID" | cksum | cut -d ' ' -f 1)
 [ "$node_id" -gt 0 ] || node_id=1
 
 mkdir -p "$data/pb_data" || fail "cannot create $data/pb_data"
+http_addr=${MARMOT_HTTP_ADDR:-[::]:3010}
+
+# Read-your-writes for PocketBase: the hook asks marmot's HTTP listener.
+hook=${MARMOT_PB_HOOK-$(dirname "$0")/pb_hooks/marmot.pb.js}
+if [ -n "$hook" ]; then
+  [ -f "$hook" ] || fail "MARMOT_PB_HOOK: no file at $hook"
+  mkdir -p "$data/pb_hooks" && cp "$hook" "$data/pb_hooks/marmot.pb.js" ||
+    fail "cannot install $hook into $data/pb_hooks"
+  http_host=${http_addr%:*}
+  case $http_host in "" | 0.0.0.0 | "[::]") http_host=127.0.0.1 ;; esac
+  export MARMOT_HTTP_URL="http://$http_host:${http_addr##*:}"
+fi
 config="$data/marmot.toml"
 cat >"$config" <<TOML
 # Written by the entrypoint at every start; edit the entrypoint, not this.
@@ -75,7 +90,7 @@ store_dir = "$data/nats"
 bootstrap = true
 
 [http]
-bind = "${MARMOT_HTTP_ADDR:-[::]:3010}"
+bind = "$http_addr"
 TOML
 
 # An empty volume: marmot bootstraps from the newest snapshot before
@@ -83,4 +98,4 @@ TOML
 # lets PocketBase create it.
 # shellcheck disable=SC2086 # MARMOT_BIN and MARMOT_ARGS may hold several words
 exec $marmot --config "$config" ${MARMOT_ARGS:-} \
-  --exec "$pocketbase serve --http=$pb_http --dir $data/pb_data --automigrate=false"
+  --exec "$pocketbase serve --http=$pb_http --dir $data/pb_data --hooksDir $data/pb_hooks --automigrate=false"

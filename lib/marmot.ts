@@ -58,6 +58,7 @@ import { LocalWrites } from "./local_writes.ts";
 import { VerifyResponder } from "./verify/verify_responder.ts";
 import denoJson from "../deno.json" with { type: "json" };
 import { HttpServer, loadHttpToken } from "./http/http_server.ts";
+import { Bookmarks, type WaitOptions } from "./bookmark.ts";
 import { Metrics } from "./http/metrics.ts";
 import {
   NatsState,
@@ -240,6 +241,7 @@ export class Marmot implements AsyncDisposable {
   #announcer: Announcer | undefined;
   #http: HttpServer | undefined;
   #natsState: NatsState | undefined;
+  #bookmarks: Bookmarks | undefined;
   #failure = Promise.withResolvers<DatabaseChangedError>();
 
   private constructor(
@@ -402,6 +404,20 @@ export class Marmot implements AsyncDisposable {
     // reload signals of a PocketBase beside it.
     const pocketbase = pocketBaseNotifier(config, ready, log);
     steps.defer(() => pocketbase?.close());
+    const bookmarks = new Bookmarks(ready, {
+      shards: config.replicationLog.shards,
+      ...(config.replicate ? {} : {
+        cannotWait:
+          `node ${config.nodeId} applies no other node's changes (replicate = false)`,
+        lastSequences: () =>
+          lastSequences(
+            jsm,
+            config.nats.streamPrefix,
+            config.replicationLog.shards,
+          ),
+      }),
+    });
+    steps.defer(() => bookmarks.close());
     const pipeline = await startPipeline(
       ready,
       nats.nc,
@@ -411,6 +427,7 @@ export class Marmot implements AsyncDisposable {
       pocketbase,
       metrics,
       resumed,
+      bookmarks,
     );
     steps.defer(async () => {
       await pipeline.outlet.close();
@@ -437,6 +454,7 @@ export class Marmot implements AsyncDisposable {
     );
     steps.defer(() => marmot.#stopWatching());
     marmot.#peerRefresh = nats.peerRefresh;
+    marmot.#bookmarks = bookmarks;
     marmot.#run(options.scanInterval ?? 1000);
     marmot.#verify = VerifyResponder.start(nats.nc, config, log);
     steps.defer(() => marmot.#verify?.close());
@@ -543,8 +561,51 @@ export class Marmot implements AsyncDisposable {
       return { self: self.node, nodes, ...(problem ? { problem } : {}) };
     };
     metrics.attach({ report, stats: () => this.stats() });
-    http?.attach({ report, cluster });
+    http?.attach({
+      report,
+      cluster,
+      bookmark: (options) => this.#bookmarks!.bookmark(options),
+      waitFor: (bookmark, options) => this.waitFor(bookmark, options),
+    });
     this.#http = http;
+  }
+
+  /**
+   * A bookmark of every change committed to this node's database before the
+   * call: once published and applied back from the streams (milliseconds),
+   * this node's position in every shard stream. Give it to
+   * {@linkcode Marmot.waitFor} on another node to read this node's writes
+   * there (docs/read-your-writes.md).
+   *
+   * @throws {Error} when the changes were not all published within
+   *   `options.timeout` ms (default 10000), e.g. while NATS is unreachable
+   */
+  async bookmark(options: WaitOptions = {}): Promise<string> {
+    const bookmark = await this.#bookmarks!.bookmark(options);
+    if (bookmark === undefined) {
+      throw new Error(
+        `Cannot take a bookmark: node ${this.config.nodeId}'s changes were not all published within ${
+          options.timeout ?? 10_000
+        } ms (${this.#db.pendingCount()} pending; is NATS reachable?)`,
+      );
+    }
+    return bookmark;
+  }
+
+  /**
+   * Resolves `true` once this node has applied every shard stream up to
+   * `bookmark` (taken on any node with {@linkcode Marmot.bookmark}), `false`
+   * when `options.timeout` ms (default 10000) pass first; rejects with the
+   * signal's reason when `options.signal` aborts.
+   *
+   * @throws {BookmarkError} for a text that is not a bookmark of this cluster
+   * @throws {Error} on a node that applies no stream (`replicate = false`)
+   */
+  async waitFor(
+    bookmark: string,
+    options: WaitOptions = {},
+  ): Promise<boolean> {
+    return await this.#bookmarks!.waitFor(bookmark, options);
   }
 
   /** Where this node's HTTP listener answers, when it has one. */
@@ -842,6 +903,7 @@ async function startPipeline(
   pocketbase: PocketBaseNotifier | undefined,
   metrics: Metrics,
   resumed: boolean,
+  bookmarks: Bookmarks,
 ): Promise<Pipeline> {
   const js = jetstream(nc, { ...jsDomain(config), timeout: 5000 });
   const publisher = config.publish
@@ -876,7 +938,10 @@ async function startPipeline(
     onStreamRestart: (s) => publisher?.republish(s),
     onRerecorded: () => outlet.wake(),
     resumed,
-    onApplied: ({ seconds, delays }) => metrics.applied(seconds, delays),
+    onApplied: ({ seconds, delays }) => {
+      metrics.applied(seconds, delays);
+      bookmarks.applied();
+    },
     ...(pocketbase
       ? {
         onTablesChanged: (tables) => pocketbase.tablesChanged(tables),

@@ -139,6 +139,40 @@ async function run(machines: Machine[]): Promise<void> {
       );
     }
   }
+  // Read-your-writes through the shipped pb_hooks/marmot.pb.js: a record
+  // created on one Machine, that Machine's bookmark, and a read on the next
+  // Machine carrying it finds the record, every time.
+  for (let i = 0; i < 30; i++) {
+    const a = machines[i % 3]!, b = machines[(i + 1) % 3]!;
+    const made = await expectApi(200, a.url, "POST", records, {
+      title: `ryw ${i}`,
+      body: "",
+    });
+    const res = await fetch(`${a.url}/api/marmot/bookmark`);
+    const mark = await res.json();
+    assert.equal(res.status, 200, JSON.stringify(mark));
+    assert.equal(res.headers.get("x-marmot-bookmark"), mark.bookmark);
+    assert.equal(res.headers.get("x-marmot-machine"), a.env.FLY_MACHINE_ID);
+    const read = await fetch(`${b.url}${records}/${made.id}`, {
+      headers: { "x-marmot-bookmark": mark.bookmark },
+    });
+    const body = await read.json();
+    assert.equal(
+      read.status,
+      200,
+      `record ${i} through ${b.name}: ${JSON.stringify(body)}`,
+    );
+    assert.equal(body.title, `ryw ${i}`);
+  }
+  const bad = await fetch(`${first.url}${records}`, {
+    headers: { "x-marmot-bookmark": "not-a-bookmark" },
+  });
+  assert.equal(bad.status, 400);
+  assert.match(
+    (await bad.json()).message,
+    /^marmot: Invalid bookmark "not-a-bookmark"/,
+  );
+
   // Updated through one Machine, deleted through another.
   const edited = created[first.name]!;
   await expectApi(200, later[0].url, "PATCH", `${records}/${edited}`, {

@@ -1,7 +1,10 @@
 /**
  * A node's HTTP listener (`[http] bind`): `GET /metrics` (Prometheus text
  * format), `GET /health` (200 when connected and caught up, 503 with the
- * reasons otherwise) and `GET /` (the status page). With `[http] token` set,
+ * reasons otherwise), `GET /` (the status page), and read-your-writes:
+ * `GET /bookmark` (a bookmark of what this node committed) and
+ * `GET /wait?bookmark=…&timeout=S` (200 once applied here, 504 after S
+ * seconds without; see docs/read-your-writes.md). With `[http] token` set,
  * every route but `/health` wants it, as a bearer token or as the password
  * of HTTP basic auth (so a browser can ask for it).
  *
@@ -14,6 +17,7 @@ import type { Logger } from "../log.ts";
 import type { Metrics } from "./metrics.ts";
 import { healthOf, type NodeReport } from "./node_status.ts";
 import { type ClusterView, renderStatusPage } from "./status_page.ts";
+import { BookmarkError, type WaitOptions } from "../bookmark.ts";
 
 /** What the listener serves once the node runs. */
 export interface HttpSource {
@@ -21,7 +25,14 @@ export interface HttpSource {
   report(): Promise<NodeReport>;
   /** Every node's latest report. */
   cluster(): Promise<ClusterView>;
+  /** A bookmark of this node's committed changes; undefined on timeout. */
+  bookmark(options: WaitOptions): Promise<string | undefined>;
+  /** Whether this node reached `bookmark` within the timeout. */
+  waitFor(bookmark: string, options: WaitOptions): Promise<boolean>;
 }
+
+/** Seconds `/bookmark` and `/wait` wait by default, and at most. */
+const WAIT_SECONDS = { default: 5, max: 60 };
 
 /** Options for {@linkcode HttpServer.start}. */
 export interface HttpServerOptions {
@@ -143,7 +154,8 @@ export class HttpServer {
   }
 
   async #handle(req: Request): Promise<Response> {
-    const path = new URL(req.url).pathname;
+    const url = new URL(req.url);
+    const path = url.pathname;
     if (req.method !== "GET" && req.method !== "HEAD") {
       return new Response("Only GET and HEAD\n", {
         status: 405,
@@ -166,12 +178,24 @@ export class HttpServer {
           });
         case "/":
           return await this.#page();
+        case "/bookmark":
+          return await this.#bookmark(url.searchParams, req.signal);
+        case "/wait":
+          return await this.#wait(url.searchParams, req.signal);
         default:
-          return new Response("Not found: try /, /health or /metrics\n", {
-            status: 404,
-          });
+          return new Response(
+            "Not found: try /, /health, /metrics, /bookmark or /wait\n",
+            { status: 404 },
+          );
       }
     } catch (e) {
+      if (e instanceof BookmarkError) {
+        return Response.json({ error: e.message }, {
+          status: 400,
+          headers: JSON_HEADERS,
+        });
+      }
+      if (req.signal.aborted) return new Response(null, { status: 499 });
       this.#options.log.warn("HTTP request failed", { path, error: e });
       return new Response(`${e instanceof Error ? e.message : e}\n`, {
         status: 500,
@@ -219,6 +243,79 @@ export class HttpServer {
       shards: report.shards,
       pending: report.pending,
     }, { status: health.ok ? 200 : 503, headers: JSON_HEADERS });
+  }
+
+  /** The `timeout` parameter in milliseconds. */
+  #timeout(params: URLSearchParams): number {
+    const text = params.get("timeout");
+    if (text === null) return WAIT_SECONDS.default * 1000;
+    const seconds = Number(text);
+    if (!/^\d+(\.\d+)?$/.test(text) || seconds > WAIT_SECONDS.max) {
+      throw new BookmarkError(
+        `Invalid timeout ${
+          JSON.stringify(text)
+        }: seconds from 0 to ${WAIT_SECONDS.max}`,
+      );
+    }
+    return seconds * 1000;
+  }
+
+  async #bookmark(
+    params: URLSearchParams,
+    signal: AbortSignal,
+  ): Promise<Response> {
+    const timeout = this.#timeout(params);
+    const source = this.#source;
+    const bookmark = source
+      ? await source.bookmark({ timeout, signal })
+      : undefined;
+    if (bookmark === undefined) {
+      return Response.json({
+        error: source
+          ? `this node's changes were not all published within ${
+            timeout / 1000
+          } s`
+          : "starting: not replicating yet",
+      }, { status: source ? 504 : 503, headers: JSON_HEADERS });
+    }
+    return Response.json({ bookmark }, {
+      headers: { ...JSON_HEADERS, "x-marmot-bookmark": bookmark },
+    });
+  }
+
+  async #wait(params: URLSearchParams, signal: AbortSignal): Promise<Response> {
+    const bookmark = params.get("bookmark");
+    if (bookmark === null) {
+      throw new BookmarkError(
+        "Missing bookmark: GET /wait?bookmark=BOOKMARK&timeout=SECONDS",
+      );
+    }
+    const timeout = this.#timeout(params);
+    const source = this.#source;
+    if (!source) {
+      return Response.json({ error: "starting: not replicating yet" }, {
+        status: 503,
+        headers: JSON_HEADERS,
+      });
+    }
+    let reached: boolean;
+    try {
+      reached = await source.waitFor(bookmark, { timeout, signal });
+    } catch (e) {
+      if (e instanceof BookmarkError || signal.aborted) throw e;
+      return Response.json(
+        { error: e instanceof Error ? e.message : String(e) },
+        { status: 409, headers: JSON_HEADERS },
+      );
+    }
+    return Response.json(
+      reached ? { reached, bookmark } : {
+        reached,
+        bookmark,
+        error: `not applied here within ${timeout / 1000} s`,
+      },
+      { status: reached ? 200 : 504, headers: JSON_HEADERS },
+    );
   }
 
   async #page(): Promise<Response> {
