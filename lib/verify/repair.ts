@@ -146,18 +146,28 @@ export async function repairOver(
   } catch (e) {
     if (!(e instanceof RepairError)) throw e;
     return {
-      from: options.from,
-      dryRun: options.dryRun ?? false,
-      nodes: [],
-      tables: [],
-      republished: 0,
-      unrepaired: [],
-      changing: [],
-      truncated: false,
-      converged: false,
+      ...emptyResult(options, []),
       problem: { kind: "node-error", message: e.message },
     };
   }
+}
+
+/** A result that found and did nothing yet. */
+function emptyResult(
+  options: RepairOptions,
+  nodes: VerifyNode[],
+): RepairResult {
+  return {
+    from: options.from,
+    dryRun: options.dryRun ?? false,
+    nodes,
+    tables: [],
+    republished: 0,
+    unrepaired: [],
+    changing: [],
+    truncated: false,
+    converged: false,
+  };
 }
 
 async function runRepair(
@@ -169,17 +179,7 @@ async function runRepair(
     ...options,
     maxRanges: Math.ceil(maxKeys / Math.max(1, options.leafRows ?? 100)) + 1,
   });
-  const result: RepairResult = {
-    from: options.from,
-    dryRun: options.dryRun ?? false,
-    nodes: survey.nodes,
-    tables: [],
-    republished: 0,
-    unrepaired: [],
-    changing: [],
-    truncated: false,
-    converged: false,
-  };
+  const result = emptyResult(options, survey.nodes);
   if (survey.problem) return { ...result, problem: survey.problem };
   const nodes = survey.nodes.map((n) => n.node);
   if (!nodes.includes(options.from)) {

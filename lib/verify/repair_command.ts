@@ -4,12 +4,10 @@
  *
  * @module
  */
-import { ConfigError, type MarmotConfig } from "../config/config.ts";
+import type { MarmotConfig } from "../config/config.ts";
 import type { Logger } from "../log.ts";
-import { connectCommand } from "../nats/command_connection.ts";
-import { announcedNodes } from "../http/status_command.ts";
 import { formatRepairResult, repairDone, repairOver } from "./repair.ts";
-import type { VerifyFlags } from "./verify_command.ts";
+import { onCluster, type VerifyFlags } from "./verify_command.ts";
 
 /** The flags of `marmot repair`. */
 export interface RepairFlags extends VerifyFlags {
@@ -31,34 +29,22 @@ export async function repairCommand(
   flags: RepairFlags,
   log: Logger,
 ): Promise<number> {
-  let nc;
-  try {
-    nc = await connectCommand(
-      config,
-      "marmot-repair",
-      "cannot reach the cluster",
-      "run repair where a node runs, or pass --nats-url",
-    );
-  } catch (e) {
-    if (e instanceof ConfigError) throw e;
-    console.error(`marmot: ${e instanceof Error ? e.message : e}`);
-    return 1;
-  }
-  let result;
-  try {
-    const expect = flags.expect ??
-      await announcedNodes(nc, config).catch(() => undefined);
-    result = await repairOver(nc, {
-      from: flags.from,
-      dryRun: flags.dryRun,
-      subjectPrefix: config.nats.subjectPrefix,
-      timeout: flags.timeout,
-      ...(expect !== undefined ? { expect } : {}),
-      log,
-    });
-  } finally {
-    await nc.close().catch(() => {});
-  }
+  const result = await onCluster(
+    config,
+    flags,
+    log,
+    "repair",
+    (nc, expect) =>
+      repairOver(nc, {
+        from: flags.from,
+        dryRun: flags.dryRun,
+        subjectPrefix: config.nats.subjectPrefix,
+        timeout: flags.timeout,
+        ...(expect !== undefined ? { expect } : {}),
+        log,
+      }),
+  );
+  if (!result) return 1;
   for (const line of formatRepairResult(result)) console.log(line);
   if (result.problem) console.error(`marmot: ${result.problem.message}`);
   return repairDone(result) ? 0 : 1;

@@ -6,6 +6,7 @@
  */
 import { ConfigError, type MarmotConfig } from "../config/config.ts";
 import type { Logger } from "../log.ts";
+import type { NatsConnection } from "@nats-io/transport-node";
 import { connectCommand } from "../nats/command_connection.ts";
 import { announcedNodes } from "../http/status_command.ts";
 import { formatVerifyResult, verifyOver } from "./verify.ts";
@@ -30,20 +31,54 @@ export async function verifyCommand(
   flags: VerifyFlags,
   log: Logger,
 ): Promise<number> {
+  const result = await onCluster(
+    config,
+    flags,
+    log,
+    "verify",
+    (nc, expect) =>
+      verifyOver(nc, {
+        subjectPrefix: config.nats.subjectPrefix,
+        timeout: flags.timeout,
+        ...(expect !== undefined ? { expect } : {}),
+        log,
+      }),
+  );
+  if (!result) return 1;
+  for (const line of formatVerifyResult(result)) console.log(line);
+  if (result.problem) console.error(`marmot: ${result.problem.message}`);
+  return result.agree ? 0 : 1;
+}
+
+/**
+ * Connects to the cluster for `marmot verify` or `marmot repair` and runs
+ * `compare` with the node count to expect: `--expect`, else the nodes in the
+ * cluster's node list (when it can be read).
+ *
+ * @returns what `compare` returns, or `undefined` when the cluster cannot be
+ *   reached (said on stderr)
+ * @throws {ConfigError} when a secret or TLS file the config names is missing
+ */
+export async function onCluster<T>(
+  config: MarmotConfig,
+  flags: VerifyFlags,
+  log: Logger,
+  command: "verify" | "repair",
+  compare: (nc: NatsConnection, expect: number | undefined) => Promise<T>,
+): Promise<T | undefined> {
   let nc;
   try {
     nc = await connectCommand(
       config,
-      "marmot-verify",
+      `marmot-${command}`,
       "cannot reach the cluster",
-      "run verify where a node runs, or pass --nats-url",
+      `run ${command} where a node runs, or pass --nats-url`,
     );
   } catch (e) {
     if (e instanceof ConfigError) throw e;
     console.error(`marmot: ${e instanceof Error ? e.message : e}`);
-    return 1;
+    return undefined;
   }
-  let result;
   try {
     // Without --expect, the nodes that announced themselves must answer.
     const expect = flags.expect ??
@@ -53,16 +88,8 @@ export async function verifyCommand(
         nodes: expect,
       });
     }
-    result = await verifyOver(nc, {
-      subjectPrefix: config.nats.subjectPrefix,
-      timeout: flags.timeout,
-      ...(expect !== undefined ? { expect } : {}),
-      log,
-    });
+    return await compare(nc, expect);
   } finally {
     await nc.close().catch(() => {});
   }
-  for (const line of formatVerifyResult(result)) console.log(line);
-  if (result.problem) console.error(`marmot: ${result.problem.message}`);
-  return result.agree ? 0 : 1;
 }
