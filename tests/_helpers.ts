@@ -422,8 +422,10 @@ export async function cli(
 export async function holdWriteLock(
   path: string,
 ): Promise<{ release(): Promise<void> }> {
+  // -bail and a busy timeout: while marmot writes, BEGIN IMMEDIATE waits for
+  // the lock instead of failing and going on without it.
   const child = new Deno.Command("sqlite3", {
-    args: ["-batch", path],
+    args: ["-batch", "-bail", "-cmd", ".timeout 30000", path],
     stdin: "piped",
     stdout: "piped",
     stderr: "null",
