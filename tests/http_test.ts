@@ -135,7 +135,12 @@ Deno.test({
         else assert.doesNotMatch(m.name, /_total$/);
         if (m.type === "HISTOGRAM") assert.match(m.name, /_seconds$/);
       }
-      assert.ok(value(ma, "marmot_changes_captured_total") >= 20);
+      assert.ok(
+        value(ma, "marmot_changes_captured_total") >= 20,
+        `captured ${value(ma, "marmot_changes_captured_total")}, published ${
+          value(ma, "marmot_changes_published_total")
+        }, messages ${value(ma, "marmot_messages_published_total")}`,
+      );
       assert.equal(value(ma, "marmot_changes_published_total"), 20);
       assert.ok(value(ma, "marmot_publish_duration_seconds") >= 1);
       assert.ok(value(mb, "marmot_replication_delay_seconds") >= 1);

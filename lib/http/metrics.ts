@@ -49,6 +49,12 @@ export class Metrics {
   readonly #apply: client.Histogram;
   readonly #delay: client.Histogram;
   #source: MetricsSource | undefined;
+  /** What the scrape in progress reads. */
+  #scrape:
+    | { report: NodeReport; stats: ReturnType<MetricsSource["stats"]> }
+    | undefined;
+  /** Scrapes one after another, so each reads its own snapshot. */
+  #scrapes: Promise<string> = Promise.resolve("");
 
   /** Creates the metrics; they read nothing until {@linkcode Metrics.attach}. */
   constructor() {
@@ -73,8 +79,11 @@ export class Metrics {
       buckets: BUCKETS,
       registers,
     });
-    const report = () => this.#source?.report();
-    const stats = () => this.#source?.stats();
+    // One report and one stats reading per scrape: each metric's collect()
+    // asks for them, and a report cached across the scrape's start and end
+    // would give counters from two moments (published above captured).
+    const report = () => this.#scrape?.report;
+    const stats = () => this.#scrape?.stats;
     const counter = (
       name: string,
       help: string,
@@ -264,8 +273,19 @@ export class Metrics {
   }
 
   /** The text format. */
-  text(): Promise<string> {
-    return this.registry.metrics();
+  async text(): Promise<string> {
+    const source = this.#source;
+    this.#scrapes = this.#scrapes.catch(() => "").then(async () => {
+      this.#scrape = source
+        ? { report: await source.report(), stats: source.stats() }
+        : undefined;
+      try {
+        return await this.registry.metrics();
+      } finally {
+        this.#scrape = undefined;
+      }
+    });
+    return await this.#scrapes;
   }
 
   /** The text format's content type. */
