@@ -9,7 +9,9 @@ import {
   SnapshotError,
   type SnapshotInfo,
 } from "../lib/snapshot/snapshot.ts";
-import { silentLogger } from "../lib/log.ts";
+import { createLogger, silentLogger } from "../lib/log.ts";
+import { SnapshotScheduler } from "../lib/snapshot/snapshot_scheduler.ts";
+import type { SnapshotStore } from "../lib/snapshot/snapshot_store.ts";
 import { Marmot } from "../lib/marmot.ts";
 import { connect } from "@nats-io/transport-node";
 import { Kvm } from "@nats-io/kv";
@@ -461,6 +463,65 @@ Deno.test({
     const content = await waitConverged([a, c]);
     assert.equal(content.split("\n").length, 2 * 300 + 1);
   },
+});
+
+Deno.test("SnapshotScheduler.check() leaves the snapshot to another node that took the lease and released it before this node looked", async () => {
+  await using bed = await testBed("marmot_lease_race_");
+  const nc = await connect({ servers: bed.url });
+  try {
+    const leases = await new Kvm(nc).create("race-leases");
+    const other = await new Kvm(nc).open("race-leases");
+    // The interleaving of the race seen under load: node 9 holds the key
+    // when this node's create is refused, and has released it by the time
+    // this node reads who holds it.
+    await other.create("snapshot", "9");
+    let released = false;
+    const racing = new Proxy(leases, {
+      get(target, prop, receiver) {
+        if (prop === "get") {
+          return async (key: string) => {
+            if (!released) {
+              released = true;
+              await other.delete("snapshot");
+            }
+            return await target.get(key);
+          };
+        }
+        // The library's own calls (create's look at the key) go past this.
+        const value = Reflect.get(target, prop, receiver);
+        return typeof value === "function" ? value.bind(target) : value;
+      },
+    });
+    const lines: string[] = [];
+    let taken = 0;
+    const scheduler = new SnapshotScheduler(
+      () =>
+        Promise.resolve(
+          {
+            latest: () => Promise.resolve(undefined),
+          } as unknown as SnapshotStore,
+        ),
+      () => Promise.resolve(racing),
+      {
+        nodeId: 1,
+        intervalSeconds: 1,
+        everyMessages: 0,
+        tempPath: `${bed.dir}/snapshot`,
+        take: () => Promise.resolve(taken++ as never),
+        lastSequences: () => Promise.resolve([]),
+        log: createLogger({ verbose: true, write: (l) => lines.push(l) }),
+      },
+    );
+    assert.equal(await scheduler.check(), false);
+    assert.ok(released, "the key was released before the look");
+    assert.equal(taken, 0);
+    assert.match(
+      lines.join("\n"),
+      /another node is taking it .*holder=\(released\)/,
+    );
+  } finally {
+    await nc.close();
+  }
 });
 
 Deno.test({

@@ -10,7 +10,12 @@
  * @module
  */
 import { type KV, Kvm } from "@nats-io/kv";
-import { jetstream, type JetStreamManager } from "@nats-io/jetstream";
+import {
+  jetstream,
+  JetStreamApiCodes,
+  JetStreamApiError,
+  type JetStreamManager,
+} from "@nats-io/jetstream";
 import { jsDomain } from "../nats/connect.ts";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { MarmotConfig } from "../config/config.ts";
@@ -138,12 +143,16 @@ export class SnapshotScheduler {
     try {
       await lease.create(LEASE, String(this.#options.nodeId));
     } catch (e) {
+      // Every node finds a snapshot due at about the same time; one takes
+      // it. The key may be released again by the time this node looks: a
+      // refusal for the key's sequence says another node held it.
       const holder = await lease.get(LEASE).catch(() => null);
-      if (holder?.operation !== "PUT") throw e;
-      // Every node finds a snapshot due at about the same time; one takes it.
+      const refused = e instanceof JetStreamApiError &&
+        e.code === JetStreamApiCodes.StreamWrongLastSequence;
+      if (holder?.operation !== "PUT" && !refused) throw e;
       this.#options.log.debug("Snapshot due; another node is taking it", {
         why,
-        holder: holder.string(),
+        holder: holder?.operation === "PUT" ? holder.string() : "(released)",
       });
       return false;
     }
