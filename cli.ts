@@ -512,6 +512,9 @@ async function run(config: MarmotConfig): Promise<number> {
       })
         .catch(() => false);
       if (!stopping) {
+        // The application's start-up (PocketBase's migrations) must not
+        // meet a commit of marmot's between its reads and its writes.
+        marmot.holdWrites(APP_START_HOLD_MS);
         app = new Deno.Command("sh", {
           args: ["-c", `exec ${config.exec}`],
           stdin: "inherit",
@@ -563,6 +566,9 @@ async function run(config: MarmotConfig): Promise<number> {
     }
   }
 }
+
+/** How long the application's schema must hold still after it starts before marmot writes. */
+const APP_START_HOLD_MS = 1000;
 
 function waitClosed(signal: AbortSignal): Promise<undefined> {
   return new Promise((resolve) => {

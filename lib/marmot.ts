@@ -730,6 +730,19 @@ export class Marmot implements AsyncDisposable {
   }
 
   /**
+   * Writes nothing to the database until the application has not changed
+   * its schema for `ms`: call it just before starting the application (as
+   * `--exec` does). Its start-up transactions read, then write, and a commit
+   * of marmot's between the two makes SQLite refuse their write at once;
+   * PocketBase then exits. Applies wait meanwhile; nothing is lost.
+   *
+   * @param ms how long the schema must hold still
+   */
+  holdWrites(ms: number): void {
+    this.#db.settleSchema(ms);
+  }
+
+  /**
    * Resolves when this node has applied every shard stream up to its last
    * message at the time of the call, or after `options.timeout` ms. A
    * publish-only node (`replicate = false`) applies none: at once.

@@ -43,6 +43,8 @@ import { fieldRenames, readCollections } from "../pocketbase/fields.ts";
 
 /** The meta key of PocketBase's collections at the last schema reading. */
 const COLLECTIONS_META = "pocketbase_collections";
+/** How often a waiting apply looks whether the schema has settled. */
+const SETTLE_POLL_MS = 50;
 
 type ArrayRows = { setReturnArrays(enabled: boolean): void };
 
@@ -270,13 +272,14 @@ export class ReplicaDb implements Disposable {
   }
 
   /**
-   * Leaves the schema alone (no capture triggers, no schema events, no write
-   * of marmot's) until the application has not changed it for `ms`: for a
-   * database the application is creating from nothing (the first node of a
-   * new cluster). Its migrations run transactions that read, then write, and
-   * any commit between the two makes SQLite refuse their write (PocketBase
-   * then exits). Rows written meanwhile are published when marmot first
-   * reads their tables.
+   * Writes nothing to the file (no capture triggers, no schema events, no
+   * apply) until the application has not changed its schema for `ms`: for
+   * an application starting up, and for a database it is creating from
+   * nothing (the first node of a new cluster). Its migrations run
+   * transactions that read, then write, and any commit between the two
+   * makes SQLite refuse their write at once (PocketBase then exits). Rows
+   * written meanwhile are published when marmot first reads their tables;
+   * applies wait.
    */
   settleSchema(ms: number): void {
     this.#settle = {
@@ -965,11 +968,12 @@ export class ReplicaDb implements Disposable {
    * Applies messages from the streams in one transaction, with the shards'
    * and origins' positions (see {@linkcode Applier.apply}).
    */
-  applyMessages(
+  async applyMessages(
     messages: IncomingMessage[],
     selfNode: number,
   ): Promise<ApplyResult> {
-    return this.#applier.apply(messages, selfNode);
+    while (this.#settling()) await delay(SETTLE_POLL_MS);
+    return await this.#applier.apply(messages, selfNode);
   }
 
   /** The change log's highest sequence (`undefined` when it is empty). */

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { ReplicaDb } from "../../lib/db/replica_db.ts";
+import { Op } from "../../lib/codec.ts";
 import { tempDir } from "../_helpers.ts";
 import {
   appWrite,
@@ -161,4 +162,37 @@ Deno.test({
       /was node 1's; node 2 starts a new change log and publishes its 1 pending change/,
     );
   },
+});
+
+Deno.test("applyMessages() waits while the application's schema settles (settleSchema), and a schema change meanwhile starts the wait over", async () => {
+  await using dir = await tempDir("marmot_settle_test_");
+  const path = `${dir.path}/app.db`;
+  await appWrite(
+    path,
+    "PRAGMA journal_mode = WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v);",
+  );
+  using db = ReplicaDb.open(path);
+  const batch = {
+    origin: 2,
+    epoch: 1,
+    shard: 0,
+    tables: [{ name: "t", schemaVersion: 0, columns: ["id", "v"] }],
+    changes: [{ table: 0, seq: 1, key: "1", op: Op.Upsert, values: [1n, "x"] }],
+  };
+  db.settleSchema(400);
+  const started = Date.now();
+  const applying = db.applyMessages([message(batch, 1)], 1);
+  // The application changes its schema 200 ms in: 400 ms more from there.
+  await new Promise((r) => setTimeout(r, 200));
+  await appWrite(path, "CREATE TABLE u(x);");
+  assert.equal((await query(path, "SELECT * FROM t;")).length, 0);
+  await applying;
+  assert.ok(
+    Date.now() - started >= 600,
+    `applied after ${Date.now() - started} ms`,
+  );
+  assert.deepEqual(await query(path, "SELECT id, v FROM t;"), [{
+    id: 1,
+    v: "x",
+  }]);
 });
