@@ -579,12 +579,4 @@ function waitClosed(signal: AbortSignal): Promise<undefined> {
   });
 }
 
-if (import.meta.main) {
-  if (Deno.args[0] === "__watch") {
-    // The file watcher child of a `deno compile` binary (lib/watch/file_watcher.ts).
-    const { watchMain } = await import("./lib/watch/watch_main.ts");
-    await watchMain(Deno.args.slice(1));
-    Deno.exit(0);
-  }
-  Deno.exit(await main(Deno.args));
-}
+if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -37,7 +37,6 @@ export async function flagsFor(args: string[]): Promise<string[]> {
     return permissionFlags({
       config: parsed.config,
       ...(typeof file === "string" ? { configFile: file } : {}),
-      execPath: Deno.execPath(),
     });
   } catch (e) {
     console.error(`marmot: ${e instanceof Error ? e.message : e}`);

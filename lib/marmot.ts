@@ -622,10 +622,10 @@ export class Marmot implements AsyncDisposable {
 
   #run(scanInterval: number): void {
     this.#outlet.wake();
-    // Wake on commits of other connections: a file watch while idle, and
-    // data_version (which changes only for other connections' commits)
-    // checked every millisecond while busy. The interval scan is the safety
-    // net and keeps the schema current.
+    // Wake on commits of other connections: the file watch reports writes
+    // to the database and its -wal, marmot's own included, and data_version
+    // changes only for other connections' commits. The interval scan is the
+    // safety net and keeps the schema current.
     let lastVersion = -1;
     const onChange = () => {
       if (this.#closing) return;
@@ -634,7 +634,9 @@ export class Marmot implements AsyncDisposable {
       lastVersion = version;
       this.#outlet.wake();
     };
-    this.#watcher = watchDatabase(this.config.dbPath, onChange, this.#log);
+    this.#watcher = watchDatabase(this.config.dbPath, onChange, {
+      log: this.#log,
+    });
     this.#timer = setInterval(() => {
       try {
         this.#db.checkFile();

@@ -23,11 +23,11 @@ const DENO_JSON = fileURLToPath(new URL("../deno.json", import.meta.url));
 
 Deno.test("permissionsFor() grants the database's directory, the files the config names, and the programs marmot runs", () => {
   const config = defaultConfig("/data/app.db");
-  let p = permissionsFor({ config, execPath: "/usr/bin/deno" });
+  let p = permissionsFor({ config });
   assert.deepEqual(p, {
     read: ["/data", "/proc"],
     write: ["/data"],
-    run: [defaultServerBinary(), "/usr/bin/deno"],
+    run: [defaultServerBinary(), "inotifywait"],
   });
   Object.assign(config.nats, {
     storeDir: "/var/nats",
@@ -43,7 +43,6 @@ Deno.test("permissionsFor() grants the database's directory, the files the confi
   p = permissionsFor({
     config,
     configFile: "/etc/marmot/marmot.toml",
-    execPath: "/usr/local/bin/marmot",
   });
   assert.deepEqual(p.write, ["/data", "/var/nats", "/backup/snapshots"]);
   assert.deepEqual(p.read, [
@@ -57,15 +56,14 @@ Deno.test("permissionsFor() grants the database's directory, the files the confi
     "/etc/marmot/node.key",
     "/proc",
   ]);
-  assert.deepEqual(p.run, ["/opt/nats-server", "/usr/local/bin/marmot", "sh"]);
-  const flags = permissionFlags({ config, execPath: "/usr/bin/deno" });
+  assert.deepEqual(p.run, ["/opt/nats-server", "inotifywait", "sh"]);
+  const flags = permissionFlags({ config });
   assert.ok(!flags.some((f) => f === "-A" || f === "--allow-all"));
   assert.ok(flags.includes("--allow-write=/data,/var/nats,/backup/snapshots"));
   assert.throws(
     () =>
       permissionFlags({
         config: defaultConfig("/data/a,b/app.db"),
-        execPath: "/usr/bin/deno",
       }),
     (e) =>
       e instanceof ConfigError && /"\/data\/a,b" holds a comma/.test(e.message),

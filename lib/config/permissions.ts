@@ -2,7 +2,7 @@
  * The Deno permissions a marmot command needs for one configuration, and no
  * more: read and write the database's directory (and the embedded server's
  * store and the snapshot directory when they live elsewhere), read the
- * config, secret and TLS files, run nats-server, marmot's own file watcher
+ * config, secret and TLS files, run nats-server, the file watcher (`inotifywait`)
  * and the `--exec` application, and use the network and the environment.
  *
  * `deno task start` (`start.ts`) resolves the configuration with these
@@ -19,8 +19,6 @@ export interface PermissionInput {
   config: MarmotConfig;
   /** The config file, when one was given. */
   configFile?: string;
-  /** The Deno (or compiled marmot) executable that runs the file watcher. */
-  execPath: string;
 }
 
 /** The read, write and run lists of {@linkcode permissionFlags}. */
@@ -57,7 +55,7 @@ export function permissionsFor(input: PermissionInput): Permissions {
   }
   // A stale embedded nats-server is recognized by its command line.
   read.push("/proc");
-  const run = [config.nats.serverPath, input.execPath];
+  const run = [config.nats.serverPath, "inotifywait"];
   if (config.exec !== undefined) run.push("sh");
   const unique = (list: string[]) => [...new Set(list)];
   return { read: unique(read), write: unique(write), run: unique(run) };

@@ -1,9 +1,9 @@
 /**
- * Notices commits to the database within a millisecond, without polling an
- * idle database: a watcher child process (see `watch_main.ts`) reports the
- * first change from a file watch, then polls `PRAGMA data_version` every
- * millisecond and reports each commit that logged a change or changed the
- * schema, until the database is quiet.
+ * Notices commits of other processes to the database as they happen: an
+ * `inotifywait` child (from `inotify-tools`) watches the database's
+ * directory for writes to the file and its `-wal`, and every read of its
+ * output calls `check`. Where `inotifywait` cannot run, marmot polls
+ * `check` on its event loop instead. See docs/architecture.md, "Detection".
  *
  * @module
  */
@@ -17,134 +17,200 @@ export interface FileWatcher {
   close(): Promise<void>;
 }
 
-/** The command that runs the watcher child for this runtime. */
-function watcherCommand(dir: string, names: string[]): [string, string[]] {
-  if ((Deno.build as { standalone?: boolean }).standalone) {
-    // A `deno compile` binary: cli.ts runs the watcher for the hidden command.
-    return [Deno.execPath(), ["__watch", dir, ...names]];
-  }
-  const main = new URL("./watch_main.ts", import.meta.url).href;
-  return [Deno.execPath(), [
-    "run",
-    "--quiet",
-    `--allow-read=${dir}`,
-    main,
-    dir,
-    ...names,
-  ]];
+/** Options of {@linkcode watchDatabase}. */
+export interface WatchOptions {
+  /** Where the watcher says what it does. */
+  log: Logger;
+  /**
+   * The `inotifywait` program; when it cannot run, marmot polls.
+   *
+   * @default {"inotifywait"}
+   */
+  command?: string;
+}
+
+/** The least time between two checks for the watch's events, in ms. */
+const THROTTLE_MS = 1;
+
+/** What `inotifywait` prints on stderr once its watch is in place. */
+const ARMED = "Watches established.";
+
+/** `s` as a POSIX extended regular expression that matches only itself. */
+function literal(s: string): string {
+  return s.replace(/[.^$*+?()[\]{}|\\]/g, "\\$&");
 }
 
 /**
- * Calls `check` whenever the database or its `-wal` may have changed: for
- * every line of the watcher child (each commit it sees while the database
- * is busy that logged a change or changed the schema, the commit that woke
- * its watch, and when it arms its watch again). `check` should be cheap
- * (compare `PRAGMA data_version`); it is also called for some of marmot's
- * own commits (one that wakes an idle watch). When the child cannot run or
- * dies, it is restarted after a pause with a log line; marmot's interval
- * scan covers the gap. While the child cannot poll, marmot does, every
- * event loop timer tick (about 2 ms), from each change the child reports
- * until it arms its watch again; the child says when it polls again.
+ * The arguments of an `inotifywait` that prints a line for every write to
+ * `dir/name` or `dir/name-wal`, and for either appearing there (created, or
+ * renamed over: a restored file). The directory is watched rather than the
+ * files: SQLite deletes the `-wal` when its last connection closes, and a
+ * watch on a deleted file is gone.
+ */
+export function inotifyArgs(dir: string, name: string): string[] {
+  return [
+    "--monitor",
+    "--event",
+    "modify,create,moved_to",
+    "--format",
+    "%f",
+    "--include",
+    `^${literal(`${dir}/${name}`)}(-wal)?$`,
+    dir,
+  ];
+}
+
+/**
+ * Calls `check` whenever the database or its `-wal` may have changed. It is
+ * called for marmot's own commits too, so it should be cheap (compare
+ * `PRAGMA data_version`). While the watch is not in place (starting, or
+ * `inotifywait` died and waits to be restarted) and where `inotifywait`
+ * cannot run at all, `check` is polled every event loop timer tick (about
+ * 2 ms) instead.
  */
 export function watchDatabase(
   dbPath: string,
   check: () => void,
-  log: Logger,
+  options: WatchOptions,
 ): FileWatcher {
+  const { log, command = "inotifywait" } = options;
   let dir = dirname(dbPath);
   try {
     dir = Deno.realPathSync(dir);
-  } catch { /* reported by the child */ }
-  const name = basename(dbPath);
+  } catch { /* inotifywait names the directory when it cannot watch it */ }
+  const stop = new AbortController();
   let closed = false;
-  let childPolls = true;
-  let polling = false;
+  /** Waits before trying again, or until close. */
+  const pause = (attempt: number) =>
+    delay(Math.min(10000, 500 * attempt), { signal: stop.signal }).catch(
+      () => {},
+    );
   let timer: ReturnType<typeof setTimeout> | undefined;
   const poll = () => {
     timer = undefined;
-    if (!polling || closed) return;
+    if (closed) return;
     check();
     timer = setTimeout(poll, 1);
   };
   const startPolling = () => {
-    if (polling) return;
-    polling = true;
-    timer = setTimeout(poll, 1);
+    if (timer === undefined && !closed) timer = setTimeout(poll, 1);
   };
-  const onLine = (line: string) => {
-    if (closed) return;
-    if (line.startsWith("e ")) {
-      childPolls = false;
-      log.warn(
-        "The file watcher cannot poll the database; marmot polls it instead",
-        { error: line.slice(2), cost: "about 1 ms more lag" },
-      );
-      startPolling();
-      return;
-    }
-    if (line === "p") {
-      childPolls = true;
-      polling = false;
-      log.info("The file watcher polls the database again");
-    }
-    check();
-    if (childPolls) return;
-    if (line === "c") startPolling();
-    else if (line === "a") polling = false; // the check above covered the time until the watch was armed
+  const stopPolling = () => {
+    clearTimeout(timer);
+    timer = undefined;
   };
   let child: Deno.ChildProcess | undefined;
+  // A busy database writes its -wal thousands of times a second (every
+  // page, marmot's own applies too): at most one check per timer tick,
+  // the last one after the last write.
+  let lastCheck = 0;
+  let trailing: ReturnType<typeof setTimeout> | undefined;
+  const throttledCheck = () => {
+    if (trailing !== undefined) return;
+    const now = performance.now();
+    if (now - lastCheck >= THROTTLE_MS) {
+      lastCheck = now;
+      check();
+      return;
+    }
+    trailing = setTimeout(() => {
+      trailing = undefined;
+      lastCheck = performance.now();
+      if (!closed) check();
+    }, THROTTLE_MS);
+  };
+  /**
+   * Calls `check` for every read of the child's stdout. A large transaction
+   * writes thousands of WAL pages, each a line: they are read into one
+   * reused buffer, not a new one per read.
+   */
+  const readEvents = async (stdout: ReadableStream<Uint8Array>) => {
+    const reader = stdout.getReader({ mode: "byob" });
+    let buffer = new Uint8Array(4096);
+    try {
+      while (true) {
+        const { value, done } = await reader.read(buffer);
+        if (done) return;
+        buffer = new Uint8Array(value.buffer);
+        if (!closed) throttledCheck();
+      }
+    } finally {
+      reader.releaseLock();
+    }
+  };
+  /** Follows the child's stderr: stop polling once it is armed, report the rest. */
+  const readMessages = async (stderr: ReadableStream<Uint8Array>) => {
+    let last = "";
+    let rest = "";
+    for await (const text of stderr.pipeThrough(new TextDecoderStream())) {
+      const lines = (rest + text).split("\n");
+      rest = lines.pop()!;
+      for (const line of lines) {
+        if (line === ARMED) {
+          stopPolling();
+          check(); // a commit made before the watch was in place
+        } else if (line !== "Setting up watches.") {
+          last = line;
+          log.warn("inotifywait says", { line, dir });
+        }
+      }
+    }
+    return last;
+  };
   const run = async () => {
     for (let attempt = 1; !closed; attempt++) {
+      startPolling();
       try {
-        const [cmd, args] = watcherCommand(dir, [name, `${name}-wal`]);
-        childPolls = true;
-        child = new Deno.Command(cmd, {
-          args,
+        child = new Deno.Command(command, {
+          args: inotifyArgs(dir, basename(dbPath)),
           stdin: "null",
           stdout: "piped",
-          stderr: "null",
+          stderr: "piped",
         }).spawn();
-        // A plain reader: a decoding stream between would add promise hops
-        // to every line, and there are hundreds a second.
-        const reader = child.stdout.getReader();
-        const decoder = new TextDecoder();
-        let rest = "";
-        try {
-          while (true) {
-            const { value, done } = await reader.read();
-            if (done) break;
-            const lines = (rest + decoder.decode(value, { stream: true }))
-              .split("\n");
-            rest = lines.pop()!;
-            for (const line of lines) onLine(line);
-          }
-        } finally {
-          // On a throw, the pipe closes and the child exits on its next line.
-          await reader.cancel().catch(() => {});
-        }
-        const status = await child.status;
-        if (closed) return;
-        log.warn("File watcher exited; restarting it", {
-          code: status.code,
-          signal: status.signal,
-        });
       } catch (e) {
-        if (closed) return;
-        log.warn("Cannot run the file watcher; relying on the interval scan", {
+        if (
+          e instanceof Deno.errors.NotFound ||
+          e instanceof Deno.errors.NotCapable
+        ) {
+          log.info("Polling the database for commits: inotifywait cannot run", {
+            command,
+            error: e.message,
+            cost: "a check every 2 ms",
+            hint: "install inotify-tools to wake on commits instead",
+          });
+          return;
+        }
+        log.warn("Cannot run inotifywait; polling the database meanwhile", {
           attempt,
           error: e,
         });
+        await pause(attempt);
+        continue;
       }
-      polling = false;
-      await delay(Math.min(10000, 500 * attempt));
+      const started = Date.now();
+      const [, last, status] = await Promise.all([
+        readEvents(child.stdout),
+        readMessages(child.stderr),
+        child.status,
+      ]);
+      if (closed) return;
+      if (Date.now() - started > 60_000) attempt = 1;
+      log.warn("inotifywait exited; polling the database until it runs again", {
+        code: status.code,
+        signal: status.signal,
+        said: last,
+      });
+      startPolling();
+      await pause(attempt);
     }
   };
   const task = run();
   return {
     async close() {
       closed = true;
-      polling = false;
-      if (timer !== undefined) clearTimeout(timer);
+      stop.abort();
+      stopPolling();
+      clearTimeout(trailing);
       try {
         child?.kill("SIGTERM");
       } catch { /* already exited */ }
