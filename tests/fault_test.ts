@@ -234,6 +234,17 @@ async function twoNodesOnOneShard(bed: TestBed) {
   return { a, b, ma, mb, start };
 }
 
+/** The first and last sequence of the shard stream. */
+async function streamState(url: string) {
+  const nc = await connect({ servers: url });
+  try {
+    const jsm = await jetstreamManager(nc);
+    return (await jsm.streams.info("marmot-changes-0")).state;
+  } finally {
+    await nc.close();
+  }
+}
+
 /**
  * Deletes the shard stream; with `again`, creates it again at once (with
  * those settings changed).
@@ -269,6 +280,12 @@ Deno.test({
     await sqlite(
       a,
       "INSERT INTO events(id, node, payload) VALUES (1000, 1, 'after'), (1001, 1, 'after');",
+    );
+    // Node 2 comes back once the new stream holds them, so the range its
+    // error names is the new stream's, not an empty one.
+    await waitFor(
+      "node 1 to publish to the new stream",
+      async () => (await streamState(bed.url)).last_seq >= 1,
     );
     mb = start(b, 2);
     await waitConverged([a, b]);
@@ -347,15 +364,7 @@ Deno.test({
             3000 + written++
           }, 1, 'gone?');`,
         );
-        const nc = await connect({ servers: bed.url });
-        try {
-          const { state } = await (await jetstreamManager(nc)).streams.info(
-            "marmot-changes-0",
-          );
-          return state.first_seq > 1;
-        } finally {
-          await nc.close();
-        }
+        return (await streamState(bed.url)).first_seq > 1;
       },
     );
     const mb2 = start(b, 2);

@@ -272,6 +272,16 @@ Deno.test("rows two nodes insert with the same auto-assigned integer key: marmot
   // is down (a partition would do the same), its triggers still capture.
   await node2.stop();
   await sqlite(a, "INSERT INTO items(v) VALUES ('from 1');");
+  // Node 1's row is in the stream first (its own copy came back), so the
+  // stream's order, which decides, is the order of the two inserts.
+  await waitFor(
+    "node 1 to publish its row",
+    async () =>
+      (await sqlite(
+        a,
+        "SELECT count(*) FROM __marmot__changes WHERE tbl IS NOT NULL;",
+      )) === "0\n",
+  );
   await sqlite(b, "INSERT INTO items(v) VALUES ('from 2');");
   node2 = bed.start(b, 2);
   await waitConverged([a, b]);
