@@ -13,6 +13,8 @@
  *   table count, then per table: name, schema version, column count, names
  *   change count, then per change:
  *     table index, origin change sequence, key text, u8 op,
+ *     format 2 only: u8 kind (low 3 bits: 0 unknown, 1 insert, 2 update,
+ *       3 delete, 4 moved away; bit 3: the old key text follows), old key,
  *     for an upsert: one value per column of its table
  * value: u8 tag, then  0 null | 1 int64 LE | 2 float64 LE | 3 text | 4 blob
  * ```
@@ -31,15 +33,20 @@
  * Decoding refuses anything that would become larger than
  * {@linkcode MAX_ENVELOPE_BYTES}.
  * The schema version per table is carried so that a node can later tell that
- * a change was made against a schema it does not have yet; this version
- * writes 0.
+ * a change was made against a schema it does not have yet.
+ *
+ * Format 2 adds what kind of change each one was, for the change feed; it
+ * is written only for a batch whose changes carry a kind, so a cluster
+ * without the feed keeps writing format 1. Parts are framed in format 1.
  *
  * @module
  */
 import { zstdCompressSync, zstdDecompressSync } from "node:zlib";
 
-/** The envelope format version this code writes and reads. */
+/** The envelope format version of a batch without change kinds, and of parts. */
 export const FORMAT_VERSION = 1;
+/** The envelope format version of a batch whose changes carry their kind. */
+export const FORMAT_KINDS = 2;
 
 /**
  * The largest envelope, whole or reassembled from parts, and the largest
@@ -59,6 +66,28 @@ export const Op = {
 } as const;
 /** A kind of row change. */
 export type Op = typeof Op[keyof typeof Op];
+
+/**
+ * What a change did to its row, as its origin saw it (the change feed's
+ * operation): `moved` is the old key of a row whose key changed (the new key's
+ * change names it as `oldKey`).
+ */
+export type ChangeKind = "insert" | "update" | "delete" | "moved";
+
+const KIND_CODES: Record<ChangeKind, number> = {
+  insert: 1,
+  update: 2,
+  delete: 3,
+  moved: 4,
+};
+const KINDS: (ChangeKind | undefined)[] = [
+  undefined,
+  "insert",
+  "update",
+  "delete",
+  "moved",
+];
+const KIND_OLD_KEY = 8;
 
 /** A table as described in an envelope. */
 export interface TableRef {
@@ -82,6 +111,10 @@ export interface Change {
   op: Op;
   /** The full row image for an upsert, one value per table column. */
   values?: SqlValue[];
+  /** What the change did, when its origin records it (format 2). */
+  kind?: ChangeKind;
+  /** The row's key before this change, for a change of its key (format 2). */
+  oldKey?: string;
 }
 
 /** A batch of changes for one shard from one origin. */
@@ -330,6 +363,7 @@ export function encodeBatch(
   options: EncodeOptions = {},
 ): Uint8Array {
   const w = new Writer();
+  const kinds = batch.changes.some((c) => c.kind !== undefined);
   w.varint(batch.origin);
   w.varint(batch.epoch);
   w.varint(batch.shard);
@@ -346,6 +380,11 @@ export function encodeBatch(
     w.varint(c.seq);
     w.text(c.key);
     w.u8(c.op);
+    if (kinds) {
+      const code = c.kind === undefined ? 0 : KIND_CODES[c.kind];
+      w.u8(c.oldKey === undefined ? code : code | KIND_OLD_KEY);
+      if (c.oldKey !== undefined) w.text(c.oldKey);
+    }
     if (c.op === Op.Upsert) {
       const table = batch.tables[c.table];
       const values = c.values;
@@ -364,7 +403,7 @@ export function encodeBatch(
   const out = new Uint8Array(4 + payload.length);
   out[0] = MAGIC_0;
   out[1] = MAGIC_1;
-  out[2] = FORMAT_VERSION;
+  out[2] = kinds ? FORMAT_KINDS : FORMAT_VERSION;
   out[3] = compress ? FLAG_ZSTD : 0;
   out.set(payload, 4);
   return out;
@@ -396,7 +435,8 @@ export function decodeBatch(
       `Cannot decode batch: not a marmot envelope (${bytes.length} bytes, no "MR" magic)`,
     );
   }
-  checkVersion(bytes);
+  checkVersion(bytes, [FORMAT_VERSION, FORMAT_KINDS]);
+  const kinds = bytes[2] === FORMAT_KINDS;
   if (bytes[3]! & FLAG_PART) {
     throw new CodecError(
       "Cannot decode batch: the message is one part of a larger envelope",
@@ -447,19 +487,32 @@ export function decodeBatch(
     const seq = r.varint();
     const key = r.text();
     const op = r.u8();
-    if (op === Op.Upsert && !withValues) {
-      for (let j = 0; j < ref.columns.length; j++) r.skipValue();
-      changes.push({ table, seq, key, op });
-    } else if (op === Op.Upsert) {
-      const values: SqlValue[] = [];
-      for (let j = 0; j < ref.columns.length; j++) values.push(r.value());
-      changes.push({ table, seq, key, op, values });
-    } else if (op === Op.Delete) {
-      changes.push({ table, seq, key, op });
+    let change: Change;
+    if (op === Op.Upsert || op === Op.Delete) {
+      change = { table, seq, key, op };
     } else {
       throw new CodecError(
         `Cannot decode batch: change ${i} has unknown op ${op}`,
       );
+    }
+    if (kinds) {
+      const code = r.u8();
+      const kind = KINDS[code & 7];
+      if ((code & ~(7 | KIND_OLD_KEY)) !== 0 || (code & 7) >= KINDS.length) {
+        throw new CodecError(
+          `Cannot decode batch: change ${i} has unknown kind ${code}`,
+        );
+      }
+      if (kind !== undefined) change.kind = kind;
+      if (code & KIND_OLD_KEY) change.oldKey = r.text();
+    }
+    changes.push(change);
+    if (op === Op.Upsert && !withValues) {
+      for (let j = 0; j < ref.columns.length; j++) r.skipValue();
+    } else if (op === Op.Upsert) {
+      const values: SqlValue[] = [];
+      for (let j = 0; j < ref.columns.length; j++) values.push(r.value());
+      change.values = values;
     }
   }
   if (r.pos !== body.length) {
@@ -470,17 +523,20 @@ export function decodeBatch(
   return { origin, epoch, shard, tables, changes };
 }
 
-function checkVersion(bytes: Uint8Array): void {
+function checkVersion(
+  bytes: Uint8Array,
+  versions: number[] = [FORMAT_VERSION],
+): void {
   if (bytes.length < 4 || bytes[0] !== MAGIC_0 || bytes[1] !== MAGIC_1) {
     throw new CodecError(
       `Cannot decode batch: not a marmot envelope (${bytes.length} bytes, no "MR" magic)`,
     );
   }
-  if (bytes[2] !== FORMAT_VERSION) {
+  if (!versions.includes(bytes[2]!)) {
     throw new CodecError(
       `Cannot decode batch: unsupported format version ${
         bytes[2]
-      } (this node reads ${FORMAT_VERSION})`,
+      } (this node reads ${versions.join(" and ")})`,
     );
   }
 }

@@ -66,6 +66,11 @@ export interface PublisherOptions {
    * @default false
    */
   dropOnAck?: boolean;
+  /**
+   * Carry what each change did (insert, update, delete, a key change) in
+   * format 2 envelopes, for the change feed. @default false
+   */
+  changeKinds?: boolean;
   /** Logger. */
   log: Logger;
 }
@@ -434,7 +439,13 @@ export class Publisher {
       );
     }
     const bytes = encodeBatch(
-      toBatch(this.#options.nodeId, this.#db.epoch, shard, changes),
+      toBatch(
+        this.#options.nodeId,
+        this.#db.epoch,
+        shard,
+        changes,
+        this.#options.changeKinds,
+      ),
       {
         compressAbove: this.#options.compress === false ? false : 256,
       },
@@ -560,12 +571,16 @@ function estimateSize(c: PendingChange): number {
   return n;
 }
 
-/** Packs pending changes into a batch, one table entry per table and column list. */
+/**
+ * Packs pending changes into a batch, one table entry per table and column
+ * list; with `kinds`, each change carries its kind and old key.
+ */
 export function toBatch(
   origin: number,
   epoch: number,
   shard: number,
   pending: PendingChange[],
+  kinds = false,
 ): Batch {
   const tables: TableRef[] = [];
   const index = new Map<string, number>();
@@ -581,11 +596,15 @@ export function toBatch(
       index.set(id, t);
       tables.push({ name: p.table.name, schemaVersion, columns: p.columns });
     }
-    changes.push(
-      p.values
-        ? { table: t, seq: p.seq, key: p.key, op: Op.Upsert, values: p.values }
-        : { table: t, seq: p.seq, key: p.key, op: Op.Delete },
-    );
+    const change: Change = p.values
+      ? { table: t, seq: p.seq, key: p.key, op: Op.Upsert, values: p.values }
+      : { table: t, seq: p.seq, key: p.key, op: Op.Delete };
+    if (kinds) {
+      // An entry logged before kinds were recorded: what the row is now.
+      change.kind = p.kind ?? (p.values ? "update" : "delete");
+      if (p.oldKey !== undefined) change.oldKey = p.oldKey;
+    }
+    changes.push(change);
   }
   return { origin, epoch, shard, tables, changes };
 }

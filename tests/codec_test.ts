@@ -8,6 +8,7 @@ import {
   decodeBatch,
   decodePart,
   encodeBatch,
+  FORMAT_KINDS,
   FORMAT_VERSION,
   isPart,
   MAX_ENVELOPE_BYTES,
@@ -538,4 +539,66 @@ Deno.test("decodeBatch() refuses a body that decompresses past MAX_ENVELOPE_BYTE
   ]);
   assert.ok(bomb.length < 10_000);
   assertCodecError(bomb, /decompresses to more than 67108864 bytes/);
+});
+
+Deno.test("a batch whose changes carry their kind is format 2 and keeps every kind and old key", async (t) => {
+  const batch: Batch = {
+    origin: 2,
+    epoch: 9,
+    shard: 1,
+    tables: [{ name: "t", schemaVersion: 3, columns: ["id", "v"] }],
+    changes: [
+      {
+        table: 0,
+        seq: 1,
+        key: "1",
+        op: Op.Upsert,
+        values: [1n, "a"],
+        kind: "insert",
+      },
+      {
+        table: 0,
+        seq: 2,
+        key: "2",
+        op: Op.Upsert,
+        values: [2n, 1.5],
+        kind: "update",
+      },
+      { table: 0, seq: 3, key: "3", op: Op.Delete, kind: "delete" },
+      { table: 0, seq: 4, key: "4", op: Op.Delete, kind: "moved" },
+      {
+        table: 0,
+        seq: 5,
+        key: "5",
+        op: Op.Upsert,
+        values: [5n, null],
+        kind: "update",
+        oldKey: "4",
+      },
+      { table: 0, seq: 6, key: "'é'", op: Op.Upsert, values: [6n, "x"] },
+    ],
+  };
+  for (const [mode, options] of COMPRESSION) {
+    await t.step(mode, () => {
+      const bytes = encodeBatch(batch, options);
+      assert.equal(bytes[2], FORMAT_KINDS);
+      assert.deepStrictEqual(plain(decodeBatch(bytes)), batch);
+    });
+  }
+  await t.step("a batch without kinds stays format 1", () => {
+    const plainBatch = batchOf([1n]);
+    assert.equal(encodeBatch(plainBatch)[2], FORMAT_VERSION);
+  });
+  await t.step("an unknown kind is refused by its number", () => {
+    const bytes = new Uint8Array([
+      0x4d,
+      0x52,
+      FORMAT_KINDS,
+      0,
+      ...HEAD,
+      1,
+      ...[0, 5, ...str("1"), Op.Delete, 6],
+    ]);
+    assertCodecError(bytes, /change 0 has unknown kind 6/);
+  });
 });

@@ -6,11 +6,11 @@
  * @module
  */
 import type { DatabaseSync } from "node:sqlite";
-import { decodeBatch, type SqlValue } from "../codec.ts";
+import { type ChangeKind, decodeBatch, type SqlValue } from "../codec.ts";
 import type { ReplicaDb } from "./replica_db.ts";
 import { MARMOT_PREFIX, type TableInfo } from "./schema.ts";
 import { parseKey, quoteIdent, quoteText } from "./sql.ts";
-import { NEXT_SEQ, SQL, TABLES } from "./marmot_tables.ts";
+import { LogOp, NEXT_SEQ, SQL, TABLES } from "./marmot_tables.ts";
 
 /** A captured change, ready to publish: the row's current image or its absence. */
 export interface PendingChange {
@@ -29,6 +29,13 @@ export interface PendingChange {
    * publisher): a node applies it once it has applied that far.
    */
   version?: number;
+  /**
+   * What the changes it covers did to the row, taken together; undefined
+   * for entries logged before marmot recorded it.
+   */
+  kind?: ChangeKind;
+  /** The row's key before the first change it covers, for a key change. */
+  oldKey?: string;
 }
 
 /** The key text expression of the row named `row` (`NEW` or `OLD` in a trigger, or a table alias). */
@@ -83,23 +90,23 @@ export function captureTriggersSql(table: TableInfo): string {
   const when = `WHEN NOT EXISTS (SELECT 1 FROM ${TABLES.apply})`;
   const [ins, upd, del] = captureTriggerNames(table.name).map(quoteIdent);
   const k = (row: "NEW" | "OLD") => storedKeyExpr(table, row);
-  const log = (row: "NEW" | "OLD") =>
-    `INSERT INTO ${TABLES.changes}(seq, tbl, k) VALUES (${NEXT_SEQ}, ${name}, ${
+  const log = (row: "NEW" | "OLD", op: number) =>
+    `INSERT INTO ${TABLES.changes}(seq, tbl, k, op) VALUES (${NEXT_SEQ}, ${name}, ${
       k(row)
-    });`;
+    }, ${op});`;
   return `
 CREATE TRIGGER ${ins} AFTER INSERT ON ${on} ${when}
-BEGIN ${log("NEW")} END;
+BEGIN ${log("NEW", LogOp.Insert)} END;
 CREATE TRIGGER ${upd} AFTER UPDATE ON ${on} ${when}
 BEGIN
-  INSERT INTO ${TABLES.changes}(seq, tbl, k) SELECT ${NEXT_SEQ}, ${name}, ${
+  INSERT INTO ${TABLES.changes}(seq, tbl, k, op) SELECT ${NEXT_SEQ}, ${name}, ${
     k("OLD")
-  }
+  }, ${LogOp.Moved}
     WHERE ${k("OLD")} IS NOT ${k("NEW")};
-  ${log("NEW")}
+  ${log("NEW", LogOp.Update)}
 END;
 CREATE TRIGGER ${del} AFTER DELETE ON ${on} ${when}
-BEGIN ${log("OLD")} END;
+BEGIN ${log("OLD", LogOp.Delete)} END;
 `;
 }
 
@@ -165,12 +172,36 @@ interface LogRow {
   k: string | null;
   /** The key text of the stored `k` value. */
   kq: string;
+  op: number | bigint | null;
 }
 
 const READ_AFTER =
   `SELECT seq, tbl, CASE WHEN typeof(k) = 'text' THEN k END AS k, ${
     keyPartText("k")
-  } AS kq FROM ${TABLES.changes} WHERE seq > ? ORDER BY seq LIMIT ?`;
+  } AS kq, op FROM ${TABLES.changes} WHERE seq > ? ORDER BY seq LIMIT ?`;
+
+/** The changes of one row in one read, taken together. */
+interface Coalesced {
+  seq: number;
+  table: string;
+  key: string;
+  /** The first entry's op. */
+  first: number | null;
+  /** The last entry's op. */
+  last: number | null;
+  /** The key the row had before the first change (a key change). */
+  oldKey?: string;
+}
+
+/**
+ * What a row's changes of one read did, taken together, from the first and
+ * last entry and whether the row exists now.
+ */
+function kindOf(c: Coalesced, exists: boolean): ChangeKind | undefined {
+  if (c.first === null || c.last === null) return undefined;
+  if (!exists) return c.last === LogOp.Moved ? "moved" : "delete";
+  return c.first === LogOp.Insert ? "insert" : "update";
+}
 
 /**
  * Reads captured changes after `afterSeq`, in commit order, coalesced per row
@@ -199,19 +230,26 @@ export function readPending(
       afterSeq,
       limit,
     ) as unknown as LogRow[];
+    // A key change is two entries, the old key's then the new key's: read
+    // them in one pass, so the new key's change names the old key.
+    const opOf = (row: LogRow) => row.op === null ? null : Number(row.op);
+    if (rows.length > 1 && opOf(rows[rows.length - 1]!) === LogOp.Moved) {
+      rows.pop();
+    }
     const none = { changes: [], lastSeq: afterSeq, captured: 0 };
     if (rows.length === 0) return none;
     // DDL committed since the schema was read: the next pass reads these
     // rows with the table as it is now.
     if (replica.schemaChanged()) return none;
     let captured = 0;
-    const newest = new Map<
-      string,
-      { seq: number; table: string; key: string }
-    >();
+    const newest = new Map<string, Coalesced>();
+    /** The row whose key just changed: the next entry is its new key's. */
+    let moved: Coalesced | undefined;
     for (const row of rows) {
       if (row.tbl === null) continue; // the mark of the highest sequence
       captured++;
+      const from = moved;
+      moved = undefined;
       const table = replica.tables.get(row.tbl);
       if (!table) continue; // dropped or not replicated
       const key = keyText(table, row);
@@ -220,8 +258,29 @@ export function readPending(
         continue;
       }
       const id = `${row.tbl}\u0000${key}`;
+      const op = opOf(row);
+      const before = newest.get(id);
       newest.delete(id); // re-insert so the map keeps last-change order
-      newest.set(id, { seq: row.seq, table: row.tbl, key });
+      const entry: Coalesced = {
+        seq: row.seq,
+        table: row.tbl,
+        key,
+        first: before ? before.first : op,
+        last: op,
+        oldKey: before?.oldKey,
+      };
+      if (from && from.table === row.tbl && op === LogOp.Update) {
+        // The row came from `from`'s key: a row inserted in this read
+        // stays an insert; otherwise its first key is the one it had.
+        if (from.first === LogOp.Insert) {
+          entry.first = LogOp.Insert;
+        } else {
+          entry.first = LogOp.Update;
+          entry.oldKey = from.oldKey ?? from.key;
+        }
+      }
+      if (op === LogOp.Moved) moved = entry;
+      newest.set(id, entry);
     }
     const changes: PendingChange[] = [];
     let aside: boolean | undefined;
@@ -232,19 +291,33 @@ export function readPending(
         ? [table.rowid, ...table.columns]
         : table.columns;
       try {
-        let values = readImage(replica, table, columns, change.key);
+        let values: SqlValue[] | undefined = readImage(
+          replica,
+          table,
+          columns,
+          change.key,
+        );
         // A row kept aside by a UNIQUE conflict still exists for the others.
         if (values === undefined) {
           aside ??= replica.statement(SQL.conflictsAny).get() !== undefined;
           if (aside) values = asideImage(replica, table, columns, change.key);
         }
-        changes.push({
+        const pending: PendingChange = {
           table,
           key: change.key,
           seq: Number(change.seq),
           columns,
           values,
-        });
+        };
+        const kind = kindOf(change, values !== undefined);
+        if (kind !== undefined) pending.kind = kind;
+        if (
+          change.oldKey !== undefined &&
+          (kind === "update" || kind === "delete")
+        ) {
+          pending.oldKey = change.oldKey;
+        }
+        changes.push(pending);
       } catch (e) {
         unreadable.push({
           ...change,

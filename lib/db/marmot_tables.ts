@@ -2,7 +2,8 @@
  * marmot's own tables in the replicated file (all named `__marmot__*`), the
  * statements that read and write them, and the upgrade of older layouts.
  *
- * - `changes(seq, tbl, k)`: the change log the capture triggers write. A
+ * - `changes(seq, tbl, k, op)`: the change log the capture triggers write
+ *   (`op` is a {@linkcode LogOp}). A
  *   change stays until this node has applied its own published copy back
  *   from the stream.
  * - `apply(x)`: holds one row only inside marmot's apply transaction; the
@@ -73,10 +74,18 @@ export const NEXT_SEQ =
   `CAST((julianday('now') - 2440587.5) * 176947200000 AS INTEGER))`;
 
 const CHANGES_SQL = `
-CREATE TABLE IF NOT EXISTS ${T.changes}(seq INTEGER PRIMARY KEY, tbl TEXT, k);
+CREATE TABLE IF NOT EXISTS ${T.changes}(
+  seq INTEGER PRIMARY KEY, tbl TEXT, k, op INTEGER);
 CREATE INDEX IF NOT EXISTS ${quoteIdent(`${MARMOT_PREFIX}changes_key`)}
   ON ${T.changes}(tbl, k);
 `;
+
+/**
+ * What a change log entry records (its `op`): the change feed tells inserts
+ * from updates by it, and a key change by the `Moved` entry of the old key
+ * that the trigger writes just before the new key's `Update`.
+ */
+export const LogOp = { Insert: 1, Update: 2, Delete: 3, Moved: 4 } as const;
 
 /** Creates marmot's tables where missing, and clears a leftover apply flag. */
 export const SETUP_SQL = `${CHANGES_SQL}
@@ -189,7 +198,7 @@ export const SQL = {
   changesUpTo:
     `SELECT seq FROM ${T.changes} WHERE tbl = ? AND k IS ? AND seq <= ?`,
   changesCopy:
-    `INSERT INTO ${T.changes}(seq, tbl, k) SELECT ${NEXT_SEQ}, tbl, k FROM ${T.changes} WHERE seq = ?`,
+    `INSERT INTO ${T.changes}(seq, tbl, k, op) SELECT ${NEXT_SEQ}, tbl, k, op FROM ${T.changes} WHERE seq = ?`,
   changesDrop: `DELETE FROM ${T.changes} WHERE seq = ?`,
   parkedInsert:
     `INSERT INTO ${T.parked}(stream, stream_seq, tbl, k, reason, data) VALUES (?, ?, ?, ?, ?, ?)`,
@@ -234,7 +243,15 @@ export function upgradeChangeLog(db: DatabaseSync): void {
   const table = db.prepare(
     "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
   ).get(name) as { sql: string } | undefined;
-  if (!table || !/AUTOINCREMENT/i.test(table.sql)) return;
+  if (!table) return;
+  const columns = db.prepare("SELECT name FROM pragma_table_info(?)").all(
+    name,
+  ) as { name: string }[];
+  if (!columns.some((c) => c.name === "op")) {
+    // Entries logged before the kind was: their kind is unknown (NULL).
+    db.exec(`ALTER TABLE ${T.changes} ADD COLUMN op INTEGER`);
+  }
+  if (!/AUTOINCREMENT/i.test(table.sql)) return;
   const top = db.prepare("SELECT seq FROM sqlite_sequence WHERE name = ?")
     .get(name) as { seq: number | bigint } | undefined;
   const old = quoteIdent(`${name}_old`);

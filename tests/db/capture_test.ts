@@ -443,3 +443,70 @@ Deno.test(
     );
   },
 );
+
+Deno.test(
+  "readPending() tells what each row's changes did: insert, update, delete, and a key change by its old key",
+  async (t) => {
+    await using tmp = await tempDir("marmot_db_test_");
+    const path = `${tmp.path}/a.db`;
+    using db = await openNew(path);
+    await appWrite(
+      path,
+      `INSERT INTO "order"(id, "group", v) VALUES (1, 'g', 'a'), (2, 'g', 'b'),
+         (3, 'g', 'c'), (4, 'g', 'd');`,
+    );
+    const first = db.readPending(0, 1000);
+    const kinds = (changes: typeof first.changes) =>
+      changes.map((c) => [c.key, c.kind, c.oldKey ?? null]);
+    await t.step("rows inserted in the read are inserts", () => {
+      assert.deepStrictEqual(kinds(first.changes), [
+        ["1", "insert", null],
+        ["2", "insert", null],
+        ["3", "insert", null],
+        ["4", "insert", null],
+      ]);
+    });
+    await appWrite(
+      path,
+      `UPDATE "order" SET v = 'a2' WHERE id = 1;
+         DELETE FROM "order" WHERE id = 2;
+         UPDATE "order" SET id = 30 WHERE id = 3;
+         UPDATE "order" SET id = 40 WHERE id = 4;
+         UPDATE "order" SET id = 41 WHERE id = 40;
+         INSERT INTO "order"(id, "group", v) VALUES (5, 'g', 'e');
+         UPDATE "order" SET id = 50 WHERE id = 5;
+         DELETE FROM "order" WHERE id = 1;
+         INSERT INTO "order"(id, "group", v) VALUES (1, 'g', 'new');`,
+    );
+    const second = db.readPending(first.lastSeq, 1000);
+    await t.step(
+      "a key change names the key the row had before the read",
+      () => {
+        assert.deepStrictEqual(kinds(second.changes), [
+          ["2", "delete", null],
+          ["3", "moved", null],
+          ["30", "update", "3"],
+          ["4", "moved", null],
+          ["40", "moved", null],
+          ["41", "update", "4"],
+          ["5", "moved", null],
+          ["50", "insert", null],
+          ["1", "update", null],
+        ]);
+      },
+    );
+    await t.step("a read never ends between a key change's two entries", () => {
+      const cut = db.readPending(first.lastSeq, 3);
+      // Entries: update 1, delete 2, moved 3 — the last is left for the next read.
+      assert.deepStrictEqual(kinds(cut.changes), [
+        ["1", "update", null],
+        ["2", "delete", null],
+      ]);
+      const rest = db.readPending(cut.lastSeq, 2);
+      assert.deepStrictEqual(kinds(rest.changes), [
+        ["3", "moved", null],
+        ["30", "update", "3"],
+      ]);
+    });
+  },
+);
