@@ -93,6 +93,9 @@ Options (override the config file):
                              (exec); marmot forwards signals and exits with its code
       --http-addr H:P        metrics, health and status page ([http] bind,
                              default 127.0.0.1:3010); "" turns it off
+      --cdc-nats             publish the change feed on <subject_prefix>.cdc.<table>
+                             ([cdc] nats)
+      --cdc-file FILE        write this node's change feed as JSON lines ([cdc] file)
   -v, --verbose              debug logging ([logging] verbose)
       --expect N             verify, repair: the number of nodes that must answer
                              (default: the nodes in the cluster's node list)
@@ -138,6 +141,8 @@ const OPTIONS = {
   "cluster-peers": { type: "string", multiple: true },
   shards: { type: "string" },
   replicas: { type: "string" },
+  "cdc-nats": { type: "boolean" },
+  "cdc-file": { type: "string" },
   exec: { type: "string" },
   bootstrap: { type: "boolean" },
   "http-addr": { type: "string" },
@@ -265,6 +270,10 @@ export async function parseCommandLine(
   if (values.exec !== undefined) flag("", "exec", values.exec, "exec");
   if (values["http-addr"] !== undefined) {
     flag("http", "bind", values["http-addr"], "http-addr");
+  }
+  if (values["cdc-nats"]) config.cdc.nats = true;
+  if (values["cdc-file"] !== undefined) {
+    flag("cdc", "file", values["cdc-file"], "cdc-file");
   }
   if (values.bootstrap) config.snapshot.bootstrap = true;
   if (values["no-publish"]) config.publish = false;

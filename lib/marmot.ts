@@ -53,6 +53,7 @@ import {
   subjectName,
 } from "./nats/streams.ts";
 import { Publisher, type PublisherStats } from "./publisher.ts";
+import { type ChangeFeeds, feedOn, startChangeFeeds } from "./cdc/cdc.ts";
 import { Subscriber, type SubscriberStats } from "./subscriber.ts";
 import { LocalWrites } from "./local_writes.ts";
 import { VerifyResponder } from "./verify/verify_responder.ts";
@@ -83,7 +84,13 @@ export interface MarmotOptions extends
   Partial<
     Omit<
       MarmotConfig,
-      "dbPath" | "replicationLog" | "nats" | "logging" | "snapshot" | "http"
+      | "dbPath"
+      | "replicationLog"
+      | "nats"
+      | "logging"
+      | "snapshot"
+      | "http"
+      | "cdc"
     >
   > {
   /** The SQLite database to replicate; it must exist unless `snapshot.bootstrap`. */
@@ -101,6 +108,8 @@ export interface MarmotOptions extends
    * line, the library starts none unless `http.bind` is given.
    */
   http?: Partial<MarmotConfig["http"]>;
+  /** The change feed (docs/cdc.md): off unless `nats` or `file` is set. */
+  cdc?: Partial<MarmotConfig["cdc"]>;
   /** A logger to use instead of one built from `logging`. */
   logger?: Logger;
   /** Milliseconds between safety scans of the change log and schema. @default {1000} */
@@ -192,6 +201,7 @@ export function resolveConfig(options: MarmotOptions): MarmotConfig {
     nats: { ...d.nats, ...stripUndefined(options.nats ?? {}) },
     logging: { ...d.logging, ...stripUndefined(options.logging ?? {}) },
     snapshot: { ...d.snapshot, ...stripUndefined(options.snapshot ?? {}) },
+    cdc: { ...d.cdc, ...stripUndefined(options.cdc ?? {}) },
     http: {
       ...d.http,
       bind: "",
@@ -230,6 +240,7 @@ export class Marmot implements AsyncDisposable {
   #localWrites: LocalWrites | undefined;
   #subscriber: Subscriber | undefined;
   #peerRefresh: PeerRefresh | undefined;
+  #feeds: ChangeFeeds | undefined;
   #scheduler: SnapshotScheduler | undefined;
   #verify: VerifyResponder | undefined;
   #closing = false;
@@ -434,6 +445,10 @@ export class Marmot implements AsyncDisposable {
       await pipeline.subscriber?.close();
     });
 
+    // The change feed, once the streams exist: on NATS, and in a file.
+    const feeds = await startChangeFeeds(config, nats.nc, jsm, replicas, log);
+    steps.defer(() => feeds?.close());
+
     // 6. The snapshot scheduler (a publish-only node lacks the others'
     // changes: its snapshot would not be the cluster's).
     const scheduler = config.replicate
@@ -454,6 +469,7 @@ export class Marmot implements AsyncDisposable {
     );
     steps.defer(() => marmot.#stopWatching());
     marmot.#peerRefresh = nats.peerRefresh;
+    marmot.#feeds = feeds;
     marmot.#bookmarks = bookmarks;
     marmot.#run(options.scanInterval ?? 1000);
     marmot.#verify = VerifyResponder.start(nats.nc, config, log);
@@ -837,6 +853,7 @@ export class Marmot implements AsyncDisposable {
       );
     }
     this.#closing = true;
+    await this.#feeds?.close();
     await this.#announcer?.close();
     await this.#verify?.close();
     await this.#scheduler?.close();
@@ -936,6 +953,7 @@ async function startPipeline(
           config.replicationLog.shards,
         ),
       dropOnAck: !config.replicate,
+      changeKinds: feedOn(config),
       onPublished: (seconds) => metrics.published(seconds),
       log,
     })

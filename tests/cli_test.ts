@@ -102,6 +102,17 @@ interface BadCase {
 
 const BAD: BadCase[] = [
   {
+    name: "empty change feed file",
+    args: ["--db-path", "DB", "--cdc-file", ""],
+    message: ["flag --cdc-file", '"cdc.file" must not be empty'],
+  },
+  {
+    name: "change feed tables both included and excluded",
+    args: ["--config", "DIR/marmot.toml"],
+    config: 'db_path = "DB"\n[cdc]\ninclude = ["t"]\nexclude = ["t"]\n',
+    message: ['["t"] are both in cdc.include and cdc.exclude'],
+  },
+  {
     name: "unknown flag",
     args: ["--db-path", "DB", "--bogus"],
     message: ["--bogus"],

@@ -73,6 +73,15 @@ token = "ht"
 token_file = "/run/secrets/http-token"
 max_lag_seconds = 30
 
+[cdc]
+nats = true
+file = "/data/feed.jsonl"
+file_max_bytes = 1048576
+file_keep = 2
+include = ["users"]
+exclude = ["sessions"]
+max_age_seconds = 3600
+
 [logging]
 verbose = true
 format = "json"
@@ -131,6 +140,15 @@ const FULL: MarmotConfig = {
     token: "ht",
     tokenFile: "/run/secrets/http-token",
     maxLagSeconds: 30,
+  },
+  cdc: {
+    nats: true,
+    file: "/data/feed.jsonl",
+    fileMaxBytes: 1048576,
+    fileKeep: 2,
+    include: ["users"],
+    exclude: ["sessions"],
+    maxAgeSeconds: 3600,
   },
   logging: { verbose: true, format: "json" },
 };
@@ -198,6 +216,15 @@ Deno.test("defaultConfig() holds the documented defaults", () => {
   assert.equal(c.logging.format, "console");
   assert.equal(c.publish, true);
   assert.equal(c.replicate, true);
+  assert.deepEqual(c.cdc, {
+    nats: false,
+    file: undefined,
+    fileMaxBytes: 64 * 1024 * 1024,
+    fileKeep: 4,
+    include: [],
+    exclude: [],
+    maxAgeSeconds: 604800,
+  });
 });
 
 /** Asserts that applying `toml` throws a ConfigError whose message matches all of `parts`. */
@@ -438,6 +465,26 @@ Deno.test("applyToml() throws ConfigError naming the key and value out of range"
       '[http]\ntoken = ""',
       ['"http.token"', "not shown: a secret"],
     ],
+    [
+      "cdc file_max_bytes 100",
+      "[cdc]\nfile_max_bytes = 100",
+      ['"cdc.file_max_bytes"', "at least 4096", "got 100"],
+    ],
+    [
+      "cdc file_keep 0",
+      "[cdc]\nfile_keep = 0",
+      ['"cdc.file_keep"', "at least 1", "got 0"],
+    ],
+    [
+      "cdc file empty",
+      '[cdc]\nfile = ""',
+      ['"cdc.file"', "must not be empty", 'got ""'],
+    ],
+    [
+      "cdc max_age_seconds 0",
+      "[cdc]\nmax_age_seconds = 0",
+      ['"cdc.max_age_seconds"', "at least 1", "got 0"],
+    ],
   ];
   for (const [name, toml, parts] of cases) {
     await t.step(name, () => assertTomlError(toml, parts));
@@ -538,6 +585,14 @@ Deno.test("validateConfig() throws ConfigError for broken cross-key rules", asyn
       "include and exclude overlap",
       { ...ok(), include: ["a", "users"], exclude: ["users", "b"] },
       /\["users"\] are both in tables\.include and tables\.exclude/,
+    ],
+    [
+      "cdc include and exclude overlap",
+      {
+        ...ok(),
+        cdc: { ...ok().cdc, include: ["posts"], exclude: ["posts"] },
+      },
+      /\["posts"\] are both in cdc\.include and cdc\.exclude/,
     ],
     [
       "urls with cluster_peers",

@@ -159,6 +159,27 @@ export interface MarmotConfig {
     /** `/health` answers 503 when a shard is further behind than this. @default 10 */
     maxLagSeconds: number;
   };
+  /** The change feed (docs/cdc.md); off unless `nats` or `file` is set. */
+  cdc: {
+    /**
+     * Publish every change as a JSON event on `<subject_prefix>.cdc.<table>`,
+     * kept in the stream `<stream_prefix>-cdc` (one node of the cluster
+     * publishes at a time). @default false
+     */
+    nats: boolean;
+    /** This node's JSON-lines file of every change; unset: none. */
+    file: string | undefined;
+    /** Bytes at which the file is rotated. @default 67108864 */
+    fileMaxBytes: number;
+    /** Rotated files kept (`<file>.1` is the newest). @default 4 */
+    fileKeep: number;
+    /** Only these tables in the feed (empty: every replicated table). */
+    include: string[];
+    /** Tables left out of the feed. */
+    exclude: string[];
+    /** Seconds the feed stream keeps an event. @default 604800 */
+    maxAgeSeconds: number;
+  };
   /** Logging. */
   logging: {
     /** Debug logging. @default false */
@@ -246,6 +267,15 @@ export function defaultConfig(dbPath = ""): MarmotConfig {
       token: undefined,
       tokenFile: undefined,
       maxLagSeconds: 10,
+    },
+    cdc: {
+      nats: false,
+      file: undefined,
+      fileMaxBytes: 64 * 1024 * 1024,
+      fileKeep: 4,
+      include: [],
+      exclude: [],
+      maxAgeSeconds: 7 * 24 * 3600,
     },
     logging: { verbose: false, format: LogFormat.Console },
   };
@@ -491,6 +521,37 @@ const KEYS: Record<string, Record<string, Key>> = {
       check: positive,
     },
   },
+  cdc: {
+    nats: { kind: "bool", set: (c, v: boolean) => c.cdc.nats = v },
+    file: {
+      kind: "string",
+      set: (c, v: string) => c.cdc.file = v,
+      check: nonEmpty,
+    },
+    file_max_bytes: {
+      kind: "int",
+      set: (c, v: number) => c.cdc.fileMaxBytes = v,
+      check: (v: number) => v >= 4096 ? undefined : "must be at least 4096",
+    },
+    file_keep: {
+      kind: "int",
+      set: (c, v: number) => c.cdc.fileKeep = v,
+      check: positive,
+    },
+    include: {
+      kind: "strings",
+      set: (c, v: string[]) => c.cdc.include = v,
+    },
+    exclude: {
+      kind: "strings",
+      set: (c, v: string[]) => c.cdc.exclude = v,
+    },
+    max_age_seconds: {
+      kind: "int",
+      set: (c, v: number) => c.cdc.maxAgeSeconds = v,
+      check: positive,
+    },
+  },
   logging: {
     verbose: { kind: "bool", set: (c, v: boolean) => c.logging.verbose = v },
     format: {
@@ -731,6 +792,16 @@ export function validateConfig(config: MarmotConfig): void {
       `Invalid config: tables ${
         show(overlap)
       } are both in tables.include and tables.exclude`,
+    );
+  }
+  const cdcOverlap = config.cdc.include.filter((t) =>
+    config.cdc.exclude.includes(t)
+  );
+  if (cdcOverlap.length > 0) {
+    throw new ConfigError(
+      `Invalid config: tables ${
+        show(cdcOverlap)
+      } are both in cdc.include and cdc.exclude`,
     );
   }
   if (config.nats.urls.length > 0 && config.nats.clusterPeers.length > 0) {

@@ -39,6 +39,7 @@ export function permissionsFor(input: PermissionInput): Permissions {
   const write = config.dbPath ? [dirname(abs(config.dbPath))] : [];
   if (config.nats.storeDir) write.push(abs(config.nats.storeDir));
   if (config.snapshot.dir) write.push(abs(config.snapshot.dir));
+  if (config.cdc.file) write.push(dirname(abs(config.cdc.file)));
   const read = [...write];
   for (
     const f of [

@@ -112,7 +112,8 @@ export async function ensureStreams(
   }
 }
 
-async function upsertStream(
+/** Creates the stream, or updates it where its replicas, limits or subjects differ. */
+export async function upsertStream(
   jsm: JetStreamManager,
   config: Partial<StreamConfig> & { name: string },
 ): Promise<void> {
