@@ -5,8 +5,11 @@
  *
  * ```sh
  * deno task bench [--rows 100000] [--txn 1000] [--row-bytes 100] [--shards 4]
- *                 [--rate 500] [--duration 20] [--out bench/results]
+ *                 [--rate 500] [--duration 20] [--split] [--cdc] [--out bench/results]
  * ```
+ *
+ * With `--cdc` every node runs the change feed (on NATS and in a file), and
+ * the bulk row also says when the feed stream held every row.
  *
  * Prints a table, writes the same as JSON and a lag-over-time SVG to `--out`.
  *
@@ -35,6 +38,7 @@ const { values: flags } = parseArgs({
     rate: { type: "string", default: "500" },
     duration: { type: "string", default: "20" },
     split: { type: "boolean", default: false },
+    cdc: { type: "boolean", default: false },
     out: {
       type: "string",
       default: new URL("./results", import.meta.url).pathname,
@@ -49,6 +53,7 @@ const opt = {
   rate: Number(flags.rate),
   duration: Number(flags.duration),
   split: flags.split,
+  cdc: flags.cdc,
 };
 const CLI = new URL("../cli.ts", import.meta.url).pathname;
 const WRITER = new URL("./_writer.ts", import.meta.url).pathname;
@@ -178,6 +183,11 @@ function startNode(id: number, db: string, url: string): Node {
       "3",
       "--shards",
       String(opt.shards),
+      // The change feed on NATS (one node publishes it) and in every
+      // node's file.
+      ...(opt.cdc
+        ? ["--cdc-nats", "--cdc-file", db.replace(/app\.db$/, "feed.jsonl")]
+        : []),
     ],
     stdout: "null",
     stderr: "piped",
@@ -362,6 +372,23 @@ async function main() {
         ((Math.max(done[1]!, done[2]!) - w.start) / 1000),
     };
     const bulkRss = nodes.map((n) => n.rssPeakKb);
+    // With the feed on: until the feed stream holds every bulk row.
+    let feed: { seconds: number; rowsPerSecond: number } | undefined;
+    if (opt.cdc) {
+      const nc = await connect({ servers: servers[0]!.clientUrl });
+      const jsm = await jetstreamManager(nc);
+      while (true) {
+        const { state } = await jsm.streams.info("marmot-changes-cdc");
+        if (state.messages >= opt.rows) break;
+        if (Date.now() > bulkDeadline) {
+          throw new Error(`bulk: the feed has ${state.messages} events`);
+        }
+        await sleep(10);
+      }
+      const seconds = (now() - w.start) / 1000;
+      feed = { seconds, rowsPerSecond: opt.rows / seconds };
+      await nc.close();
+    }
 
     // Lag: single-row commits at a fixed rate spread over all nodes.
     log(`lag: ${opt.rate} commits/s for ${opt.duration} s over 3 nodes`);
@@ -493,6 +520,7 @@ async function main() {
       },
       bulk: {
         ...bulk,
+        ...(feed ? { feed } : {}),
         ofRawSqlite: bulk.rowsPerSecond / plain,
         ofRawJetStream: bulk.rowsPerSecond /
           (raw.bytesPerSecond / (opt.rowBytes + 40)),
@@ -650,6 +678,12 @@ function printTable(r: any) {
     ],
     ["  = rows/s at this row size", f(r.limits.jetStreamR3RowsPerSecond)],
     ["bulk: rows replicated/s to nodes 2 and 3", f(r.bulk.rowsPerSecond)],
+    ...(r.bulk.feed
+      ? [[
+        "  change feed: every row in the feed stream (s) / rows/s",
+        `${f(r.bulk.feed.seconds, 2)} / ${f(r.bulk.feed.rowsPerSecond)}`,
+      ] as [string, string]]
+      : []),
     [
       "  writer done / node 2 / node 3 (s)",
       `${f(r.bulk.writerSeconds, 2)} / ${f(r.bulk.node2Seconds, 2)} / ${
