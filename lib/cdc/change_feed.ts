@@ -198,7 +198,7 @@ export class ChangeFeed {
     for (let attempt = 1; !this.#abort.signal.aborted; attempt++) {
       let messages: ConsumerMessages | undefined;
       try {
-        next = await this.#checkStream(name, next, reader);
+        next = await this.#checkStream(stream, next, reader);
         const consumer = await this.#js.consumers.get(name, {
           deliver_policy: DeliverPolicy.StartSequence,
           opt_start_seq: next,
@@ -264,11 +264,27 @@ export class ChangeFeed {
    * says what it lost and starts at the stream's first message.
    */
   async #checkStream(
-    stream: string,
+    which: number | "schema",
     next: number,
     reader: { reset(): void },
   ): Promise<number> {
+    const stream = which === "schema"
+      ? this.#options.schemaStream
+      : this.#options.stream(which);
     const { state } = await this.#jsm.streams.info(stream);
+    // What is gone counts as done: a schema event waiting for those
+    // messages would wait for good.
+    const skipTo = (first: number) => {
+      if (which !== "schema") {
+        this.#shardsDone[which] = Math.max(
+          this.#shardsDone[which] ?? 0,
+          first - 1,
+        );
+        for (const wake of [...this.#wake]) wake();
+      }
+      reader.reset();
+      return first;
+    };
     if (state.last_seq < next - 1) {
       this.#options.log.error(
         "A stream of the change feed ends before the feed's position: it was created again; the feed starts over from its first message",
@@ -279,8 +295,7 @@ export class ChangeFeed {
           last: state.last_seq,
         },
       );
-      reader.reset();
-      return Math.max(1, state.first_seq);
+      return skipTo(Math.max(1, state.first_seq));
     }
     if (state.messages > 0 && state.first_seq > next) {
       this.#options.log.error(
@@ -292,8 +307,7 @@ export class ChangeFeed {
           to: state.first_seq - 1,
         },
       );
-      reader.reset();
-      return state.first_seq;
+      return skipTo(state.first_seq);
     }
     return next;
   }

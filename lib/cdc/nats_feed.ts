@@ -108,10 +108,25 @@ class NatsSink implements FeedSink {
   }
 
   async write(events: FeedEvent[], position: FeedPosition): Promise<void> {
-    // Sent together, in order; each acknowledged by the stream.
-    for (let from = 0; from < events.length; from += 256) {
+    // Sent together, in order, and acknowledged by the stream; a row's
+    // second event waits for its first (a first one lost and sent again
+    // would land after it).
+    const chunks: FeedEvent[][] = [[]];
+    let rows = new Set<string>();
+    for (const event of events) {
+      const row = event.op === "schema"
+        ? ""
+        : `${event.table}\u0000${JSON.stringify(event.key)}`;
+      if (rows.has(row) || chunks.at(-1)!.length >= 256) {
+        chunks.push([]);
+        rows = new Set();
+      }
+      rows.add(row);
+      chunks.at(-1)!.push(event);
+    }
+    for (const chunk of chunks) {
       await Promise.all(
-        events.slice(from, from + 256).map((event) => {
+        chunk.map((event) => {
           let data = new TextEncoder().encode(JSON.stringify(event));
           if (data.length > this.#maxPayload - 1024 && event.op !== "schema") {
             const { row: _row, types: _types, ...rest } = event;
