@@ -52,14 +52,15 @@ export async function startChangeFeeds(
   const closers: (() => Promise<void>)[] = [];
   try {
     if (config.cdc.nats) {
-      await ensureFeedStream(jsm, {
-        streamPrefix: config.nats.streamPrefix,
-        subjectPrefix: config.nats.subjectPrefix,
-        replicas,
-        maxAgeSeconds: config.cdc.maxAgeSeconds,
-      });
       const nats = new NatsFeed(js, jsm, {
         node: config.nodeId,
+        ensureStream: () =>
+          ensureFeedStream(jsm, {
+            streamPrefix: config.nats.streamPrefix,
+            subjectPrefix: config.nats.subjectPrefix,
+            replicas,
+            maxAgeSeconds: config.cdc.maxAgeSeconds,
+          }),
         leases: () => openLeases(nc, config, replicas),
         subjectPrefix: config.nats.subjectPrefix,
         maxPayload: nc.info?.max_payload ?? 1024 * 1024,

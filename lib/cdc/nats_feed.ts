@@ -155,6 +155,8 @@ export interface NatsFeedOptions {
   node: number;
   /** The leases bucket. */
   leases: () => Promise<KV>;
+  /** Creates or updates the feed stream (retried until it succeeds). */
+  ensureStream: () => Promise<void>;
   /** Subject prefix of the feed. */
   subjectPrefix: string;
   /** The server's max_payload. */
@@ -186,8 +188,13 @@ export class NatsFeed {
 
   async #run(): Promise<void> {
     const signal = this.#abort.signal;
+    let stream = false;
     for (let attempt = 1; !signal.aborted; attempt++) {
       try {
+        if (!stream) {
+          await this.#options.ensureStream();
+          stream = true;
+        }
         const kv = await this.#options.leases();
         const held = await this.#acquire(kv);
         if (!held) continue;
@@ -197,7 +204,7 @@ export class NatsFeed {
         if (signal.aborted) return;
         this.#options.log.log(
           attempt % 10 === 1 ? "warn" : "debug",
-          "Change feed on NATS: cannot reach the lease yet, retrying",
+          "Change feed on NATS: cannot create its stream or reach its lease yet, retrying",
           { attempt, error: e },
         );
         await delay(Math.min(5000, 250 * attempt), { signal }).catch(() => {});
@@ -323,9 +330,12 @@ export class NatsFeed {
   }
 }
 
+/** Whether `e` is the refusal of a write for another revision of the key. */
 function wrongRevision(e: unknown): boolean {
-  return e instanceof JetStreamApiError &&
-    e.code === JetStreamApiCodes.StreamWrongLastSequence;
+  // kv.create() reports it as a plain error with the server's text.
+  return (e instanceof JetStreamApiError &&
+    e.code === JetStreamApiCodes.StreamWrongLastSequence) ||
+    (e instanceof Error && /wrong last sequence/i.test(e.message));
 }
 
 /** A position for a log line. */
