@@ -42,6 +42,7 @@ import { removeMarmot } from "./lib/db/cleanup.ts";
 import { createLogger } from "./lib/log.ts";
 import { Marmot } from "./lib/marmot.ts";
 import { statusCommand } from "./lib/http/status_command.ts";
+import { reshardCommand } from "./lib/nats/reshard_command.ts";
 import {
   snapshotRestore,
   snapshotSave,
@@ -73,6 +74,10 @@ Usage:
                                    republish node N's version of every row that
                                    differs, so every node takes it; --dry-run shows
                                    the rows and changes nothing
+  marmot reshard --shards N [--timeout S] [--forget N] [options]
+                                   change the shard count while every node runs;
+                                   waits for every node to move (exit 1 if one has
+                                   not within --timeout, default 120 s)
   marmot status [options]          every node of the cluster: health, shard positions,
                                    lag, pending and parked changes, recent errors
 
@@ -103,6 +108,7 @@ Options (override the config file):
                              a node counts as missing (default 3)
       --from N               repair: the node whose version every node takes
       --dry-run              repair: show what differs, republish nothing
+      --forget N             reshard: a node gone for good, not waited for
   -h, --help                 this text
       --version              the version
 `;
@@ -124,6 +130,7 @@ export type Command =
   | "verify"
   | "repair"
   | "status"
+  | "reshard"
   | "help"
   | "version";
 
@@ -153,6 +160,7 @@ const OPTIONS = {
   timeout: { type: "string" },
   from: { type: "string" },
   "dry-run": { type: "boolean" },
+  forget: { type: "string", multiple: true },
   help: { type: "boolean", short: "h" },
   version: { type: "boolean" },
 } as const;
@@ -182,6 +190,7 @@ export async function parseCommandLine(
     config: MarmotConfig;
     verify?: VerifyFlags;
     repair?: RepairFlags;
+    reshard?: { shards: number; timeout: number; forget: number[] };
   }
 > {
   let parsed;
@@ -208,7 +217,7 @@ export async function parseCommandLine(
     !snapshotVerb &&
     (rest.length > 0 ||
       (sub !== undefined && sub !== "cleanup" && sub !== "verify" &&
-        sub !== "repair" && sub !== "status"))
+        sub !== "repair" && sub !== "status" && sub !== "reshard"))
   ) {
     throw new UsageError(
       `Unknown command: ${JSON.stringify(positionals.join(" "))} (try --help)`,
@@ -282,9 +291,12 @@ export async function parseCommandLine(
   const command = snapshotVerb
     ? `snapshot-${snapshotVerb}` as const
     : sub === "cleanup" || sub === "verify" || sub === "repair" ||
-        sub === "status"
+        sub === "status" || sub === "reshard"
     ? sub
     : "run";
+  if (command !== "reshard" && values.forget !== undefined) {
+    throw new UsageError("Invalid flag: --forget is for marmot reshard");
+  }
   if (command !== "repair") {
     for (const name of ["from", "dry-run"] as const) {
       if (values[name] !== undefined) {
@@ -292,7 +304,10 @@ export async function parseCommandLine(
       }
     }
   }
-  if (command !== "verify" && command !== "repair" && command !== "status") {
+  if (
+    command !== "verify" && command !== "repair" && command !== "status" &&
+    command !== "reshard"
+  ) {
     for (const name of ["expect", "timeout"] as const) {
       if (values[name] !== undefined) {
         throw new UsageError(
@@ -311,6 +326,40 @@ export async function parseCommandLine(
   // verify, repair and status read no database: db_path only locates the
   // embedded server.
   validateConfig({ ...config, dbPath: config.dbPath || "(unused)" });
+  if (command === "reshard") {
+    if (values.shards === undefined) {
+      throw new UsageError(
+        "Invalid usage: marmot reshard needs --shards N, the new shard count",
+      );
+    }
+    if (values.expect !== undefined) {
+      throw new UsageError(
+        "Invalid flag: --expect is for marmot verify and marmot repair",
+      );
+    }
+    const timeout = values.timeout === undefined ? 120 : Number(values.timeout);
+    if (!(timeout > 0)) {
+      throw new ConfigError(
+        `Invalid flag: --timeout must be a positive number of seconds, got ${
+          JSON.stringify(values.timeout)
+        }`,
+      );
+    }
+    const forget = (list(values.forget) ?? []).map((v) => {
+      const n = integerFlag("forget", v);
+      if (n < 1) {
+        throw new ConfigError(
+          `Invalid flag: --forget must be a node id (a positive integer), got ${n}`,
+        );
+      }
+      return n;
+    });
+    return {
+      command,
+      config,
+      reshard: { shards: config.replicationLog.shards, timeout, forget },
+    };
+  }
   if (command === "status") {
     for (const name of ["expect", "timeout"] as const) {
       if (values[name] !== undefined) {
@@ -412,6 +461,18 @@ const COMMANDS: Record<Command, (parsed: Parsed) => Promise<number>> = {
     });
     try {
       return await repairCommand(config, repair!, log);
+    } catch (e) {
+      console.error(`marmot: ${e instanceof Error ? e.message : e}`);
+      return e instanceof ConfigError ? 2 : 1;
+    }
+  },
+  reshard: async ({ config, reshard }) => {
+    const log = createLogger({
+      verbose: config.logging.verbose,
+      format: config.logging.format,
+    });
+    try {
+      return await reshardCommand(config, { ...reshard!, log });
     } catch (e) {
       console.error(`marmot: ${e instanceof Error ? e.message : e}`);
       return e instanceof ConfigError ? 2 : 1;

@@ -13,7 +13,8 @@
  * once its changes are acknowledged instead.
  *
  * The text is `m1.` and the positions, dot-separated, one per shard
- * (`m1.120.98.133.101`): safe in a URL, a header and a cookie.
+ * (`m1.120.98.133.101`): safe in a URL, a header and a cookie. After a
+ * `marmot reshard`, the generation comes first (`m1.g1.5.17.3`).
  *
  * @module
  */
@@ -36,9 +37,14 @@ export interface WaitOptions {
 
 const PREFIX = "m1.";
 
-/** The text of a bookmark at `positions` (one stream sequence per shard). */
-export function encodeBookmark(positions: number[]): string {
-  return PREFIX + positions.join(".");
+/**
+ * The text of a bookmark at `positions` (one stream sequence per shard) in
+ * generation `generation` of the shard streams (`g<generation>.` before the
+ * positions after a `marmot reshard`).
+ */
+export function encodeBookmark(positions: number[], generation = 0): string {
+  return PREFIX + (generation > 0 ? `g${generation}.` : "") +
+    positions.join(".");
 }
 
 /**
@@ -48,6 +54,20 @@ export function encodeBookmark(positions: number[]): string {
  *   `shards` shards
  */
 export function parseBookmark(text: string, shards: number): number[] {
+  return parseBookmarkIn(text, { shards, generation: 0 }).positions;
+}
+
+/**
+ * The generation and positions a bookmark names; the shard count is checked
+ * only against a bookmark of `layout`'s generation.
+ *
+ * @throws {BookmarkError} naming the text when it is not a bookmark
+ */
+export function parseBookmarkIn(
+  text: string,
+  layout: { shards: number; generation: number },
+): { generation: number; positions: number[] } {
+  const shards = layout.shards;
   const shown = JSON.stringify(
     text.length > 200 ? text.slice(0, 200) + "…" : text,
   );
@@ -57,23 +77,29 @@ export function parseBookmark(text: string, shards: number): number[] {
     );
   }
   const parts = text.slice(PREFIX.length).split(".");
+  let generation = 0;
+  if (/^g\d{1,9}$/.test(parts[0] ?? "")) {
+    generation = Number(parts.shift()!.slice(1));
+  }
   if (!parts.every((p) => /^\d{1,16}$/.test(p))) {
     throw new BookmarkError(
       `Invalid bookmark ${shown}: its positions must be non-negative integers`,
     );
   }
-  if (parts.length !== shards) {
+  if (generation === layout.generation && parts.length !== shards) {
     throw new BookmarkError(
       `Invalid bookmark ${shown}: it names ${parts.length} shards, this cluster has ${shards} ([replication_log] shards)`,
     );
   }
-  return parts.map(Number);
+  return { generation, positions: parts.map(Number) };
 }
 
 /** What {@linkcode Bookmarks} needs of its node. */
 export interface BookmarksOptions {
-  /** Shard count. */
-  shards: number;
+  /** Shard count (read at each use: `marmot reshard` changes it). */
+  readonly shards: number;
+  /** The shard streams' generation (read at each use). @default 0 */
+  readonly generation?: number;
   /** Why this node cannot wait for a bookmark (it applies no stream); undefined when it can. */
   cannotWait?: string;
   /** The shard streams' last sequences, for a node that applies none. */
@@ -129,6 +155,7 @@ export class Bookmarks {
       this.#options.lastSequences
         ? await this.#options.lastSequences()
         : this.positions(),
+      this.#options.generation ?? 0,
     );
   }
 
@@ -140,15 +167,22 @@ export class Bookmarks {
    * @throws {Error} on a node that applies no stream
    */
   waitFor(bookmark: string, options: WaitOptions = {}): Promise<boolean> {
-    const target = parseBookmark(bookmark, this.#options.shards);
+    const target = parseBookmarkIn(bookmark, {
+      shards: this.#options.shards,
+      generation: this.#options.generation ?? 0,
+    });
     if (this.#options.cannotWait) {
       throw new Error(
         `Cannot wait for a bookmark: ${this.#options.cannotWait}`,
       );
     }
+    // An older generation is applied to its end once this node moved on; a
+    // newer one is reached after this node moves to it.
     return this.#until(() => {
+      const here = this.#options.generation ?? 0;
+      if (target.generation !== here) return target.generation < here;
       const now = this.positions();
-      return target.every((seq, s) => now[s]! >= seq);
+      return target.positions.every((seq, s) => now[s]! >= seq);
     }, options);
   }
 

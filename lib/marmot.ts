@@ -54,6 +54,15 @@ import {
 } from "./nats/streams.ts";
 import { Publisher, type PublisherStats } from "./publisher.ts";
 import { type ChangeFeeds, feedOn, startChangeFeeds } from "./cdc/cdc.ts";
+import {
+  currentLayout,
+  type Layout,
+  layoutOf,
+  openTopology,
+  registerNode,
+} from "./nats/topology.ts";
+import { removeOldGenerations, sealGeneration } from "./nats/reshard.ts";
+import type { KV } from "@nats-io/kv";
 import { Subscriber, type SubscriberStats } from "./subscriber.ts";
 import { LocalWrites } from "./local_writes.ts";
 import { VerifyResponder } from "./verify/verify_responder.ts";
@@ -241,6 +250,14 @@ export class Marmot implements AsyncDisposable {
   #subscriber: Subscriber | undefined;
   #peerRefresh: PeerRefresh | undefined;
   #feeds: ChangeFeeds | undefined;
+  #reshard: {
+    topology: KV;
+    jsm: JetStreamManager;
+    replicas: number;
+    configured: number;
+    start: (resumed: boolean) => Promise<Pipeline>;
+  } | undefined;
+  #switching: Promise<void> | undefined;
   #scheduler: SnapshotScheduler | undefined;
   #verify: VerifyResponder | undefined;
   #closing = false;
@@ -346,10 +363,53 @@ export class Marmot implements AsyncDisposable {
       timeout: 5000,
       checkAPI: false,
     });
+    // The cluster's shard layout: the configured count until `marmot
+    // reshard` changed it (docs/reshard.md).
+    const configured = config.replicationLog.shards;
+    // A bucket just created answers once its stream has a leader.
+    const { topology, layout } = await retry(
+      async () => {
+        const topology = await openTopology(
+          nats.nc,
+          config.nats.streamPrefix,
+          replicas,
+          jsDomain(config),
+        );
+        return { topology, layout: await currentLayout(topology, configured) };
+      },
+      {
+        signal,
+        onRetry: (error, attempt) =>
+          log.log(
+            attempt % 10 === 0 ? "warn" : "debug",
+            "Waiting for JetStream to open the topology bucket",
+            { attempt, error },
+          ),
+      },
+    );
+    if (layout.shards !== configured) {
+      log.info(
+        "The cluster's shard count was changed by marmot reshard: using it, not [replication_log] shards",
+        { shards: layout.shards, configured, generation: layout.generation },
+      );
+    }
+    config.replicationLog.shards = layout.shards;
+    config.replicationLog.generation = layout.generation;
+    // This node's positions may count in an older generation (it was down
+    // during a reshard): it applies those streams to their end first.
+    const first = layout.generation === 0
+      ? layout
+      : await layoutOf(topology, 0, configured);
+    const useLocal = (d: ReplicaDb) => {
+      const local = d.generation() ?? first;
+      config.replicationLog.shards = local.shards;
+      config.replicationLog.generation = local.generation;
+    };
     await ensureStreams(
       jsm,
       {
-        shards: config.replicationLog.shards,
+        shards: layout.shards,
+        generation: layout.generation,
         streamPrefix: config.nats.streamPrefix,
         subjectPrefix: config.nats.subjectPrefix,
         replicas,
@@ -381,12 +441,14 @@ export class Marmot implements AsyncDisposable {
       );
       return openReplicaDb(config, log);
     };
+    if (db) useLocal(db);
     db = !db
       ? await restore()
       : config.replicate
       ? await restoreIfNeeded(db, jsm, restore, config, log, signal)
       : db;
     const ready = db;
+    useLocal(ready);
     // The application creates the database: marmot writes nothing until
     // its schema holds still.
     if (founded) ready.settleSchema(FOUNDING_SETTLE_MS);
@@ -416,7 +478,12 @@ export class Marmot implements AsyncDisposable {
     const pocketbase = pocketBaseNotifier(config, ready, log);
     steps.defer(() => pocketbase?.close());
     const bookmarks = new Bookmarks(ready, {
-      shards: config.replicationLog.shards,
+      get shards() {
+        return config.replicationLog.shards;
+      },
+      get generation() {
+        return config.replicationLog.generation ?? 0;
+      },
       ...(config.replicate ? {} : {
         cannotWait:
           `node ${config.nodeId} applies no other node's changes (replicate = false)`,
@@ -425,6 +492,7 @@ export class Marmot implements AsyncDisposable {
             jsm,
             config.nats.streamPrefix,
             config.replicationLog.shards,
+            config.replicationLog.generation,
           ),
       }),
     });
@@ -470,6 +538,25 @@ export class Marmot implements AsyncDisposable {
     steps.defer(() => marmot.#stopWatching());
     marmot.#peerRefresh = nats.peerRefresh;
     marmot.#feeds = feeds;
+    marmot.#reshard = {
+      topology,
+      jsm,
+      replicas,
+      configured,
+      start: (resumed) =>
+        startPipeline(
+          ready,
+          nats.nc,
+          config,
+          log,
+          undefined,
+          pocketbase,
+          metrics,
+          resumed,
+          bookmarks,
+        ),
+    };
+    marmot.#tasks.push(marmot.#followTopology());
     marmot.#bookmarks = bookmarks;
     marmot.#run(options.scanInterval ?? 1000);
     marmot.#verify = VerifyResponder.start(nats.nc, config, log);
@@ -518,7 +605,12 @@ export class Marmot implements AsyncDisposable {
       node: config.nodeId,
       version: denoJson.version,
       http: http?.url,
-      shards: config.replicationLog.shards,
+      get shards() {
+        return config.replicationLog.shards;
+      },
+      get generation() {
+        return config.replicationLog.generation ?? 0;
+      },
       streamPrefix: config.nats.streamPrefix,
       nc: this.#nc,
       jsm,
@@ -716,6 +808,130 @@ export class Marmot implements AsyncDisposable {
     this.close();
   }
 
+  /**
+   * Follows the cluster's shard layout: when `marmot reshard` names a new
+   * generation (or this node's positions count in an older one), moves to
+   * it, one generation at a time.
+   */
+  async #followTopology(): Promise<void> {
+    const r = this.#reshard!;
+    const id = this.config.nodeId;
+    let registered = -1;
+    while (!this.#closing) {
+      try {
+        const here = this.config.replicationLog.generation ?? 0;
+        // This node's change feeds may still read an older generation: its
+        // streams stay until they are past it.
+        const moved = Math.min(here, this.#feeds?.generation() ?? here);
+        if (registered !== moved) {
+          await registerNode(r.topology, id, moved);
+          registered = moved;
+          if (moved > 0) {
+            await removeOldGenerations(
+              r.jsm,
+              r.topology,
+              this.config.nats.streamPrefix,
+              moved,
+              this.#log,
+            );
+          }
+        }
+        const current = await currentLayout(r.topology, r.configured);
+        if (current.generation > here && !this.#closing) {
+          const next = await layoutOf(r.topology, here + 1, r.configured);
+          this.#switching = this.#switchTo(next);
+          await this.#switching;
+          this.#switching = undefined;
+          continue;
+        }
+      } catch (e) {
+        if (this.#closing) return;
+        this.#log.warn("Cannot read the cluster's shard layout, retrying", {
+          error: e,
+        });
+      }
+      await delay(1000);
+    }
+  }
+
+  /**
+   * Moves this node to generation `next`: stops publishing, seals the old
+   * generation's streams, applies them to their end, and starts publishing
+   * and applying in the new one. What was not published stays in the change
+   * log and goes to the new streams; nothing is published twice, since each
+   * own change that reached an old stream was applied back (and so left the
+   * log) before the move.
+   */
+  async #switchTo(next: Layout): Promise<void> {
+    const r = this.#reshard!;
+    const config = this.config;
+    const old: Layout = {
+      generation: config.replicationLog.generation ?? 0,
+      shards: config.replicationLog.shards,
+    };
+    this.#log.info("Moving to a new shard layout (marmot reshard)", {
+      from: `generation ${old.generation}, ${old.shards} shards`,
+      to: `generation ${next.generation}, ${next.shards} shards`,
+    });
+    await this.#outlet.close();
+    const finals = await sealGeneration(
+      r.jsm,
+      config.nats.streamPrefix,
+      old,
+    );
+    const gone = finals.flatMap((f, shard) => f === undefined ? [shard] : []);
+    if (gone.length > 0) {
+      this.#log.error(
+        "Streams of the old shard layout are gone before this node applied them: what they held that this node lacks is missing here",
+        {
+          generation: old.generation,
+          shards: gone.join(","),
+          hint:
+            "run `marmot verify`, and restore a snapshot if it finds differences",
+        },
+      );
+    }
+    if (this.#subscriber) {
+      while (
+        !this.#closing &&
+        !finals.every((last, shard) =>
+          last === undefined || this.#db.appliedSeq(shard) >= last
+        )
+      ) {
+        await delay(50);
+      }
+      await this.#subscriber.close();
+    }
+    if (this.#closing) return;
+    await this.#db.switchGeneration(next.generation, next.shards);
+    config.replicationLog.shards = next.shards;
+    config.replicationLog.generation = next.generation;
+    await ensureStreams(
+      r.jsm,
+      {
+        shards: next.shards,
+        generation: next.generation,
+        streamPrefix: config.nats.streamPrefix,
+        subjectPrefix: config.nats.subjectPrefix,
+        replicas: r.replicas,
+        maxEntries: config.replicationLog.maxEntries,
+        maxBytes: config.replicationLog.maxBytes,
+        maxAgeSeconds: config.replicationLog.maxAgeSeconds,
+      },
+      this.#log,
+    );
+    const pipeline = await r.start(false);
+    this.#outlet = pipeline.outlet;
+    this.#publisher = pipeline.publisher;
+    this.#localWrites = pipeline.localWrites;
+    this.#subscriber = pipeline.subscriber;
+    this.#outlet.wake();
+    this.#log.info("Moved to the new shard layout", {
+      generation: next.generation,
+      shards: next.shards,
+    });
+  }
+
   /** Counters of this node. */
   stats(): MarmotStats {
     return {
@@ -784,6 +1000,7 @@ export class Marmot implements AsyncDisposable {
       jsm,
       this.config.nats.streamPrefix,
       this.config.replicationLog.shards,
+      this.config.replicationLog.generation,
     );
     const deadline = Date.now() + timeout;
     const behind = () =>
@@ -853,6 +1070,7 @@ export class Marmot implements AsyncDisposable {
       );
     }
     this.#closing = true;
+    await this.#switching?.catch(() => {});
     await this.#feeds?.close();
     await this.#announcer?.close();
     await this.#verify?.close();
@@ -938,11 +1156,13 @@ async function startPipeline(
   bookmarks: Bookmarks,
 ): Promise<Pipeline> {
   const js = jetstream(nc, { ...jsDomain(config), timeout: 5000 });
+  const generation = config.replicationLog.generation ?? 0;
   const publisher = config.publish
     ? new Publisher(db, js, {
       nodeId: config.nodeId,
       shards: config.replicationLog.shards,
-      subject: (s) => subjectName(config.nats.subjectPrefix, s),
+      generation,
+      subject: (s) => subjectName(config.nats.subjectPrefix, s, generation),
       maxPayload: nc.info?.max_payload ?? 1024 * 1024,
       compress: config.replicationLog.compress,
       schemaSubject: subjectName(config.nats.subjectPrefix, "schema"),
@@ -951,6 +1171,7 @@ async function startPipeline(
           await jetstreamManager(nc, jsDomain(config)),
           config.nats.streamPrefix,
           config.replicationLog.shards,
+          generation,
         ),
       dropOnAck: !config.replicate,
       changeKinds: feedOn(config),
@@ -966,7 +1187,8 @@ async function startPipeline(
   const subscriber = new Subscriber(db, js, {
     nodeId: config.nodeId,
     shards: config.replicationLog.shards,
-    stream: (s) => streamName(config.nats.streamPrefix, s),
+    generation,
+    stream: (s) => streamName(config.nats.streamPrefix, s, generation),
     schemaStream: schemaStreamName(config.nats.streamPrefix),
     onStreamRestart: (s) => publisher?.republish(s),
     onRerecorded: () => outlet.wake(),

@@ -43,6 +43,8 @@ export interface PublisherOptions {
   nodeId: number;
   /** Shard count. */
   shards: number;
+  /** The shard streams' generation (`marmot reshard`). @default 0 */
+  generation?: number;
   /** The subject of a shard. */
   subject: (shard: number) => string;
   /** Largest message in bytes (the server's max_payload). */
@@ -266,7 +268,12 @@ export class Publisher {
       }
       const shards = await this.#options.lastSequences();
       const data = new TextEncoder().encode(
-        JSON.stringify({ ...event, origin: this.#options.nodeId, shards }),
+        JSON.stringify({
+          ...event,
+          origin: this.#options.nodeId,
+          shards,
+          generation: this.#options.generation ?? 0,
+        }),
       );
       // The event's own random id: outbox rows are numbered again once
       // empty, and the same change can be made twice.
@@ -535,8 +542,11 @@ export class Publisher {
       } catch (e) {
         if (this.#abort.signal.aborted) throw e;
         this.stats.retries++;
+        // A sealed stream: `marmot reshard` is moving the cluster to new
+        // streams, and this node moves once it notices (within a second).
+        const sealed = e instanceof Error && /sealed stream/.test(e.message);
         this.#options.log.log(
-          attempt % 10 === 1 ? "warn" : "debug",
+          attempt % 10 === 1 && !sealed ? "warn" : "debug",
           "Publish failed, retrying",
           {
             subject,

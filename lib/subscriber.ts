@@ -34,6 +34,8 @@ interface WireSchemaEvent extends SchemaEvent {
   base: number;
   /** Every shard stream's last sequence when it was published. */
   shards: number[];
+  /** The generation of the shard streams `shards` counts in (0 when absent). */
+  generation?: number;
 }
 import type { Logger } from "./log.ts";
 
@@ -43,6 +45,8 @@ export interface SubscriberOptions {
   nodeId: number;
   /** Shard count. */
   shards: number;
+  /** The shard streams' generation (`marmot reshard`). @default 0 */
+  generation?: number;
   /** The stream name of a shard. */
   stream: (shard: number) => string;
   /** The schema stream's name. */
@@ -243,9 +247,13 @@ export class Subscriber {
     const head = this.#schemaQueue[0];
     if (!head) return false;
     const { seq, event } = head;
-    const ready = (event.shards ?? []).every((last, shard) =>
-      shard >= this.#options.shards || this.#db.appliedSeq(shard) >= last
-    );
+    // Positions in another generation's streams say nothing here: an older
+    // generation is applied to its end, a newer one (a reshard under way)
+    // is not started until the old one is.
+    const ready = (event.generation ?? 0) !== (this.#options.generation ?? 0) ||
+      (event.shards ?? []).every((last, shard) =>
+        shard >= this.#options.shards || this.#db.appliedSeq(shard) >= last
+      );
     if (!ready) return false;
     if (event.origin === this.#options.nodeId) {
       // Its own change: the file has it already.

@@ -10,6 +10,7 @@ import {
   BookmarkError,
   encodeBookmark,
   parseBookmark,
+  parseBookmarkIn,
 } from "../lib/bookmark.ts";
 import { createLogger } from "../lib/log.ts";
 import { Marmot } from "../lib/marmot.ts";
@@ -260,4 +261,23 @@ Deno.test("Marmot.bookmark() and waitFor() in a program: reached, timed out, abo
     7,
     1,
   ]);
+});
+
+Deno.test("a bookmark names its generation after a reshard, and its shard count is checked only in the node's own", () => {
+  const text = encodeBookmark([5, 0, 7], 2);
+  assert.equal(text, "m1.g2.5.0.7");
+  assert.deepEqual(parseBookmarkIn(text, { shards: 3, generation: 2 }), {
+    generation: 2,
+    positions: [5, 0, 7],
+  });
+  // Another generation's count is not this node's to check.
+  assert.deepEqual(parseBookmarkIn(text, { shards: 4, generation: 1 }), {
+    generation: 2,
+    positions: [5, 0, 7],
+  });
+  assert.throws(
+    () => parseBookmarkIn(text, { shards: 4, generation: 2 }),
+    /names 3 shards, this cluster has 4/,
+  );
+  assert.equal(encodeBookmark([1, 2]), "m1.1.2", "generation 0 as before");
 });

@@ -102,6 +102,16 @@ interface BadCase {
 
 const BAD: BadCase[] = [
   {
+    name: "reshard without a shard count",
+    args: ["reshard", "--nats-url", "nats://127.0.0.1:4222"],
+    message: ["marmot reshard needs --shards N"],
+  },
+  {
+    name: "--forget outside reshard",
+    args: ["--db-path", "DB", "--forget", "3"],
+    message: ["--forget is for marmot reshard"],
+  },
+  {
     name: "empty change feed file",
     args: ["--db-path", "DB", "--cdc-file", ""],
     message: ["flag --cdc-file", '"cdc.file" must not be empty'],

@@ -11,6 +11,7 @@ import type { Logger } from "../log.ts";
 import { jsDomain } from "../nats/connect.ts";
 import { schemaStreamName, streamName } from "../nats/streams.ts";
 import { openLeases } from "../snapshot/snapshot_scheduler.ts";
+import { currentLayout, layoutOf, openTopology } from "../nats/topology.ts";
 import { ChangeFeed, type ChangeFeedOptions } from "./change_feed.ts";
 import { FileSink } from "./file_feed.ts";
 import { describe, ensureFeedStream, NatsFeed } from "./nats_feed.ts";
@@ -22,6 +23,11 @@ export function feedOn(config: MarmotConfig): boolean {
 
 /** The running feeds; close them to stop. */
 export interface ChangeFeeds {
+  /**
+   * The oldest generation of shard streams a feed of this node still reads
+   * (its streams must stay until the feed is past them).
+   */
+  generation(): number;
   close(): Promise<void>;
 }
 
@@ -41,15 +47,25 @@ export async function startChangeFeeds(
   if (!feedOn(config)) return undefined;
   const js = jetstream(nc, { ...jsDomain(config), timeout: 5000 });
   const { include, exclude } = config.cdc;
+  const topology = () =>
+    openTopology(nc, config.nats.streamPrefix, replicas, jsDomain(config));
+  const configured = config.replicationLog.shards;
   const feed: Omit<ChangeFeedOptions, "name"> = {
-    shards: config.replicationLog.shards,
-    stream: (s) => streamName(config.nats.streamPrefix, s),
+    generation: config.replicationLog.generation ?? 0,
+    stream: (s, g) => streamName(config.nats.streamPrefix, s, g),
+    layout: async (g) => {
+      const kv = await topology();
+      const current = await currentLayout(kv, configured);
+      if (g > current.generation) return undefined;
+      return (await layoutOf(kv, g, configured)).shards;
+    },
     schemaStream: schemaStreamName(config.nats.streamPrefix),
     wanted: (t) =>
       (include.length === 0 || include.includes(t)) && !exclude.includes(t),
     log,
   };
   const closers: (() => Promise<void>)[] = [];
+  const generations: (() => number | undefined)[] = [];
   try {
     if (config.cdc.nats) {
       const nats = new NatsFeed(js, jsm, {
@@ -68,18 +84,19 @@ export async function startChangeFeeds(
         log,
       });
       closers.push(() => nats.close());
+      generations.push(() => nats.generation);
     }
     if (config.cdc.file !== undefined) {
       const sink = await FileSink.open(config.cdc.file, {
         maxBytes: config.cdc.fileMaxBytes,
         keep: config.cdc.fileKeep,
-        shards: config.replicationLog.shards,
       });
       const file = new ChangeFeed(js, jsm, sink, sink.position, {
         ...feed,
         name: "file",
       });
       file.start();
+      generations.push(() => file.position.generation);
       log.info("Change feed: writing this node's file", {
         file: config.cdc.file,
         from: describe(sink.position),
@@ -94,6 +111,10 @@ export async function startChangeFeeds(
     throw e;
   }
   return {
+    generation: () =>
+      Math.min(
+        ...generations.map((g) => g() ?? Number.MAX_SAFE_INTEGER),
+      ),
     async close() {
       for (const close of closers.reverse()) await close();
     },

@@ -15,6 +15,7 @@
 import {
   type ConsumerMessages,
   DeliverPolicy,
+  JetStreamApiError,
   type JetStreamClient,
   type JetStreamManager,
   type JsMsg,
@@ -35,6 +36,11 @@ import {
 
 /** How far a feed has written: the last stream sequence of each stream. */
 export interface FeedPosition {
+  /**
+   * The generation of the shard streams `shards` counts in (`marmot
+   * reshard`); absent: 0, or for a new position, the node's current one.
+   */
+  generation?: number;
   /** Per shard stream, the last message whose events are written. */
   shards: number[];
   /** The last schema stream message written. */
@@ -52,10 +58,12 @@ export interface FeedSink {
 
 /** Options for {@linkcode ChangeFeed}. */
 export interface ChangeFeedOptions {
-  /** Shard count. */
-  shards: number;
-  /** The stream of a shard. */
-  stream: (shard: number) => string;
+  /** The generation a new position starts in: the node's current one. */
+  generation: number;
+  /** The stream of a shard in a generation. */
+  stream: (shard: number, generation: number) => string;
+  /** A generation's shard count; undefined while it does not exist. */
+  layout: (generation: number) => Promise<number | undefined>;
   /** The schema stream. */
   schemaStream: string;
   /** Whether a table's events are wanted (`[cdc] include`/`exclude`). */
@@ -66,9 +74,9 @@ export interface ChangeFeedOptions {
   log: Logger;
 }
 
-/** A position before every stream's first message. */
-export function startPosition(shards: number): FeedPosition {
-  return { shards: new Array(shards).fill(0), schema: 0 };
+/** A position before every stream's first message, in the current generation. */
+export function startPosition(): FeedPosition {
+  return { shards: [], schema: 0 };
 }
 
 /** How long a consumer may go without a message or heartbeat. */
@@ -103,25 +111,78 @@ export class ChangeFeed {
     this.#jsm = jsm;
     this.#sink = sink;
     this.#options = options;
-    const shards = startPosition(options.shards).shards.map((z, i) =>
-      from.shards[i] ?? z
-    );
-    this.#written = { shards, schema: from.schema };
+    const generation = from.generation ??
+      (from.shards.length === 0 ? options.generation : 0);
+    this.#written = {
+      generation,
+      shards: [...from.shards],
+      schema: from.schema,
+    };
     this.#schemaDone = from.schema;
-    this.#shardsDone = [...shards];
+    this.#shardsDone = [...from.shards];
   }
 
   /** The position the sink has written up to. */
   get position(): FeedPosition {
-    return { shards: [...this.#written.shards], schema: this.#written.schema };
+    return {
+      generation: this.#written.generation ?? 0,
+      shards: [...this.#written.shards],
+      schema: this.#written.schema,
+    };
+  }
+
+  /** The generation of the shard streams followed now. */
+  get #generation(): number {
+    return this.#written.generation ?? 0;
   }
 
   /** Starts following every stream. */
   start(): void {
-    for (let shard = 0; shard < this.#options.shards; shard++) {
-      this.#tasks.push(this.#follow(shard));
-    }
+    this.#tasks.push(this.#shards());
     this.#tasks.push(this.#follow("schema"));
+  }
+
+  /**
+   * Follows every shard stream of the position's generation; once each is
+   * sealed and read to its end (`marmot reshard`), goes on with the next
+   * generation's streams from their start.
+   */
+  async #shards(): Promise<void> {
+    while (!this.#abort.signal.aborted) {
+      const generation = this.#generation;
+      let count: number | undefined;
+      while (!this.#abort.signal.aborted) {
+        count = await this.#options.layout(generation).catch(() => undefined);
+        if (count !== undefined) break;
+        await delay(1000, { signal: this.#abort.signal }).catch(() => {});
+      }
+      if (count === undefined) return;
+      for (let s = this.#written.shards.length; s < count; s++) {
+        this.#written.shards.push(0);
+        this.#shardsDone.push(0);
+      }
+      const loops = [];
+      for (let shard = 0; shard < count; shard++) {
+        loops.push(this.#follow(shard));
+      }
+      await Promise.all(loops);
+      if (this.#abort.signal.aborted) return;
+      // Every stream of this generation is sealed and read: the next one.
+      let next: number | undefined;
+      while (!this.#abort.signal.aborted) {
+        next = await this.#options.layout(generation + 1).catch(() =>
+          undefined
+        );
+        if (next !== undefined) break;
+        await delay(1000, { signal: this.#abort.signal }).catch(() => {});
+      }
+      if (next === undefined) return;
+      await this.#write([], { generation: generation + 1, shards: next });
+      this.#options.log.info(
+        "Change feed: the shard streams of the next generation (marmot reshard)",
+        { feed: this.#options.name, generation: generation + 1, shards: next },
+      );
+    }
   }
 
   /** Stops following; what was handed to the sink is written. */
@@ -149,14 +210,18 @@ export class ChangeFeed {
   /** Writes events and the new position of one stream, in turn with the others. */
   #write(
     events: FeedEvent[],
-    stream: number | "schema",
-    seq: number,
-    safe: number,
+    stream: number | "schema" | { generation: number; shards: number },
+    seq = 0,
+    safe = 0,
   ): Promise<void> {
     const run = async () => {
       const position = this.position;
       if (stream === "schema") position.schema = safe;
-      else position.shards[stream] = safe;
+      else if (typeof stream === "number") position.shards[stream] = safe;
+      else {
+        position.generation = stream.generation;
+        position.shards = new Array(stream.shards).fill(0);
+      }
       for (let attempt = 1;; attempt++) {
         try {
           await this.#sink.write(events, position);
@@ -176,18 +241,24 @@ export class ChangeFeed {
       }
       this.#written = position;
       if (stream === "schema") this.#schemaDone = seq;
-      else this.#shardsDone[stream] = seq;
+      else if (typeof stream === "number") this.#shardsDone[stream] = seq;
+      else this.#shardsDone = [...position.shards];
       for (const wake of [...this.#wake]) wake();
     };
     this.#writing = this.#writing.then(run);
     return this.#writing;
   }
 
-  /** Follows one stream from its written position, for good. */
+  /**
+   * Follows one stream from its written position: the schema stream for
+   * good, a shard stream until it is sealed and read to its end.
+   */
   async #follow(stream: number | "schema"): Promise<void> {
+    const generation = this.#generation;
     const name = stream === "schema"
       ? this.#options.schemaStream
-      : this.#options.stream(stream);
+      : this.#options.stream(stream, generation);
+    let ended = false;
     let next =
       (stream === "schema"
         ? this.#written.schema
@@ -195,10 +266,12 @@ export class ChangeFeed {
     const reader = stream === "schema"
       ? new SchemaReader(this)
       : new ShardReader(this, stream);
-    for (let attempt = 1; !this.#abort.signal.aborted; attempt++) {
+    for (let attempt = 1; !this.#abort.signal.aborted && !ended; attempt++) {
       let messages: ConsumerMessages | undefined;
       try {
-        next = await this.#checkStream(stream, next, reader);
+        const checked = await this.#checkStream(stream, next, reader);
+        if (checked === "ended") return;
+        next = checked;
         const consumer = await this.#js.consumers.get(name, {
           deliver_policy: DeliverPolicy.StartSequence,
           opt_start_seq: next,
@@ -216,7 +289,21 @@ export class ChangeFeed {
             if (s.type === "heartbeat") last = Date.now();
           }
         })().catch(() => {});
+        let checking = false;
         const watchdog = setInterval(() => {
+          // A sealed stream read to its end: this generation is over.
+          if (stream !== "schema" && !busy && !checking) {
+            checking = true;
+            this.#jsm.streams.info(name).then((info) => {
+              if (
+                info.config.sealed &&
+                (this.#shardsDone[stream] ?? 0) >= info.state.last_seq
+              ) {
+                ended = true;
+                messages?.close().catch(() => {});
+              }
+            }).catch(() => {}).finally(() => checking = false);
+          }
           if (!busy && Date.now() - last >= STALL_MS) {
             this.#options.log.warn(
               "A change feed consumer stalled (no message or heartbeat); re-creating it",
@@ -267,11 +354,31 @@ export class ChangeFeed {
     which: number | "schema",
     next: number,
     reader: { reset(): void },
-  ): Promise<number> {
+  ): Promise<number | "ended"> {
+    const generation = this.#generation;
     const stream = which === "schema"
       ? this.#options.schemaStream
-      : this.#options.stream(which);
-    const { state } = await this.#jsm.streams.info(stream);
+      : this.#options.stream(which, generation);
+    let info;
+    try {
+      info = await this.#jsm.streams.info(stream);
+    } catch (e) {
+      // An old generation's stream, deleted once every node moved on.
+      const gone = e instanceof JetStreamApiError && e.code === 10059;
+      if (
+        gone && which !== "schema" &&
+        await this.#options.layout(generation + 1).catch(() => undefined) !==
+          undefined
+      ) {
+        this.#options.log.error(
+          "A shard stream of an older generation is gone before the change feed read it: its events are missing",
+          { feed: this.#options.name, stream, position: next - 1 },
+        );
+        return "ended";
+      }
+      throw e;
+    }
+    const { state } = info;
     // What is gone counts as done: a schema event waiting for those
     // messages would wait for good.
     const skipTo = (first: number) => {
@@ -322,11 +429,16 @@ export class ChangeFeed {
     return this.#until(() => this.#schemaDone >= seq);
   }
 
-  /** For the readers: waits until every shard is written up to `shards`. */
-  shardsReached(shards: number[]): Promise<void> {
+  /**
+   * For the readers: waits until every shard of `generation` is written up
+   * to `shards` (positions in another generation's streams: not at all, as
+   * the subscriber does).
+   */
+  shardsReached(shards: number[], generation: number): Promise<void> {
     return this.#until(() =>
+      generation !== this.#generation ||
       shards.every((last, shard) =>
-        shard >= this.#options.shards ||
+        shard >= this.#shardsDone.length ||
         (this.#shardsDone[shard] ?? 0) >= last
       )
     );
@@ -449,7 +561,11 @@ class SchemaReader {
   }
 
   async read(msg: JsMsg): Promise<FeedEvent[]> {
-    let event: SchemaEvent & { origin: number; shards?: number[] };
+    let event: SchemaEvent & {
+      origin: number;
+      shards?: number[];
+      generation?: number;
+    };
     try {
       event = JSON.parse(new TextDecoder().decode(msg.data));
     } catch (e) {
@@ -457,7 +573,7 @@ class SchemaReader {
       return [];
     }
     // After the rows written before it, as every node applies it.
-    await this.#feed.shardsReached(event.shards ?? []);
+    await this.#feed.shardsReached(event.shards ?? [], event.generation ?? 0);
     const changes = (event.changes ?? []).filter((c) =>
       c.type !== "table" || this.#feed.wanted(c.name) ||
       (c.from !== undefined && this.#feed.wanted(c.from))

@@ -18,8 +18,6 @@ export interface FileSinkOptions {
   maxBytes: number;
   /** Rotated files kept. */
   keep: number;
-  /** Shard count (for a new position). */
-  shards: number;
 }
 
 /** Milliseconds between writes of a position that covers no new line. */
@@ -57,7 +55,7 @@ export class FileSink implements FeedSink {
    *   position file cannot be read
    */
   static async open(path: string, options: FileSinkOptions): Promise<FileSink> {
-    let position = startPosition(options.shards);
+    let position = startPosition();
     try {
       const kept = JSON.parse(await Deno.readTextFile(`${path}.position`));
       if (
@@ -66,7 +64,13 @@ export class FileSink implements FeedSink {
       ) {
         throw new Error("it is not a change feed position");
       }
-      position = { shards: kept.shards, schema: kept.schema };
+      position = {
+        ...(Number.isSafeInteger(kept.generation)
+          ? { generation: kept.generation }
+          : {}),
+        shards: kept.shards,
+        schema: kept.schema,
+      };
     } catch (e) {
       if (!(e instanceof Deno.errors.NotFound)) {
         throw new Error(

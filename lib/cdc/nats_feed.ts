@@ -174,6 +174,7 @@ export class NatsFeed {
   #options: NatsFeedOptions;
   #abort = new AbortController();
   #task: Promise<void>;
+  #feed: ChangeFeed | undefined;
 
   constructor(
     js: JetStreamClient,
@@ -217,14 +218,13 @@ export class NatsFeed {
     kv: KV,
   ): Promise<{ position: FeedPosition; revision: number } | undefined> {
     const me = this.#options.node;
-    const shards = this.#options.feed.shards;
     const signal = this.#abort.signal;
     let seen: { revision: number; since: number } | undefined;
     while (!signal.aborted) {
       const entry = await kv.get(FEEDER_LEASE);
       try {
         if (!entry || entry.operation !== "PUT") {
-          const position = startPosition(shards);
+          const position = startPosition();
           const value: Holder = { node: me, position };
           const revision = entry
             ? await kv.update(
@@ -287,6 +287,7 @@ export class NatsFeed {
       from: describe(position),
     });
     feed.start();
+    this.#feed = feed;
     const signal = this.#abort.signal;
     let lost = false;
     while (!signal.aborted && !lost) {
@@ -307,6 +308,7 @@ export class NatsFeed {
       }
     }
     await feed.close();
+    this.#feed = undefined;
     if (lost) {
       o.log.warn(
         "Change feed on NATS: another node took it over (this node could not renew its lease in time)",
@@ -321,6 +323,14 @@ export class NatsFeed {
     await kv.update(FEEDER_LEASE, JSON.stringify(value), revision).catch(
       () => {},
     );
+  }
+
+  /**
+   * The generation of the shard streams the feed reads now, while this node
+   * publishes it.
+   */
+  get generation(): number | undefined {
+    return this.#feed?.position.generation;
   }
 
   /** Stops publishing, and leaves the position for the next holder. */
@@ -340,5 +350,7 @@ function wrongRevision(e: unknown): boolean {
 
 /** A position for a log line. */
 export function describe(p: FeedPosition): string {
-  return `shards ${p.shards.join(",")}, schema ${p.schema}`;
+  return `${p.generation ? `generation ${p.generation}, ` : ""}shards ${
+    p.shards.join(",") || "(from the start)"
+  }, schema ${p.schema}`;
 }

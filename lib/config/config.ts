@@ -55,8 +55,17 @@ export interface MarmotConfig {
   replicate: boolean;
   /** The replication log (JetStream streams). */
   replicationLog: {
-    /** How many shards (one stream each). @default 4 */
+    /**
+     * How many shards (one stream each) a new cluster starts with. After
+     * `marmot reshard`, the cluster's count (in its topology bucket) wins,
+     * and marmot sets it here at start. @default 4
+     */
     shards: number;
+    /**
+     * Not a config key: the shard streams' generation, set at run time from
+     * the cluster's topology (0 until the first `marmot reshard`).
+     */
+    generation?: number;
     /** Stream replicas; `undefined` means min(3, cluster size). */
     replicas: number | undefined;
     /** Messages kept per shard stream. @default 1000000 */

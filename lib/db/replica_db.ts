@@ -938,6 +938,37 @@ export class ReplicaDb implements Disposable {
     return replicate;
   }
 
+  /**
+   * The generation of the shard streams this node's positions count in,
+   * and its shard count (`undefined`: generation 0, never resharded).
+   */
+  generation(): { generation: number; shards: number } | undefined {
+    const row = this.statement(SQL.metaGet).get("generation") as
+      | { value: string }
+      | undefined;
+    return row ? JSON.parse(row.value) : undefined;
+  }
+
+  /**
+   * Moves this node to a new generation of shard streams (`marmot
+   * reshard`): it has applied every stream of the old one to its end, so its
+   * positions, its origins' positions and any unfinished envelope parts
+   * start over, in one transaction.
+   */
+  async switchGeneration(generation: number, shards: number): Promise<void> {
+    await this.writeTransaction(() => {
+      this.db.exec(
+        `DELETE FROM ${TABLES.applied}; DELETE FROM ${TABLES.origins}; DELETE FROM ${TABLES.parts};`,
+      );
+      this.statement(SQL.metaSet).run(
+        "generation",
+        JSON.stringify({ generation, shards }),
+      );
+    });
+    this.#recorded.clear();
+    this.#applier = new Applier(this);
+  }
+
   /** The last applied stream sequence of a shard (0 when none). */
   appliedSeq(shard: number): number {
     const row = this.statement(SQL.appliedGet).get(shard) as

@@ -171,6 +171,8 @@ export interface NodeStatusSources {
   version: string;
   http: string | undefined;
   shards: number;
+  /** The shard streams' generation (`marmot reshard`). @default 0 */
+  generation?: number;
   streamPrefix: string;
   nc: NatsConnection;
   jsm: JetStreamManager;
@@ -280,7 +282,7 @@ export class NodeStatus {
       };
       out.push(position);
       if (!s.nats.connected) continue;
-      const stream = streamName(s.streamPrefix, shard);
+      const stream = streamName(s.streamPrefix, shard, s.generation);
       try {
         const { state } = await s.jsm.streams.info(stream);
         position.last = state.last_seq;

@@ -18,6 +18,8 @@ import type { Logger } from "../log.ts";
 export interface StreamsOptions {
   /** Shard count. */
   shards: number;
+  /** The shard streams' generation (see {@linkcode streamName}). @default 0 */
+  generation?: number;
   /** Stream name prefix. */
   streamPrefix: string;
   /** Subject prefix. */
@@ -32,14 +34,33 @@ export interface StreamsOptions {
   maxAgeSeconds: number;
 }
 
-/** The stream name of a shard. */
-export function streamName(prefix: string, shard: number): string {
-  return `${prefix}-${shard}`;
+/**
+ * The stream name of a shard: `<prefix>-<shard>` in generation 0 (the shard
+ * count the cluster started with), `<prefix>-g<generation>-<shard>` after
+ * `marmot reshard` (docs/reshard.md).
+ */
+export function streamName(
+  prefix: string,
+  shard: number,
+  generation = 0,
+): string {
+  return generation === 0
+    ? `${prefix}-${shard}`
+    : `${prefix}-g${generation}-${shard}`;
 }
 
-/** The subject of a shard, or of the schema stream (`"schema"`). */
-export function subjectName(prefix: string, shard: number | "schema"): string {
-  return `${prefix}.${shard}`;
+/**
+ * The subject of a shard (`<prefix>.<shard>`, `<prefix>.g<generation>.<shard>`
+ * after a reshard), or of the schema stream (`"schema"`).
+ */
+export function subjectName(
+  prefix: string,
+  shard: number | "schema",
+  generation = 0,
+): string {
+  return generation === 0 || shard === "schema"
+    ? `${prefix}.${shard}`
+    : `${prefix}.g${generation}.${shard}`;
 }
 
 /** The schema stream: every schema event, in the order every node applies them. */
@@ -68,9 +89,13 @@ export async function ensureStreams(
     const config: Partial<StreamConfig> & { name: string } = {
       name: shard < 0
         ? schemaStreamName(options.streamPrefix)
-        : streamName(options.streamPrefix, shard),
+        : streamName(options.streamPrefix, shard, options.generation),
       subjects: [
-        subjectName(options.subjectPrefix, shard < 0 ? "schema" : shard),
+        subjectName(
+          options.subjectPrefix,
+          shard < 0 ? "schema" : shard,
+          options.generation,
+        ),
       ],
       retention: RetentionPolicy.Limits,
       storage: StorageType.File,
@@ -139,10 +164,13 @@ export async function lastSequences(
   jsm: JetStreamManager,
   streamPrefix: string,
   shards: number,
+  generation = 0,
 ): Promise<number[]> {
   const out: number[] = [];
   for (let shard = 0; shard < shards; shard++) {
-    const info = await jsm.streams.info(streamName(streamPrefix, shard));
+    const info = await jsm.streams.info(
+      streamName(streamPrefix, shard, generation),
+    );
     out.push(info.state.last_seq);
   }
   return out;

@@ -6,7 +6,7 @@
  * @module
  */
 import { DatabaseSync } from "node:sqlite";
-import type { JetStreamManager } from "@nats-io/jetstream";
+import { JetStreamApiError, type JetStreamManager } from "@nats-io/jetstream";
 import type { MarmotConfig } from "../config/config.ts";
 import type { ReplicaDb } from "../db/replica_db.ts";
 import type { Logger } from "../log.ts";
@@ -104,9 +104,20 @@ async function findTruncated(
 ): Promise<{ shard: number; applied: number; first: number }[]> {
   const out: { shard: number; applied: number; first: number }[] = [];
   for (let shard = 0; shard < config.replicationLog.shards; shard++) {
-    const { state } = await jsm.streams.info(
-      streamName(config.nats.streamPrefix, shard),
-    );
+    const info = await jsm.streams.info(
+      streamName(
+        config.nats.streamPrefix,
+        shard,
+        config.replicationLog.generation,
+      ),
+    ).catch((e) => {
+      // An old generation's stream deleted by a reshard: the move to the
+      // new one says what is missing.
+      if (e instanceof JetStreamApiError && e.code === 10059) return undefined;
+      throw e;
+    });
+    if (!info) continue;
+    const { state } = info;
     const applied = db.appliedSeq(shard);
     if (state.messages > 0 && applied + 1 < state.first_seq) {
       out.push({ shard, applied, first: state.first_seq });

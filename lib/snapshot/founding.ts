@@ -37,7 +37,7 @@ export function founding(
   const clusterEmpty = async () => {
     const names = [schemaStreamName(prefix)];
     for (let s = 0; s < config.replicationLog.shards; s++) {
-      names.push(streamName(prefix, s));
+      names.push(streamName(prefix, s, config.replicationLog.generation));
     }
     for (const name of names) {
       if ((await jsm.streams.info(name)).state.last_seq > 0) return false;

@@ -36,6 +36,11 @@ export interface SnapshotInfo {
   origins: [number, number, number, number][];
   /** The last schema stream event the snapshot's schema includes (absent: 0). */
   schema?: number;
+  /**
+   * The generation of the shard streams `sequences` counts in, and its
+   * shard count (absent: generation 0, never resharded).
+   */
+  generation?: { generation: number; shards: number };
 }
 
 /**
@@ -66,7 +71,12 @@ export async function takeSnapshot(
   let sequences: number[];
   let origins: [number, number, number, number][];
   let schema: number;
+  let generation: { generation: number; shards: number } | undefined;
   try {
+    const gen = copy.prepare(
+      "SELECT value FROM __marmot__meta WHERE key = 'generation'",
+    ).get() as { value: string } | undefined;
+    generation = gen ? JSON.parse(gen.value) : undefined;
     schema = Number(
       (copy.prepare(
         "SELECT value FROM __marmot__meta WHERE key = 'schema_applied'",
@@ -114,6 +124,7 @@ export async function takeSnapshot(
     sequences,
     origins,
     schema,
+    ...(generation ? { generation } : {}),
   };
 }
 
@@ -198,6 +209,11 @@ export async function restoreSnapshot(
       db.prepare(
         "INSERT INTO __marmot__meta(key, value) VALUES ('schema_applied', ?)",
       ).run(info.schema ?? 0);
+      if (info.generation) {
+        db.prepare(
+          "INSERT INTO __marmot__meta(key, value) VALUES ('generation', ?)",
+        ).run(JSON.stringify(info.generation));
+      }
     } catch (e) {
       if (e instanceof SnapshotError) throw e;
       fail(e instanceof Error ? e.message : String(e), e);

@@ -43,6 +43,8 @@ export interface SnapshotSchedulerOptions {
   take: (path: string) => Promise<SnapshotInfo>;
   /** The last sequence of every shard stream now. */
   lastSequences: () => Promise<number[]>;
+  /** The shard streams' generation now (`marmot reshard`). @default 0 */
+  generation?: () => number;
   /**
    * Why the database is not worth a first snapshot yet (no tables, or its
    * schema changed a moment ago: the application is still creating it).
@@ -115,6 +117,10 @@ export class SnapshotScheduler {
         return undefined;
       }
       return "no snapshot exists yet";
+    }
+    const here = this.#options.generation?.() ?? 0;
+    if ((latest.generation?.generation ?? 0) < here) {
+      return "the newest was taken before the cluster's shard count changed";
     }
     const age = (Date.now() - Date.parse(latest.createdAt)) / 1000;
     if (intervalSeconds > 0 && age >= intervalSeconds) {
@@ -239,7 +245,9 @@ export function startScheduler(
           jsm,
           config.nats.streamPrefix,
           config.replicationLog.shards,
+          config.replicationLog.generation,
         ),
+      generation: () => config.replicationLog.generation ?? 0,
       log,
     },
   );

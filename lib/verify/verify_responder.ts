@@ -194,7 +194,10 @@ export class VerifyResponder {
       subject: verifySubject(config.nats.subjectPrefix),
       nodeId: config.nodeId,
       dbPath: config.dbPath,
-      shards: config.replicationLog.shards,
+      get shards() {
+        // Read at each use: `marmot reshard` changes it.
+        return config.replicationLog.shards;
+      },
       include: config.include,
       exclude: config.exclude,
       publish: config.publish,
