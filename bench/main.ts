@@ -9,7 +9,8 @@
  * ```
  *
  * With `--cdc` every node runs the change feed (on NATS and in a file), and
- * the bulk row also says when the feed stream held every row.
+ * the bulk row also says when the feed stream held every row. Last, it runs
+ * bench/bookmark.ts (read-your-writes: bookmark on A to reached on B).
  *
  * Prints a table, writes the same as JSON and a lag-over-time SVG to `--out`.
  *
@@ -57,6 +58,7 @@ const opt = {
 };
 const CLI = new URL("../cli.ts", import.meta.url).pathname;
 const WRITER = new URL("./_writer.ts", import.meta.url).pathname;
+const BOOKMARK = new URL("./bookmark.ts", import.meta.url).pathname;
 const SCHEMA =
   "CREATE TABLE bench(id INTEGER PRIMARY KEY, node INTEGER, ts REAL, payload TEXT)";
 const now = () => performance.timeOrigin + performance.now();
@@ -568,6 +570,17 @@ async function main() {
     await Promise.allSettled(servers.map((s) => s.stop()));
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
+  // Read-your-writes: bookmark on one node, reached on another (its own
+  // cluster, once this one is gone).
+  log("read-your-writes: bench/bookmark.ts, 200 rounds");
+  const bookmark = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", BOOKMARK, "200"],
+    stdout: "piped",
+    stderr: "inherit",
+  }).output();
+  console.log(
+    `read-your-writes: ${new TextDecoder().decode(bookmark.stdout).trim()}`,
+  );
 }
 
 /** What one schema round measured, in milliseconds. */
