@@ -105,3 +105,11 @@ if (import.meta.main) {
   const { main } = await import("./cli.ts");
   Deno.exit(await main(Deno.args));
 }
+export type { SchemaChange, SchemaObject } from "./lib/db/schema_events.ts";
+export type {
+  FeedEvent,
+  JsonValue,
+  RowEvent,
+  SchemaFeedEvent,
+  SqlType,
+} from "./lib/cdc/cdc_event.ts";
