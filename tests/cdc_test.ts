@@ -49,6 +49,21 @@ async function fileEvents(path: string): Promise<FeedEvent[]> {
   return lines.filter(Boolean).map((l) => JSON.parse(l));
 }
 
+/** The nats CLI: `$MARMOT_NATS_CLI`, or `nats` on PATH; undefined when neither. */
+async function findNatsCli(): Promise<string | undefined> {
+  const candidate = Deno.env.get("MARMOT_NATS_CLI") ?? "nats";
+  try {
+    const out = await new Deno.Command(candidate, {
+      args: ["--version"],
+      stdout: "null",
+      stderr: "null",
+    }).output();
+    return out.success ? candidate : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 function unique<T extends { id: string }>(events: T[]): T[] {
   const seen = new Set<string>();
   return events.filter((e) => !seen.has(e.id) && seen.add(e.id));
@@ -286,6 +301,38 @@ Deno.test({
           assert.ok(rotated.size <= 8192, `${rotated.size} bytes`);
         },
       );
+
+      await t.step("the nats CLI reads the same events", async () => {
+        const natsCli = await findNatsCli();
+        if (!natsCli) {
+          console.log(
+            "skipped: no nats CLI (set MARMOT_NATS_CLI or put nats on PATH; .ci/run builds natscli)",
+          );
+          return;
+        }
+        const out = await new Deno.Command(natsCli, {
+          args: [
+            "--server",
+            server!.clientUrl,
+            "sub",
+            "--stream",
+            "marmot-changes-cdc",
+            "--all",
+            "--raw",
+            "-T",
+            "marmot-change-log.cdc.>",
+          ],
+          stdout: "piped",
+          stderr: "piped",
+        }).output();
+        const text = new TextDecoder().decode(out.stdout);
+        assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+        const viaCli = text.split("\n").filter((l) => l.startsWith("{"))
+          .map((l) => (JSON.parse(l) as FeedEvent).id);
+        const viaJs = events.filter((e) => e.op !== "schema").map((e) => e.id);
+        assert.ok(viaJs.length > 100, `${viaJs.length} row events`);
+        assert.deepEqual(viaCli, viaJs, "the same row events, in order");
+      });
     } finally {
       await Promise.allSettled(nodes.map((n) => n.dispose()));
       await nc.close();
