@@ -140,3 +140,49 @@ Deno.test("watchDatabase() polls while its inotifywait is gone and runs it again
   await sqlite(path, "INSERT INTO t VALUES (1);");
   await waitFor("a check", () => w.checks > again);
 });
+
+Deno.test("watchDatabase()'s inotifywait dies with its process, even one killed with SIGKILL", async () => {
+  await using dir = await tempDir("marmot_watch_test_");
+  const path = `${dir.path}/app.db`;
+  await sqlite(path, "PRAGMA journal_mode = WAL; CREATE TABLE t(x);");
+  const module = new URL("../lib/watch/file_watcher.ts", import.meta.url).href;
+  const logModule = new URL("../lib/log.ts", import.meta.url).href;
+  const owner = new Deno.Command(Deno.execPath(), {
+    args: [
+      "eval",
+      `import { watchDatabase } from ${JSON.stringify(module)};
+       import { createLogger } from ${JSON.stringify(logModule)};
+       watchDatabase(${
+        JSON.stringify(path)
+      }, () => {}, { log: createLogger({}) });
+       setInterval(() => {}, 1000);`,
+    ],
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  const watching = async () => {
+    const out = await new Deno.Command("pgrep", {
+      args: ["-x", "-f", `.*inotifywait .*${dir.path}.*`],
+      stdout: "piped",
+    }).output();
+    return new TextDecoder().decode(out.stdout).split("\n").filter(Boolean);
+  };
+  try {
+    await waitFor(
+      "the process's inotifywait",
+      async () => (await watching()).length === 1,
+    );
+    owner.kill("SIGKILL");
+    await owner.status;
+    await waitFor(
+      "no inotifywait left watching the directory",
+      async () => (await watching()).length === 0,
+      5000,
+    );
+  } finally {
+    try {
+      owner.kill("SIGKILL");
+    } catch { /* exited */ }
+    await owner.status;
+  }
+});

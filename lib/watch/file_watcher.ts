@@ -158,11 +158,27 @@ export function watchDatabase(
     return last;
   };
   const run = async () => {
+    // The child dies with marmot, even killed with SIGKILL: an inotifywait
+    // left behind keeps one of the user's 128 inotify instances for good.
+    const program = findProgram(command);
+    const setpriv = program ? findProgram("setpriv") : undefined;
+    const [file, args] = setpriv && program
+      ? [
+        setpriv,
+        [
+          "--pdeathsig",
+          "KILL",
+          "--",
+          program,
+          ...inotifyArgs(dir, basename(dbPath)),
+        ],
+      ]
+      : [program ?? command, inotifyArgs(dir, basename(dbPath))];
     for (let attempt = 1; !closed; attempt++) {
       startPolling();
       try {
-        child = new Deno.Command(command, {
-          args: inotifyArgs(dir, basename(dbPath)),
+        child = new Deno.Command(file, {
+          args,
           stdin: "null",
           stdout: "piped",
           stderr: "piped",
@@ -217,4 +233,28 @@ export function watchDatabase(
       await task;
     },
   };
+}
+
+/**
+ * The path of `command` (a path, or a name looked up on PATH); undefined
+ * when there is no such file.
+ */
+function findProgram(command: string): string | undefined {
+  const exists = (path: string) => {
+    try {
+      return Deno.statSync(path).isFile;
+    } catch {
+      return false;
+    }
+  };
+  if (command.includes("/")) return exists(command) ? command : undefined;
+  let path: string | undefined;
+  try {
+    path = Deno.env.get("PATH");
+  } catch { /* no env permission: the name as it is */ }
+  if (path === undefined) return command;
+  for (const dir of path.split(":").filter(Boolean)) {
+    if (exists(`${dir}/${command}`)) return `${dir}/${command}`;
+  }
+  return undefined;
 }
