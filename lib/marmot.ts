@@ -255,9 +255,11 @@ export class Marmot implements AsyncDisposable {
     jsm: JetStreamManager;
     replicas: number;
     configured: number;
-    start: (resumed: boolean) => Promise<Pipeline>;
+    start: (resumed: boolean, signal: AbortSignal) => Promise<Pipeline>;
   } | undefined;
   #switching: Promise<void> | undefined;
+  /** Aborts a move to a new shard layout when the node stops. */
+  #stopping = new AbortController();
   #scheduler: SnapshotScheduler | undefined;
   #verify: VerifyResponder | undefined;
   #closing = false;
@@ -543,13 +545,13 @@ export class Marmot implements AsyncDisposable {
       jsm,
       replicas,
       configured,
-      start: (resumed) =>
+      start: (resumed, signal) =>
         startPipeline(
           ready,
           nats.nc,
           config,
           log,
-          undefined,
+          signal,
           pocketbase,
           metrics,
           resumed,
@@ -817,6 +819,7 @@ export class Marmot implements AsyncDisposable {
     const r = this.#reshard!;
     const id = this.config.nodeId;
     let registered = -1;
+    let failures = 0;
     while (!this.#closing) {
       try {
         const here = this.config.replicationLog.generation ?? 0;
@@ -844,11 +847,15 @@ export class Marmot implements AsyncDisposable {
           this.#switching = undefined;
           continue;
         }
+        failures = 0;
       } catch (e) {
         if (this.#closing) return;
-        this.#log.warn("Cannot read the cluster's shard layout, retrying", {
-          error: e,
-        });
+        // Said once per outage (NATS away for a while is not news each second).
+        this.#log.log(
+          failures++ % 60 === 0 ? "warn" : "debug",
+          "Cannot read the cluster's shard layout, retrying",
+          { error: e },
+        );
       }
       await delay(1000);
     }
@@ -919,8 +926,9 @@ export class Marmot implements AsyncDisposable {
         maxAgeSeconds: config.replicationLog.maxAgeSeconds,
       },
       this.#log,
+      this.#stopping.signal,
     );
-    const pipeline = await r.start(false);
+    const pipeline = await r.start(false, this.#stopping.signal);
     this.#outlet = pipeline.outlet;
     this.#publisher = pipeline.publisher;
     this.#localWrites = pipeline.localWrites;
@@ -1070,6 +1078,7 @@ export class Marmot implements AsyncDisposable {
       );
     }
     this.#closing = true;
+    this.#stopping.abort(new Error("marmot is stopping"));
     await this.#switching?.catch(() => {});
     await this.#feeds?.close();
     await this.#announcer?.close();
