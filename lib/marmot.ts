@@ -50,6 +50,7 @@ import {
   lastSequences,
   schemaStreamName,
   streamName,
+  streamsOptions,
   subjectName,
 } from "./nats/streams.ts";
 import { Publisher, type PublisherStats } from "./publisher.ts";
@@ -409,16 +410,7 @@ export class Marmot implements AsyncDisposable {
     };
     await ensureStreams(
       jsm,
-      {
-        shards: layout.shards,
-        generation: layout.generation,
-        streamPrefix: config.nats.streamPrefix,
-        subjectPrefix: config.nats.subjectPrefix,
-        replicas,
-        maxEntries: config.replicationLog.maxEntries,
-        maxBytes: config.replicationLog.maxBytes,
-        maxAgeSeconds: config.replicationLog.maxAgeSeconds,
-      },
+      streamsOptions(config, layout, replicas),
       log,
       signal,
     );
@@ -499,17 +491,19 @@ export class Marmot implements AsyncDisposable {
       }),
     });
     steps.defer(() => bookmarks.close());
-    const pipeline = await startPipeline(
-      ready,
-      nats.nc,
-      config,
-      log,
-      signal,
-      pocketbase,
-      metrics,
-      resumed,
-      bookmarks,
-    );
+    const start = (resumed: boolean, signal: AbortSignal | undefined) =>
+      startPipeline(
+        ready,
+        nats.nc,
+        config,
+        log,
+        signal,
+        pocketbase,
+        metrics,
+        resumed,
+        bookmarks,
+      );
+    const pipeline = await start(resumed, signal);
     steps.defer(async () => {
       await pipeline.outlet.close();
       await pipeline.subscriber?.close();
@@ -545,18 +539,7 @@ export class Marmot implements AsyncDisposable {
       jsm,
       replicas,
       configured,
-      start: (resumed, signal) =>
-        startPipeline(
-          ready,
-          nats.nc,
-          config,
-          log,
-          signal,
-          pocketbase,
-          metrics,
-          resumed,
-          bookmarks,
-        ),
+      start,
     };
     marmot.#tasks.push(marmot.#followTopology());
     marmot.#bookmarks = bookmarks;
@@ -915,16 +898,7 @@ export class Marmot implements AsyncDisposable {
     config.replicationLog.generation = next.generation;
     await ensureStreams(
       r.jsm,
-      {
-        shards: next.shards,
-        generation: next.generation,
-        streamPrefix: config.nats.streamPrefix,
-        subjectPrefix: config.nats.subjectPrefix,
-        replicas: r.replicas,
-        maxEntries: config.replicationLog.maxEntries,
-        maxBytes: config.replicationLog.maxBytes,
-        maxAgeSeconds: config.replicationLog.maxAgeSeconds,
-      },
+      streamsOptions(config, next, r.replicas),
       this.#log,
       this.#stopping.signal,
     );

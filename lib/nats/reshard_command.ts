@@ -14,7 +14,7 @@ import { delay } from "../_retry.ts";
 import { connectCommand } from "./command_connection.ts";
 import { jsDomain } from "./connect.ts";
 import { removeOldGenerations, sealGeneration } from "./reshard.ts";
-import { ensureStreams } from "./streams.ts";
+import { ensureStreams, streamsOptions } from "./streams.ts";
 import {
   currentLayout,
   forgetNode,
@@ -85,16 +85,11 @@ export async function reshardCommand(
         generation: current.generation + 1,
         shards: options.shards,
       };
-      await ensureStreams(jsm, {
-        shards: next.shards,
-        generation: next.generation,
-        streamPrefix: prefix,
-        subjectPrefix: config.nats.subjectPrefix,
-        replicas,
-        maxEntries: config.replicationLog.maxEntries,
-        maxBytes: config.replicationLog.maxBytes,
-        maxAgeSeconds: config.replicationLog.maxAgeSeconds,
-      }, options.log);
+      await ensureStreams(
+        jsm,
+        streamsOptions(config, next, replicas),
+        options.log,
+      );
       await publishLayout(topology, current, next);
       // Every node seals them as it moves; sealing here as well covers a
       // cluster with no node running.

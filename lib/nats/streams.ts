@@ -13,6 +13,7 @@ import {
   type StreamConfig,
 } from "@nats-io/jetstream";
 import type { Logger } from "../log.ts";
+import type { MarmotConfig } from "../config/config.ts";
 
 /** Stream settings shared by every shard. */
 export interface StreamsOptions {
@@ -32,6 +33,27 @@ export interface StreamsOptions {
   maxBytes: number;
   /** Message age limit in seconds (0: none). */
   maxAgeSeconds: number;
+}
+
+/**
+ * The shard streams' settings from a config, for a layout (the shard count
+ * and generation in use).
+ */
+export function streamsOptions(
+  config: MarmotConfig,
+  layout: { shards: number; generation: number },
+  replicas: number,
+): StreamsOptions {
+  return {
+    shards: layout.shards,
+    generation: layout.generation,
+    streamPrefix: config.nats.streamPrefix,
+    subjectPrefix: config.nats.subjectPrefix,
+    replicas,
+    maxEntries: config.replicationLog.maxEntries,
+    maxBytes: config.replicationLog.maxBytes,
+    maxAgeSeconds: config.replicationLog.maxAgeSeconds,
+  };
 }
 
 /**
